@@ -1,0 +1,239 @@
+"""Calibration: forward hooks that stream Hessian statistics out of a few forward passes (SPEC 1)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .errors import SensiloraError
+from .stats import MODES, InputStats, SensitivityStats
+from .targets import TargetSpec, find_targets, linear_shape
+
+Batch = Mapping[str, torch.Tensor]
+# Hessians of one size are inverted together, this many at a time (bounds the extra memory).
+INVERSE_CHUNK = 8
+
+
+def _as_batch(item: Any) -> dict[str, Any]:
+    if isinstance(item, torch.Tensor):
+        return {"input_ids": item if item.dim() > 1 else item[None]}
+    if isinstance(item, Mapping):
+        return {key: value for key, value in item.items() if key != "labels"}
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return {"input_ids": item[0], **({"attention_mask": item[1]} if len(item) > 1 else {})}
+    raise SensiloraError(
+        f"calibration batch of type {type(item).__name__} is not supported: give dicts with 'input_ids' "
+        "(and 'attention_mask'), input_ids tensors, or a DataLoader yielding either"
+    )
+
+
+def _batches(batches: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]
+    for item in batches:
+        yield _as_batch(item)
+
+
+class _Accumulator:
+    """Running fp32 sums for one distinct input tensor (shared by the modules that read it)."""
+
+    def __init__(self, key: str, d_in: int, device: torch.device, mode: str):
+        self.key = key
+        self.mode = mode
+        self.sumsq = torch.zeros(d_in, dtype=torch.float32, device=device) if mode == "diag" else None
+        self.gram = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if mode == "obs" else None
+        self.num_tokens = 0
+        self.last_input: weakref.ref | None = None
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None, num_tokens: int) -> None:
+        if self.mode == "diag":
+            ops.column_sumsq_(self.sumsq, x, mask)
+        else:
+            ops.gram_(self.gram, x, mask)
+        self.num_tokens += num_tokens
+        self.last_input = weakref.ref(x)
+
+    def column_sums(self) -> torch.Tensor:
+        return self.sumsq if self.mode == "diag" else self.gram.diagonal()
+
+
+class _Collector:
+    """State shared by the hooks of one calibration run."""
+
+    def __init__(self, mode: str, shapes: dict[str, tuple[int, int]]):
+        self.mode = mode
+        self.shapes = shapes
+        self.by_module: dict[str, _Accumulator] = {}
+        self.accumulators: dict[str, _Accumulator] = {}
+        self.mask: torch.Tensor | None = None
+        self.real_tokens = 0
+        self._mask_on: dict[torch.device, torch.Tensor] = {}
+
+    def start_batch(self, mask: torch.Tensor | None, real_tokens: int) -> None:
+        self.mask = mask
+        self.real_tokens = real_tokens
+        self._mask_on = {}
+
+    def _mask_for(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        lead = tuple(x.shape[:-1])
+        if self.mask is None:
+            return None, math.prod(lead)
+        if math.prod(lead) != self.mask.numel():
+            raise SensiloraError(
+                f"module {name!r} received {math.prod(lead)} token rows but the batch's attention_mask has "
+                f"{self.mask.numel()} entries; sensilora needs one input row per token (packed/variable-length "
+                "inputs are not supported): pass padded batches with their attention_mask"
+            )
+        if x.device not in self._mask_on:
+            self._mask_on[x.device] = self.mask.to(x.device)
+        return self._mask_on[x.device].reshape(lead), self.real_tokens
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        accumulator = self.by_module.get(name)
+        if accumulator is None:  # first batch: share with a module that read this very tensor
+            shared = next((a for a in self.accumulators.values() if a.last_input is not None and a.last_input() is x), None)
+            if shared is not None:
+                self.by_module[name] = shared
+                return
+            accumulator = _Accumulator(name, self.shapes[name][1], x.device, self.mode)
+            self.accumulators[name] = self.by_module[name] = accumulator
+        elif accumulator.key != name:
+            if accumulator.last_input is None or accumulator.last_input() is not x:
+                raise SensiloraError(
+                    f"module {name!r} shared its input with {accumulator.key!r} in the first batch but not "
+                    "later; calibrate this model with target_modules naming only one of them"
+                )
+            return
+        if not torch.is_floating_point(x):
+            raise SensiloraError(f"module {name!r} received a {x.dtype} input; expected floating point activations")
+        mask, tokens = self._mask_for(name, x)
+        accumulator.add(x, mask, tokens)
+
+    def check_finite(self, batch_index: int) -> None:
+        accumulators = list(self.accumulators.values())
+        totals = torch.stack([a.column_sums().sum().to(accumulators[0].column_sums().device) for a in accumulators])
+        if bool(torch.isfinite(totals).all()):
+            return
+        bad = next(a for a, t in zip(accumulators, totals.tolist()) if not math.isfinite(t))
+        readers = [n for n, a in self.by_module.items() if a is bad]
+        raise SensiloraError(
+            f"non-finite (NaN/Inf) activations entering module(s) {readers} in calibration batch {batch_index}; "
+            "the model overflows in this dtype on this text: calibrate in float32/bfloat16 or drop that batch"
+        )
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
+
+
+def _finish(collector: _Collector, damp: float) -> dict[str, InputStats]:
+    """Scale sums by 2/N; in obs mode also invert the damped Hessians, equal sizes batched."""
+    results: dict[str, InputStats] = {}
+    for key, accumulator in collector.accumulators.items():
+        if accumulator.num_tokens == 0:
+            raise SensiloraError(f"module {key!r} saw no real tokens during calibration; check the model's forward")
+        scale = 2.0 / accumulator.num_tokens
+        results[key] = InputStats(hessian_diag=(accumulator.column_sums() * scale).clone(), num_tokens=accumulator.num_tokens)
+    if collector.mode == "obs":
+        by_size: dict[tuple, list[_Accumulator]] = {}
+        for accumulator in collector.accumulators.values():
+            by_size.setdefault((accumulator.gram.shape[0], accumulator.gram.device), []).append(accumulator)
+        for group in by_size.values():
+            for start in range(0, len(group), INVERSE_CHUNK):
+                chunk = group[start : start + INVERSE_CHUNK]
+                hessians = torch.stack([a.gram * (2.0 / a.num_tokens) for a in chunk])
+                inverse, damps = ops.inverse_diagonal(hessians, damp)
+                for a, inv, used in zip(chunk, inverse, damps.tolist()):
+                    results[a.key].inverse_hessian_diag = inv.clone()
+                    results[a.key].damp = used
+                    a.gram = None
+    return results
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any] | torch.Tensor | Mapping,
+    mode: str = "diag",
+    target_modules: TargetSpec = None,
+    *,
+    damp: float = 0.01,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> SensitivityStats:
+    """Run the calibration forward passes and return the per-module Hessian statistics.
+
+    batches: a DataLoader, an iterable of dicts (``input_ids``, ``attention_mask``, ...), input_ids
+    tensors (B, T), or one of these alone. Padding (``attention_mask == 0``) is excluded. mode:
+    ``"diag"`` (the paper: per-column sums of squared activations) or ``"obs"`` (full ``X^T X``
+    per distinct input, then the damped inverse diagonal). Sums are fp32 whatever the model dtype;
+    no autograd graph is built; hooks are removed and train/eval flags restored even on error.
+    """
+    if mode not in MODES:
+        raise SensiloraError(f"mode must be one of {MODES}, got {mode!r}")
+    targets = find_targets(model, target_modules)
+    collector = _Collector(mode, {name: linear_shape(module) for name, module in targets.items()})
+    training_flags = {module: module.training for module in model.modules()}
+    handles = [
+        module.register_forward_pre_hook(lambda _module, args, _name=name: collector.observe(_name, args[0]))
+        for name, module in targets.items()
+    ]
+    extra = _forward_kwargs(model)
+    device = next(model.parameters()).device
+    total = len(batches) if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)) else None
+    started = time.perf_counter()
+    seen_batches = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(tqdm(_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)):
+                seen_batches += 1
+                mask = batch.get("attention_mask")
+                if mask is not None:
+                    mask = mask.bool()
+                    real = int(mask.sum())
+                    if real == 0:
+                        continue
+                else:
+                    real = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+                collector.start_batch(mask, real)
+                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                model(**inputs, **extra)
+                if not collector.accumulators:
+                    raise SensiloraError("no target module ran during the forward pass; check target_modules and the batch keys")
+                collector.check_finite(index)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training_flags.items():
+            module.training = flag
+    if seen_batches == 0:
+        raise SensiloraError("the calibration set is empty: give at least one batch of text")
+    if not collector.accumulators:
+        raise SensiloraError("every calibration batch was all padding (attention_mask == 0): give batches with real tokens")
+    missing = [name for name in targets if name not in collector.by_module]
+    if missing:
+        raise SensiloraError(f"target modules never ran during calibration: {missing[:5]}; exclude them with target_modules")
+    inputs = _finish(collector, damp)
+    elapsed = time.perf_counter() - started
+    first = next(iter(collector.accumulators.values()))
+    return SensitivityStats(
+        mode=mode,
+        module_shapes=dict(collector.shapes),
+        module_inputs={name: collector.by_module[name].key for name in targets},
+        inputs=inputs,
+        model_name=model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        info={"batches": seen_batches, "tokens": first.num_tokens, "seconds": round(elapsed, 3), "damp": damp},
+    )

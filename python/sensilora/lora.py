@@ -1,0 +1,83 @@
+"""peft integration (SPEC section 5): a LoraConfig with per-module ranks, verified after wrapping."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .allocation import RankAllocation
+from .errors import SensiloraError
+
+RESERVED = ("r", "target_modules", "rank_pattern", "alpha_pattern")
+
+
+def pattern_key(name: str) -> str:
+    """An anchored, escaped peft pattern key for exactly the module ``name``.
+
+    peft matches a key as ``re.match(r"(.*\\.)?(KEY)$", module_name)``: with the leading ``^`` the
+    optional prefix group can only match empty, so the key selects that full name and no other
+    (``layers.1.q_proj`` never catches ``layers.11.q_proj``).
+    """
+    return "^" + re.escape(name)
+
+
+def lora_config(allocation: RankAllocation, lora_alpha: float | None = None, keep_alpha_ratio: bool = True, **lora_kwargs):
+    """``peft.LoraConfig(r=avg_rank, rank_pattern=..., alpha_pattern=...)`` for ``allocation``.
+
+    lora_alpha: alpha at r=avg_rank (default 2*avg_rank). keep_alpha_ratio: give every module
+    ``alpha = lora_alpha/avg_rank * r`` so that the LoRA scaling alpha/r is the same everywhere.
+    Other keyword arguments (lora_dropout, task_type, modules_to_save, ...) go to LoraConfig.
+    """
+    from peft import LoraConfig
+
+    clash = [key for key in RESERVED if key in lora_kwargs]
+    if clash:
+        raise SensiloraError(f"{clash} are set by the allocation; remove them from the LoRA keyword arguments")
+    alpha = float(lora_alpha if lora_alpha is not None else 2 * allocation.avg_rank)
+    ratio = alpha / allocation.avg_rank
+    rank_pattern = {pattern_key(name): rank for name, rank in allocation.ranks.items()}
+    alpha_pattern = {pattern_key(name): ratio * rank for name, rank in allocation.ranks.items()} if keep_alpha_ratio else {}
+    return LoraConfig(
+        r=allocation.avg_rank,
+        lora_alpha=alpha,
+        target_modules=list(allocation.ranks),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        **lora_kwargs,
+    )
+
+
+def adapter_ranks(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
+    """The rank each LoRA layer of a peft model got, by the base model's module name."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    return {
+        (name[len(prefix):] if name.startswith(prefix) else name): int(module.r[adapter_name])
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.r
+    }
+
+
+def verify_ranks(peft_model: nn.Module, allocation: RankAllocation, adapter_name: str = "default") -> None:
+    """Raise unless every allocated module carries exactly its rank (peft silently falls back to r)."""
+    got = adapter_ranks(peft_model, adapter_name)
+    missing = [n for n in allocation.ranks if n not in got]
+    wrong = {n: (got[n], r) for n, r in allocation.ranks.items() if n in got and got[n] != r}
+    extra = [n for n in got if n not in allocation.ranks]
+    if missing or wrong or extra:
+        raise SensiloraError(
+            f"peft did not apply the allocation: missing {missing[:3]}, wrong ranks (got, wanted) {dict(list(wrong.items())[:3])}, "
+            f"unexpected adapters {extra[:3]}; this is a sensilora/peft incompatibility, please report it with your peft version"
+        )
+
+
+def get_peft_model(model: nn.Module, allocation: RankAllocation, adapter_name: str = "default", **lora_kwargs):
+    """Wrap ``model`` with LoRA adapters of the allocated ranks and check that peft applied each one."""
+    import peft
+
+    allocation.check_model(model)
+    peft_model = peft.get_peft_model(model, lora_config(allocation, **lora_kwargs), adapter_name=adapter_name)
+    verify_ranks(peft_model, allocation, adapter_name)
+    return peft_model

@@ -1,0 +1,77 @@
+"""Which modules are adapted, and their weights in the ``y = x W^T`` convention."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import SensiloraError
+
+try:  # transformers' GPT-2 style layer stores W transposed: (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+TargetSpec = str | Iterable[str] | None
+_BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an ``nn.Linear`` or ``Conv1D``."""
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return int(weight.shape[0]), int(weight.shape[1])
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (d_out, d_in) (a transposed view for ``Conv1D``), without copying."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+def _matches(name: str, spec: TargetSpec) -> bool:
+    if spec is None:  # default: linear layers inside numbered transformer blocks
+        return bool(_BLOCK_INDEX.search(name))
+    if isinstance(spec, str):  # peft semantics: a string is a regex matched against the full name
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> dict[str, nn.Module]:
+    """Adapted modules by their ``named_modules()`` name, in model order.
+
+    ``target_modules``: None (every Linear/Conv1D inside a numbered block: not embeddings, lm_head,
+    poolers or classifier heads), a regex matched against full names, or a list of names / name
+    suffixes as peft's ``target_modules``.
+    """
+    if isinstance(target_modules, (list, tuple, set)) and not target_modules:
+        raise SensiloraError("target_modules is empty: give module names, suffixes (e.g. 'q_proj') or a regex")
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if name and is_adaptable(module) and _matches(name, target_modules)
+    }
+    if not found:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if is_adaptable(m)})
+        raise SensiloraError(
+            f"no module of {type(model).__name__} matches target_modules={target_modules!r} "
+            f"(adaptable layer types present: {kinds or 'none'}); pass names or suffixes such as "
+            "['q_proj', 'v_proj'] or a regex over full module names"
+        )
+    return found
+
+
+def layer_and_kind(name: str) -> tuple[int | None, str]:
+    """Split ``model.layers.3.self_attn.q_proj`` into (3, 'self_attn.q_proj') for tables and plots."""
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return int(part), ".".join(parts[index + 1 :]) or name
+    return None, name

@@ -1,0 +1,55 @@
+"""Build script: both packages always; the CUDA extension only where it can be built.
+
+The extension ``sensilora_kernels._C`` needs a CUDA build of torch and nvcc. ``SENSILORA_BUILD_CUDA=1``
+makes a missing toolchain an error, ``SENSILORA_BUILD_CUDA=0`` skips the extension; unset, it is
+built when possible and skipped with a warning otherwise. Build it with
+``pip install --no-deps --no-build-isolation -e .`` so that the build sees the installed torch.
+"""
+
+import os
+import warnings
+
+from setuptools import setup
+
+CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/column_sumsq.cu", "csrc/radix_select.cu"]
+
+
+def cuda_build():
+    """Return (ext_modules, cmdclass) for the CUDA extension, or empty ones with a warning."""
+    flag = os.environ.get("SENSILORA_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return [], {}
+    reason = None
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        reason = "torch is not importable in the build environment (use --no-build-isolation)"
+    else:
+        if torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is a CPU build"
+        elif CUDA_HOME is None:
+            reason = "nvcc / CUDA_HOME was not found"
+    if reason is not None:
+        message = f"sensilora: not building the CUDA extension: {reason}; Triton/torch backends remain."
+        if flag == "1":
+            raise SystemExit(message + " (SENSILORA_BUILD_CUDA=1 asked for it)")
+        warnings.warn(message)
+        return [], {}
+    extension = CUDAExtension(
+        "sensilora_kernels._C",
+        sources=CUDA_SOURCES,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_build()
+
+setup(
+    packages=["sensilora", "sensilora.ops", "sensilora_kernels"],
+    package_dir={"sensilora": "python/sensilora", "sensilora_kernels": "sensilora_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
