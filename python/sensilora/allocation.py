@@ -86,9 +86,14 @@ def _largest_remainder(real, cost, budget, low, high, names) -> np.ndarray:
 
 
 def sra_ranks(
-    theta: dict[str, float], shapes: dict[str, tuple[int, int]], avg_rank: int, min_rank: int = 1, budget: str = "ranks"
+    theta: dict[str, float],
+    shapes: dict[str, tuple[int, int]],
+    avg_rank: int,
+    min_rank: int = 1,
+    budget: str = "ranks",
+    max_rank: int | None = None,
 ) -> dict[str, int]:
-    """eq. 15: ranks proportional to theta within ``[min_rank, min(d_out, d_in)]``.
+    """eq. 15: ranks proportional to theta within ``[min_rank, min(d_out, d_in, max_rank)]``.
 
     budget="ranks": ``sum r == avg_rank * #matrices`` exactly. budget="params": the trainable
     parameters ``sum r*(d_out+d_in)`` do not exceed uniform LoRA's at avg_rank (and come as close as
@@ -97,7 +102,7 @@ def sra_ranks(
     _check_choice("budget", budget, BUDGETS)
     names = list(theta)
     dims = np.array([shapes[n] for n in names], dtype=np.int64)
-    high = dims.min(axis=1)
+    high = dims.min(axis=1) if max_rank is None else np.minimum(dims.min(axis=1), max_rank)
     low = np.full(len(names), min_rank, dtype=np.int64)
     cost = dims.sum(axis=1) if budget == "params" else np.ones(len(names), dtype=np.int64)
     total = int(avg_rank * cost.sum())
@@ -107,7 +112,9 @@ def sra_ranks(
             "raise avg_rank or lower min_rank"
         )
     if total > int((cost * high).sum()):
-        raise SensiloraError(f"avg_rank={avg_rank} exceeds what the matrices can hold (rank <= min(d_out, d_in)); lower it")
+        raise SensiloraError(
+            f"avg_rank={avg_rank} exceeds what the matrices can hold (rank <= min(d_out, d_in, max_rank={max_rank})); lower it"
+        )
     values = np.maximum(np.array([theta[n] for n in names], dtype=np.float64), 0.0)
     real = _water_fill(values, cost.astype(np.float64), float(total), low.astype(np.float64), high.astype(np.float64))
     ranks = _largest_remainder(real, cost, total, low, high, names)
@@ -230,8 +237,12 @@ def allocate(
     *,
     model: nn.Module | None = None,
     pra_groups: int = 3,
+    max_rank: int | None = None,
 ) -> RankAllocation:
-    """Sensitivity-LoRA ranks from calibration statistics (``model`` is needed in obs mode only)."""
+    """Sensitivity-LoRA ranks from calibration statistics (``model`` is needed in obs mode only).
+
+    max_rank (SRA only) caps every rank below min(d_out, d_in); the surplus goes to the others.
+    """
     _check_choice("method", method, METHODS)
     check_fractions(k_frac, alpha)
     if not isinstance(avg_rank, int) or avg_rank < 1:
@@ -242,14 +253,14 @@ def allocate(
     theta = combine(module_metrics, metrics, weighting)
     shapes = {n: tuple(stats.module_shapes[n]) for n in theta}
     if method == "sra":
-        ranks = sra_ranks(theta, shapes, avg_rank, min_rank, budget)
+        ranks = sra_ranks(theta, shapes, avg_rank, min_rank, budget, max_rank)
     else:
         if budget != "ranks":
             raise SensiloraError("PRA assigns rank offsets; use budget='ranks' with method='pra'")
         ranks = pra_ranks(theta, shapes, avg_rank, pra_groups, min_rank)
     settings = {
         "mode": stats.mode, "method": method, "metrics": metrics, "weighting": weighting, "k_frac": k_frac,
-        "alpha": alpha, "min_rank": min_rank, "budget": budget, "calibration": stats.info,
+        "alpha": alpha, "min_rank": min_rank, "max_rank": max_rank, "budget": budget, "calibration": stats.info,
     }
     if method == "pra":
         settings["pra_groups"] = pra_groups

