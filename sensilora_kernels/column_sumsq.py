@@ -1,0 +1,59 @@
+"""``acc[j] += sum over real tokens of x[..., j]^2``: one pass over x, fp32 accumulation, no fp32 copy."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import token_splits, token_view
+
+
+@triton.jit
+def _column_sumsq_kernel(
+    acc_ptr, x_ptr, mask_ptr,
+    n_tokens, seq_len, d, tokens_per_program,
+    stride_b, stride_t, stride_d, mask_stride_b, mask_stride_t,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    start = tl.program_id(1) * tokens_per_program
+    end = tl.minimum(start + tokens_per_program, n_tokens)
+    partial = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for first in range(start, end, BLOCK_T):
+        rows = first + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        b = (rows // seq_len).to(tl.int64)
+        t = (rows % seq_len).to(tl.int64)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * mask_stride_b + t * mask_stride_t, mask=row_ok, other=0)
+            row_ok = row_ok & (keep != 0)
+        values = tl.load(
+            x_ptr + b[:, None] * stride_b + t[:, None] * stride_t + cols[None, :].to(tl.int64) * stride_d,
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        ).to(tl.float32)
+        partial += values * values
+    tl.atomic_add(acc_ptr + cols, tl.sum(partial, axis=0), mask=col_ok)
+
+
+def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """acc (d,) fp32 in place; x (..., d) bf16/fp16/fp32 with any strides; mask x.shape[:-1] or None."""
+    x3, mask3 = token_view(x, mask)
+    batch, seq_len, d = x3.shape
+    n_tokens = batch * seq_len
+    if n_tokens == 0:
+        return
+    block_d = min(128, triton.next_power_of_2(d))
+    block_t = 32
+    column_blocks = triton.cdiv(d, block_d)
+    splits = token_splits(x.device, column_blocks, n_tokens, block_t * 4)
+    per_program = triton.cdiv(triton.cdiv(n_tokens, splits), block_t) * block_t
+    splits = triton.cdiv(n_tokens, per_program)
+    mask_arg = mask3 if mask3 is not None else x3
+    mask_strides = mask3.stride() if mask3 is not None else (0, 0)
+    _column_sumsq_kernel[(column_blocks, splits)](
+        acc, x3, mask_arg, n_tokens, seq_len, d, per_program,
+        *x3.stride(), *mask_strides,
+        HAS_MASK=mask3 is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+    )

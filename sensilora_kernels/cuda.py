@@ -1,0 +1,42 @@
+"""The CUDA extension backend (``csrc/``): column_sumsq and the radix histogram pass.
+
+The extension ``sensilora_kernels._C`` exists only where ``setup.py`` could build it (CUDA torch and
+nvcc). Without it this module registers nothing and records why in ``IMPORT_ERROR``; forcing
+``SENSILORA_BACKEND=cuda`` then raises with that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sensilora.ops.backend import Backend, register_backend
+
+from ._layout import token_view
+from .selection import make_selection
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.sensilora_cuda.*)
+except ImportError as error:
+    AVAILABLE, IMPORT_ERROR = False, error
+else:
+    AVAILABLE, IMPORT_ERROR = True, None
+
+
+def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    x3, mask3 = token_view(x, mask)
+    torch.ops.sensilora_cuda.column_sumsq_(acc, x3, mask3)
+
+
+def _cuda_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum) -> None:
+    torch.ops.sensilora_cuda.radix_histogram_(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum)
+
+
+if AVAILABLE:
+    register_backend(
+        Backend(
+            "cuda",
+            {"column_sumsq_": column_sumsq_, "topk_mean_and_effective_rank": make_selection(_cuda_histogram)},
+            lambda device: device.type == "cuda",
+            "CUDA C++ extension (csrc/)",
+        )
+    )

@@ -1,0 +1,77 @@
+"""``gram += x^T x`` over real tokens: lower-triangle tiles only, mirrored on store, fp32 accumulation."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import token_splits, token_view
+
+
+@triton.jit
+def _gram_kernel(
+    gram_ptr, x_ptr, mask_ptr, tile_rows_ptr, tile_cols_ptr,
+    n_tokens, seq_len, d, tokens_per_program,
+    stride_b, stride_t, stride_d, mask_stride_b, mask_stride_t,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile_i = tl.load(tile_rows_ptr + tl.program_id(0))
+    tile_j = tl.load(tile_cols_ptr + tl.program_id(0))
+    cols_i = tile_i * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols_j = tile_j * BLOCK_D + tl.arange(0, BLOCK_D)
+    start = tl.program_id(1) * tokens_per_program
+    end = tl.minimum(start + tokens_per_program, n_tokens)
+    acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    for first in range(start, end, BLOCK_T):
+        rows = first + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        b = (rows // seq_len).to(tl.int64)
+        t = (rows % seq_len).to(tl.int64)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * mask_stride_b + t * mask_stride_t, mask=row_ok, other=0)
+            row_ok = row_ok & (keep != 0)
+        base = x_ptr + b[:, None] * stride_b + t[:, None] * stride_t
+        x_i = tl.load(base + cols_i[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_i[None, :] < d), other=0.0)
+        x_j = tl.load(base + cols_j[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_j[None, :] < d), other=0.0)
+        if IEEE:
+            acc += tl.dot(tl.trans(x_i), x_j, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(x_i), x_j)
+    ok = (cols_i[:, None] < d) & (cols_j[None, :] < d)
+    tl.atomic_add(gram_ptr + cols_i[:, None] * d + cols_j[None, :], acc, mask=ok)
+    if tile_i != tile_j:  # mirror the off-diagonal tile into the upper triangle
+        tl.atomic_add(gram_ptr + cols_j[None, :] * d + cols_i[:, None], acc, mask=ok)
+
+
+@functools.lru_cache(maxsize=64)
+def _lower_tiles(tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.tril_indices(tiles, tiles)
+    return rows.to(torch.int32).to(device), cols.to(torch.int32).to(device)
+
+
+def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """gram (d, d) fp32 contiguous, in place; x (..., d) bf16/fp16/fp32 (fp32 in IEEE precision, no TF32)."""
+    x3, mask3 = token_view(x, mask)
+    batch, seq_len, d = x3.shape
+    n_tokens = batch * seq_len
+    if n_tokens == 0:
+        return
+    if not gram.is_contiguous():
+        raise ValueError("sensilora_kernels.gram_: the accumulator must be contiguous")
+    block_d = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
+    block_t = 32
+    tiles = triton.cdiv(d, block_d)
+    tile_rows, tile_cols = _lower_tiles(tiles, x.device)
+    splits = token_splits(x.device, tile_rows.numel(), n_tokens, block_t * 8)
+    per_program = triton.cdiv(triton.cdiv(n_tokens, splits), block_t) * block_t
+    splits = triton.cdiv(n_tokens, per_program)
+    mask_arg = mask3 if mask3 is not None else x3
+    mask_strides = mask3.stride() if mask3 is not None else (0, 0)
+    _gram_kernel[(tile_rows.numel(), splits)](
+        gram, x3, mask_arg, tile_rows, tile_cols, n_tokens, seq_len, d, per_program,
+        *x3.stride(), *mask_strides,
+        HAS_MASK=mask3 is not None, IEEE=x.dtype == torch.float32, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
