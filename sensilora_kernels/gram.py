@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -37,7 +38,7 @@ def _gram_kernel(
         x_i = tl.load(base + cols_i[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_i[None, :] < d), other=0.0)
         x_j = tl.load(base + cols_j[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_j[None, :] < d), other=0.0)
         if IEEE:
-            acc += tl.dot(tl.trans(x_i), x_j, input_precision="ieee")
+            acc += tl.dot(tl.trans(x_i.to(tl.float32)), x_j.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(x_i), x_j)
     ok = (cols_i[:, None] < d) & (cols_j[None, :] < d)
@@ -50,6 +51,12 @@ def _gram_kernel(
 def _lower_tiles(tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = torch.tril_indices(tiles, tiles)
     return rows.to(torch.int32).to(device), cols.to(torch.int32).to(device)
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    """fp32 inputs use exact fp32 products (no TF32). Triton's interpreter mis-emulates bf16 ``tl.dot``,
+    so under it half inputs are upcast too; on a GPU they go to the tensor cores as they are."""
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -73,5 +80,5 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
     _gram_kernel[(tile_rows.numel(), splits)](
         gram, x3, mask_arg, tile_rows, tile_cols, n_tokens, seq_len, d, per_program,
         *x3.stride(), *mask_strides,
-        HAS_MASK=mask3 is not None, IEEE=x.dtype == torch.float32, BLOCK_T=block_t, BLOCK_D=block_d,
+        HAS_MASK=mask3 is not None, IEEE=_ieee(x), BLOCK_T=block_t, BLOCK_D=block_d,
     )

@@ -1,0 +1,76 @@
+// torch bindings of the CUDA kernels: ops sensilora_cuda::column_sumsq_ and
+// sensilora_cuda::radix_histogram_, registered for the CUDA dispatch key.
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/extension.h>
+
+#include "sensilora_kernels.h"
+
+namespace {
+
+constexpr int kSelectionBlock = 1024;  // must equal sensilora_kernels.selection.BLOCK
+
+void check_cuda(int status, const char* what) {
+  TORCH_CHECK(status == 0, "sensilora_kernels._C: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
+}
+
+int dtype_code(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return SENSILORA_FLOAT32;
+    case at::kHalf: return SENSILORA_FLOAT16;
+    case at::kBFloat16: return SENSILORA_BFLOAT16;
+    default: TORCH_CHECK(false, "sensilora_kernels._C.column_sumsq_: x must be fp32, fp16 or bf16, got ", x.scalar_type());
+  }
+  return -1;
+}
+
+void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() == 3, "column_sumsq_: x must be a (batch, seq, d) view");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.numel() == x.size(2),
+              "column_sumsq_: acc must be a contiguous fp32 vector of length d");
+  const uint8_t* mask_ptr = nullptr;
+  int64_t msb = 0, mst = 0;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kByte && mask->dim() == 2, "column_sumsq_: mask must be (batch, seq) uint8");
+    mask_ptr = mask->data_ptr<uint8_t>();
+    msb = mask->stride(0);
+    mst = mask->stride(1);
+  }
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t column_blocks = (x.size(2) + 127) / 128;
+  const int64_t tokens = x.size(0) * x.size(1);
+  const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4 * sms / std::max<int64_t>(column_blocks, 1), tokens / 64)));
+  check_cuda(sensilora_column_sumsq(acc.data_ptr<float>(), x.data_ptr(), dtype_code(x), mask_ptr, x.size(0), x.size(1),
+                                    x.size(2), x.stride(0), x.stride(1), x.stride(2), msb, mst, splits,
+                                    at::cuda::getCurrentCUDAStream()),
+             "column_sumsq launch");
+}
+
+void radix_histogram_(const at::Tensor& values, const std::optional<at::Tensor>& counts, const at::Tensor& segment,
+                      const at::Tensor& start, const at::Tensor& offsets, const at::Tensor& prefix, int64_t shift,
+                      at::Tensor hist_count, at::Tensor hist_sum) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "radix_histogram_: values must be contiguous fp32");
+  TORCH_CHECK(hist_count.scalar_type() == at::kLong && hist_sum.scalar_type() == at::kDouble,
+              "radix_histogram_: hist_count must be int64 and hist_sum fp64");
+  const int64_t* counts_ptr = counts.has_value() ? counts->data_ptr<int64_t>() : nullptr;
+  check_cuda(sensilora_radix_histogram(values.data_ptr<float>(), counts_ptr, segment.data_ptr<int64_t>(),
+                                       start.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(),
+                                       static_cast<int>(shift), segment.numel(), kSelectionBlock,
+                                       reinterpret_cast<unsigned long long*>(hist_count.data_ptr<int64_t>()),
+                                       hist_sum.data_ptr<double>(), at::cuda::getCurrentCUDAStream()),
+             "radix_histogram launch");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sensilora_cuda, m) {
+  m.def("column_sumsq_(Tensor(a!) acc, Tensor x, Tensor? mask) -> ()");
+  m.def("radix_histogram_(Tensor values, Tensor? counts, Tensor segment, Tensor start, Tensor offsets, "
+        "Tensor prefix, int shift, Tensor(a!) hist_count, Tensor(b!) hist_sum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sensilora_cuda, CUDA, m) {
+  m.impl("column_sumsq_", &column_sumsq_);
+  m.impl("radix_histogram_", &radix_histogram_);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

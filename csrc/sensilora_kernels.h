@@ -1,0 +1,29 @@
+// Launchers of the CUDA kernels, callable without torch headers (plain pointers and a stream).
+// Every launcher returns the cudaError_t of its launch (0 on success).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum SensiloraDtype { SENSILORA_FLOAT32 = 0, SENSILORA_FLOAT16 = 1, SENSILORA_BFLOAT16 = 2 };
+
+// acc[j] += sum over real tokens of x[b, t, j]^2; x is (batch, seq_len, d) with element strides;
+// mask is (batch, seq_len) uint8 with its strides, or NULL for no padding.
+int sensilora_column_sumsq(float* acc, const void* x, int dtype, const uint8_t* mask, int64_t batch,
+                           int64_t seq_len, int64_t d, int64_t stride_b, int64_t stride_t, int64_t stride_d,
+                           int64_t mask_stride_b, int64_t mask_stride_t, int token_splits, cudaStream_t stream);
+
+// One radix-select pass: for every block of block_elems values (block_segment/block_start from the
+// block table), add counts and fp64 sums of the values whose bits above shift+8 equal prefix[seg, target]
+// into hist_count/hist_sum[seg, target, (bits >> shift) & 255], for both targets (0 and 1).
+int sensilora_radix_histogram(const float* values, const int64_t* counts, const int64_t* block_segment,
+                              const int64_t* block_start, const int64_t* offsets, const int64_t* prefix,
+                              int shift, int64_t num_blocks, int block_elems, unsigned long long* hist_count,
+                              double* hist_sum, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,197 @@
+"""sensilora_kernels against the torch reference: Triton under TRITON_INTERPRET=1 on the CPU here,
+the same comparisons at real sizes on a GPU (marked ``gpu``)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import sensilora_kernels  # noqa: E402  (conftest set TRITON_INTERPRET before this import)
+from conftest import random_batches, tiny_gpt2, tiny_llama  # noqa: E402
+from sensilora import BackendUnavailableError, allocate, calibrate  # noqa: E402
+from sensilora.ops import backend, reference  # noqa: E402
+from sensilora_kernels import column_sumsq, gram, inverse_diagonal, selection  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOLERANCE)
+
+
+def make_input(shape, dtype, layout, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        return torch.randn(shape, generator=generator).to(dtype)
+    if layout == "transposed":  # (B, T, d) whose token axis is not contiguous
+        return torch.randn(shape[0], shape[2], shape[1], generator=generator).to(dtype).transpose(1, 2)
+    return torch.randn(shape[0], shape[1], 2 * shape[2], generator=generator).to(dtype)[..., ::2]  # strided columns
+
+
+def make_mask(shape, seed=1):
+    return torch.rand(shape[:2], generator=torch.Generator().manual_seed(seed)) > 0.35
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 37, 70), (2, 5, 130)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_column_sumsq(dtype, shape, layout, masked):
+    x = make_input(shape, dtype, layout)
+    mask = make_mask(shape) if masked else None
+    got, expected = torch.zeros(shape[-1]), torch.zeros(shape[-1])
+    column_sumsq.column_sumsq_(got, x, mask)
+    reference.column_sumsq_(expected, x, mask)
+    torch.testing.assert_close(got, expected, rtol=TOLERANCE[dtype], atol=1e-6)
+
+
+def test_column_sumsq_any_leading_dims():
+    x = torch.randn(2, 3, 4, 9)
+    got, expected = torch.zeros(9), torch.zeros(9)
+    column_sumsq.column_sumsq_(got, x, torch.ones(2, 3, 4, dtype=torch.bool))
+    reference.column_sumsq_(expected, x)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 1), (2, 19, 17), (3, 23, 70)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gram(dtype, shape, masked):
+    x = make_input(shape, dtype, "transposed" if shape[2] > 1 else "contiguous", seed=2)
+    mask = make_mask(shape, seed=3) if masked else None
+    got, expected = torch.zeros(shape[-1], shape[-1]), torch.zeros(shape[-1], shape[-1])
+    gram.gram_(got, x, mask)
+    reference.gram_(expected, x, mask)
+    torch.testing.assert_close(got, expected, rtol=TOLERANCE[dtype], atol=1e-4)
+    assert torch.equal(got, got.T)
+
+
+def test_inverse_diagonal_batched_with_dead_columns_and_escalation():
+    a = torch.randn(3, 40, 21, generator=torch.Generator().manual_seed(4))
+    a[1, :, 5] = 0
+    hessians = a.mT @ a / 40
+    hessians[2] = torch.diag(torch.linspace(1.0, 2.0, 21)) - 0.2 * torch.eye(21) * (torch.arange(21) == 0)
+    hessians[2, 0, 0] = -0.05
+    got, got_damp = inverse_diagonal.inverse_diagonal(hessians, 0.01)
+    expected, expected_damp = reference.inverse_diagonal(hessians, 0.01)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_damp, expected_damp)
+    assert float(got_damp[2]) > 0.01  # the indefinite one needed more damping
+
+
+def selection_case(lengths, seed, with_counts=True, ties=True):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(sum(lengths), generator=generator) ** 3
+    if ties:
+        values[: len(values) // 3] = values[0]
+        values[len(values) // 2 : len(values) // 2 + 7] = 0.0
+    counts = torch.randint(1, 9, values.shape, generator=generator) if with_counts else None
+    return values, torch.cumsum(torch.tensor([0] + lengths), 0), counts
+
+
+@pytest.mark.parametrize(
+    "lengths,with_counts,ties",
+    [([1], False, False), ([5000], False, True), ([3, 1, 250, 1100], True, True), ([64] * 5, True, False)],
+)
+@pytest.mark.parametrize("k_frac,alpha", [(0.5, 0.85), (1 / 3, 0.8), (1.0, 1.0)])
+def test_selection_equals_sorted_reference(lengths, with_counts, ties, k_frac, alpha):
+    values, offsets, counts = selection_case(lengths, seed=len(lengths), with_counts=with_counts, ties=ties)
+    got = selection.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
+    expected = reference.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[2], expected[2])
+
+
+def test_selection_all_zeros_and_single_value():
+    values, offsets = torch.tensor([0.0, 0.0, 0.0, 2.5]), torch.tensor([0, 3, 4])
+    got = selection.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85)
+    expected = reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85)
+    for g, e in zip(got, expected):
+        assert torch.equal(g.double(), e.double())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_saliency_selection(transposed):
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(33, 19, generator=generator)
+    if transposed:  # Conv1D stores W transposed: the op receives a non-contiguous view
+        weight = weight.T.contiguous().T
+    inverse = torch.rand(19, generator=generator) + 0.05
+    got = selection.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
+    expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[2], expected[2])
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("SENSILORA_BACKEND", raising=False)
+    assert backend.resolve("gram_", cpu)[0] == "torch"  # CPU tensors use the reference automatically
+    monkeypatch.setenv("SENSILORA_BACKEND", "triton")
+    assert backend.resolve("gram_", cpu) == ("triton", sensilora_kernels.TRITON_OPS["gram_"])
+    if not sensilora_kernels.cuda.AVAILABLE:
+        monkeypatch.setenv("SENSILORA_BACKEND", "cuda")
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            backend.resolve("column_sumsq_", cpu)
+    monkeypatch.setenv("SENSILORA_BACKEND", "fortran")
+    with pytest.raises(BackendUnavailableError, match="not a backend"):
+        backend.resolve("column_sumsq_", cpu)
+
+
+@pytest.mark.parametrize("builder,mode", [(tiny_llama, "diag"), (tiny_llama, "obs"), (tiny_gpt2, "obs")])
+def test_calibration_through_triton_gives_the_same_allocation(monkeypatch, builder, mode):
+    model = builder()
+    monkeypatch.setenv("SENSILORA_BACKEND", "torch")
+    expected = allocate(calibrate(model, random_batches(), mode=mode, progress=False), avg_rank=4, model=model)
+    monkeypatch.setenv("SENSILORA_BACKEND", "triton")
+    got = allocate(calibrate(model, random_batches(), mode=mode, progress=False), avg_rank=4, model=model)
+    assert got.ranks == expected.ranks
+    for name, metrics in expected.metrics.items():
+        assert got.metrics[name].effective_rank == metrics.effective_rank
+        assert got.metrics[name].global_sensitivity == pytest.approx(metrics.global_sensitivity, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the same comparisons at LLaMA-3.1-8B sizes (skipped without CUDA).
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [4096, 14336])
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_gpu_column_sumsq_real_size(cuda_device, d, name):
+    implementation = backend._REGISTRY.backends.get(name)
+    if implementation is None or "column_sumsq_" not in implementation.ops:
+        pytest.skip(f"backend {name} is not available")
+    x = torch.randn(8, 2048, d, device=cuda_device, dtype=torch.bfloat16)
+    mask = torch.rand(8, 2048, device=cuda_device) > 0.1
+    got, expected = torch.zeros(d, device=cuda_device), torch.zeros(d, device=cuda_device)
+    implementation.ops["column_sumsq_"](got, x, mask)
+    reference.column_sumsq_(expected, x, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_gram_and_inverse_real_size(cuda_device):
+    x = torch.randn(2, 2048, 4096, device=cuda_device, dtype=torch.bfloat16)
+    got, expected = torch.zeros(4096, 4096, device=cuda_device), torch.zeros(4096, 4096, device=cuda_device)
+    gram.gram_(got, x)
+    reference.gram_(expected, x)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-1)
+    hessian = (expected / 4096)[None, :1024, :1024]
+    torch.testing.assert_close(inverse_diagonal.inverse_diagonal(hessian)[0], reference.inverse_diagonal(hessian)[0], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_gpu_selection_real_size(cuda_device, name):
+    implementation = backend._REGISTRY.backends.get(name)
+    if implementation is None or "topk_mean_and_effective_rank" not in implementation.ops:
+        pytest.skip(f"backend {name} is not available")
+    weight = torch.randn(14336, 4096, device=cuda_device, dtype=torch.bfloat16)
+    inverse = torch.rand(4096, device=cuda_device) + 0.01
+    values = reference.saliency(weight, inverse).reshape(-1)
+    offsets = torch.tensor([0, values.numel()], device=cuda_device)
+    got = implementation.ops["topk_mean_and_effective_rank"](values, offsets, None, 0.5, 0.85)
+    expected = reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-9, atol=0)
+    assert torch.equal(got[2].cpu(), expected[2].cpu())
+    if name == "triton":
+        fused = selection.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
+        assert torch.equal(fused[2].cpu(), expected[2].cpu())
