@@ -1,0 +1,125 @@
+"""The benchmark cases, each a function returning result rows; used by run_all.py and the pytest suite."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sensilora import allocate, calibrate
+from sensilora.ops import backend, reference
+
+from common import synchronize, time_it
+
+
+def naive_hessian_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """Diagonal of the Hessian of the layer-wise loss ``(1/N) sum_n ((w - w0) . x_n)^2`` of one
+    output row, by ``torch.func`` (reverse-over-reverse, 64 rows at a time): the baseline sensilora replaces."""
+    w0 = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+
+    def loss(w):
+        return ((x @ (w - w0)) ** 2).mean()
+
+    hessian = torch.func.jacrev(torch.func.grad(loss), chunk_size=64)(w0)
+    return hessian.diagonal()
+
+
+def naive_vs_sensilora(device: torch.device, columns=(256, 512, 1024, 2048, 4096), tokens: int = 2048, give_up_s: float = 60.0):
+    rows, naive_allowed = [], True
+    for d in columns:
+        x = torch.randn(tokens, d, device=device, generator=None)
+        acc = torch.zeros(d, device=device)
+
+        def ours():
+            acc.zero_()
+            torch.ops.sensilora.column_sumsq_(acc, x, None)
+
+        ours_s = time_it(ours, device)
+        row = {"case": "naive_hessian", "columns": d, "tokens": tokens, "sensilora_s": ours_s}
+        if naive_allowed:
+            start = time.perf_counter()
+            naive = naive_hessian_diagonal(x)
+            synchronize(device)
+            naive_s = time.perf_counter() - start
+            ours_value = 2.0 / tokens * acc
+            row.update(naive_s=naive_s, speedup=naive_s / ours_s,
+                       max_rel_error=float(((naive - ours_value).abs() / ours_value.abs().clamp_min(1e-30)).max()))
+            naive_allowed = naive_s < give_up_s / 4  # the next size costs about 4x
+        else:
+            row.update(naive_s=None, speedup=None, max_rel_error=None, note="naive skipped: previous size too slow")
+        rows.append(row)
+    return rows
+
+
+def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int = 2048, dtype=torch.bfloat16):
+    """Every op on every backend that can run on ``device``; GB/s and TFLOP/s beside torch baselines."""
+    rows = []
+    names = [n for n, b in backend._REGISTRY.backends.items() if b.supports_device(device)] if device.type == "cuda" else ["torch"]
+    for d in columns:
+        x = torch.randn(batch, seq, d, device=device).to(dtype)
+        copy_s = time_it(lambda: x.clone(), device)
+        copy_gbs = 2 * x.numel() * x.element_size() / copy_s / 1e9
+        rows.append({"case": "copy", "backend": "torch", "columns": d, "seconds": copy_s, "GB/s": copy_gbs})
+        flat = x.reshape(-1, d)
+        gram_ref = torch.zeros(d, d, device=device, dtype=torch.float32 if dtype == torch.float32 else dtype)
+        addmm_s = time_it(lambda: torch.addmm(gram_ref, flat.T, flat), device)
+        addmm_tflops = 2 * flat.shape[0] * d * d / addmm_s / 1e12
+        rows.append({"case": "torch.addmm", "backend": "torch", "columns": d, "seconds": addmm_s, "TFLOP/s": addmm_tflops})
+        for name in names:
+            ops = backend._REGISTRY.backends[name].ops
+            if "column_sumsq_" in ops:
+                acc = torch.zeros(d, device=device)
+                seconds = time_it(lambda: ops["column_sumsq_"](acc, x, None), device)
+                gbs = x.numel() * x.element_size() / seconds / 1e9
+                rows.append({"case": "column_sumsq", "backend": name, "columns": d, "seconds": seconds, "GB/s": gbs,
+                             "fraction_of_copy": gbs / copy_gbs})
+            if "gram_" in ops:
+                gram = torch.zeros(d, d, device=device)
+                seconds = time_it(lambda: ops["gram_"](gram, x, None), device, repeats=1)
+                rows.append({"case": "gram", "backend": name, "columns": d, "seconds": seconds,
+                             "TFLOP/s": 2 * flat.shape[0] * d * d / seconds / 1e12, "vs_addmm": addmm_s / seconds})
+            if "inverse_diagonal" in ops and d <= 4096:
+                a = torch.randn(2 * d, d, device=device)
+                hessian = (a.T @ a / (2 * d))[None]
+                seconds = time_it(lambda: ops["inverse_diagonal"](hessian, 0.01), device, repeats=1)
+                rows.append({"case": "inverse_diagonal", "backend": name, "columns": d, "seconds": seconds})
+        values = torch.rand(d * 4096 if device.type == "cuda" else d * 256, device=device)
+        offsets = torch.tensor([0, values.numel()], device=device)
+        sort_s = time_it(lambda: reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85), device, repeats=1)
+        rows.append({"case": "selection (torch.sort reference)", "backend": "torch", "columns": d, "values": values.numel(), "seconds": sort_s})
+        for name in names:
+            ops = backend._REGISTRY.backends[name].ops
+            if name != "torch" and "topk_mean_and_effective_rank" in ops:
+                seconds = time_it(lambda: ops["topk_mean_and_effective_rank"](values, offsets, None, 0.5, 0.85), device, repeats=1)
+                rows.append({"case": "selection", "backend": name, "columns": d, "values": values.numel(), "seconds": seconds, "vs_sort": sort_s / seconds})
+    return rows
+
+
+def end_to_end(model, batches, device: torch.device, label: str, tokens: int):
+    """Bare forward, calibrate diag/obs, then metrics + allocation: wall time, overhead, peak memory."""
+    extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+
+    def bare():
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch, **extra)
+
+    def peak(fn):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = time_it(fn, device, repeats=1, warmup=0)
+        return seconds, (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+
+    bare()  # warm-up
+    bare_s, bare_mem = peak(bare)
+    rows = [{"case": "end_to_end", "model": label, "tokens": tokens, "stage": "bare forward", "seconds": bare_s,
+             "tokens/s": tokens / bare_s, "overhead": 0.0, "peak_GiB": bare_mem}]
+    for mode in ("diag", "obs"):
+        holder = {}
+        seconds, memory = peak(lambda: holder.setdefault("stats", calibrate(model, batches, mode=mode, progress=False)))
+        rows.append({"case": "end_to_end", "model": label, "tokens": tokens, "stage": f"calibrate {mode}", "seconds": seconds,
+                     "tokens/s": tokens / seconds, "overhead": seconds / bare_s - 1, "peak_GiB": memory})
+        stats = holder["stats"]
+        seconds = time_it(lambda: allocate(stats, avg_rank=8, model=model), device, repeats=1, warmup=0)
+        rows.append({"case": "end_to_end", "model": label, "tokens": tokens, "stage": f"metrics+allocation {mode}", "seconds": seconds})
+    return rows

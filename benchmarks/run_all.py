@@ -1,0 +1,104 @@
+"""Run every benchmark that this machine can run; write benchmarks/results/<device>.{json,csv} and a plot.
+
+    python benchmarks/run_all.py            # CPU scale here (a few minutes on 2 cores); GPU scale on CUDA
+    python benchmarks/run_all.py --quick    # smaller sizes, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cases import end_to_end, naive_vs_sensilora, per_op  # noqa: E402
+from common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+
+from sensilora.io import write_with_atomic  # noqa: E402
+
+
+def smollm2_batches(tokenizer, sequences: int, seq_len: int):
+    from sensilora.data import calibration_batches, default_calibration_file, read_texts
+
+    return calibration_batches(tokenizer, read_texts(default_calibration_file()), sequences, seq_len, batch_size=8)
+
+
+def llama8b(device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(  # LLaMA-3.1-8B's shape, random weights: timing only
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def overhead_plot(rows: list[dict], path: Path, device_name: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    for mode, marker in (("diag", "o"), ("obs", "s")):
+        points = sorted((r["tokens"], 100 * r["overhead"]) for r in rows if r.get("stage") == f"calibrate {mode}")
+        if points:
+            axis.plot(*zip(*points), marker=marker, label=f"calibrate({mode!r})")
+    axis.axhline(5, color="grey", linestyle=":", label="diag target (5%)")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("calibration tokens")
+    axis.set_ylabel("overhead over the bare forward (%)")
+    axis.set_title(f"Statistics overhead, {device_name}", fontsize=10)
+    axis.legend()
+    write_with_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    rows = []
+    if device.type == "cuda":
+        rows += naive_vs_sensilora(device)
+        rows += per_op(device)
+        model = llama8b(device)
+        for sequences in ((32,) if args.quick else (32, 128)):
+            ids = torch.randint(0, 128256, (sequences, 2048), device=device)
+            batches = [{"input_ids": ids[i : i + 8], "attention_mask": torch.ones_like(ids[i : i + 8])} for i in range(0, sequences, 8)]
+            rows += end_to_end(model, batches, device, "LLaMA-3.1-8B shape (random bf16)", sequences * 2048)
+    else:
+        columns = (256, 512, 1024) if args.quick else (256, 512, 1024, 2048, 4096)
+        rows += naive_vs_sensilora(device, columns=columns, tokens=2048)
+        rows += per_op(device, columns=(576, 1536), batch=1, seq=2048, dtype=torch.float32)
+        from sensilora.data import load_model
+
+        model, tokenizer, _ = load_model()
+        for sequences, seq_len in ((2, 256), (4, 256)) if args.quick else ((2, 256), (4, 256), (8, 256), (16, 256)):
+            rows += end_to_end(model, smollm2_batches(tokenizer, sequences, seq_len), device, "SmolLM2-135M (fp32)", sequences * seq_len)
+    stem = "cpu" if device.type == "cpu" else re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+    json_path, csv_path = write_results(stem, env, rows)
+    overhead_plot(rows, RESULTS / f"{stem}_overhead.png", env["device"])
+    for case in dict.fromkeys(r["case"] for r in rows):
+        subset = [r for r in rows if r["case"] == case]
+        columns = [c for c in dict.fromkeys(k for r in subset for k in r) if c != "case"]
+        print(f"\n### {case}\n" + markdown_table(subset, columns))
+    print(f"\nwrote {json_path}, {csv_path} and {RESULTS / (stem + '_overhead.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
