@@ -1,0 +1,59 @@
+"""One fine-tuning run: a method's peft model, a seeded data order, the task metric, step time, memory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    metrics: dict
+    trainable_parameters: int
+    step_seconds: float
+    peak_memory_gib: float | None
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    scores = []
+    for c in range(classes):
+        tp = np.sum((predictions == c) & (labels == c))
+        fp = np.sum((predictions == c) & (labels != c))
+        fn = np.sum((predictions != c) & (labels == c))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def train(peft_model, batches_for_epoch, steps: int, lr: float, seed: int, on_step=None) -> tuple[float, float | None]:
+    """AdamW over ``steps`` batches in the seed's order; returns (mean step seconds, peak GiB or None)."""
+    torch.manual_seed(seed)
+    parameters = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    device = parameters[0].device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    peft_model.train()
+    generator = torch.Generator().manual_seed(seed)
+    times, step = [], 0
+    while step < steps:
+        for batch in batches_for_epoch(generator):
+            start = time.perf_counter()
+            loss = peft_model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            step += 1
+            if step == steps:
+                break
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return float(np.median(times)), peak
