@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def token_view(x: torch.Tensor, mask: torch.Tensor | None):
@@ -32,3 +34,30 @@ def token_splits(device: torch.device, column_blocks: int, tokens: int, min_toke
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     wanted = max(1, (4 * sms) // max(column_blocks, 1))
     return max(1, min(wanted, tokens // min_tokens_per_split or 1))
+
+
+def token_partition(device: torch.device, programs_per_split: int, n_tokens: int, block_t: int, min_blocks: int) -> tuple[int, int]:
+    """(tokens per program, number of token splits), each program's share a multiple of ``block_t``."""
+    splits = token_splits(device, programs_per_split, n_tokens, block_t * min_blocks)
+    per_program = triton.cdiv(triton.cdiv(n_tokens, splits), block_t) * block_t
+    return per_program, triton.cdiv(n_tokens, per_program)
+
+
+def mask_arguments(x3: torch.Tensor, mask3: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    """(pointer argument, stride_b, stride_t) for the kernels' optional mask (x3 stands in when absent)."""
+    if mask3 is None:
+        return x3, 0, 0
+    return mask3, mask3.stride(0), mask3.stride(1)
+
+
+@triton.jit
+def token_rows(first, end, seq_len, mask_ptr, mask_stride_b, mask_stride_t, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Batch and position indices (int64) of BLOCK_T token rows from ``first``, and which are real."""
+    rows = first + tl.arange(0, BLOCK_T)
+    row_ok = rows < end
+    b = (rows // seq_len).to(tl.int64)
+    t = (rows % seq_len).to(tl.int64)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b * mask_stride_b + t * mask_stride_t, mask=row_ok, other=0)
+        row_ok = row_ok & (keep != 0)
+    return b, t, row_ok

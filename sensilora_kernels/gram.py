@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import token_splits, token_view
+from ._layout import mask_arguments, token_partition, token_rows, token_view
 
 
 @triton.jit
@@ -27,13 +27,7 @@ def _gram_kernel(
     end = tl.minimum(start + tokens_per_program, n_tokens)
     acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     for first in range(start, end, BLOCK_T):
-        rows = first + tl.arange(0, BLOCK_T)
-        row_ok = rows < end
-        b = (rows // seq_len).to(tl.int64)
-        t = (rows % seq_len).to(tl.int64)
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * mask_stride_b + t * mask_stride_t, mask=row_ok, other=0)
-            row_ok = row_ok & (keep != 0)
+        b, t, row_ok = token_rows(first, end, seq_len, mask_ptr, mask_stride_b, mask_stride_t, HAS_MASK, BLOCK_T)
         base = x_ptr + b[:, None] * stride_b + t[:, None] * stride_t
         x_i = tl.load(base + cols_i[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_i[None, :] < d), other=0.0)
         x_j = tl.load(base + cols_j[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_j[None, :] < d), other=0.0)
@@ -72,13 +66,10 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
     block_t = 32
     tiles = triton.cdiv(d, block_d)
     tile_rows, tile_cols = _lower_tiles(tiles, x.device)
-    splits = token_splits(x.device, tile_rows.numel(), n_tokens, block_t * 8)
-    per_program = triton.cdiv(triton.cdiv(n_tokens, splits), block_t) * block_t
-    splits = triton.cdiv(n_tokens, per_program)
-    mask_arg = mask3 if mask3 is not None else x3
-    mask_strides = mask3.stride() if mask3 is not None else (0, 0)
+    per_program, splits = token_partition(x.device, tile_rows.numel(), n_tokens, block_t, 8)
+    mask_arg, mask_stride_b, mask_stride_t = mask_arguments(x3, mask3)
     _gram_kernel[(tile_rows.numel(), splits)](
         gram, x3, mask_arg, tile_rows, tile_cols, n_tokens, seq_len, d, per_program,
-        *x3.stride(), *mask_strides,
+        *x3.stride(), mask_stride_b, mask_stride_t,
         HAS_MASK=mask3 is not None, IEEE=_ieee(x), BLOCK_T=block_t, BLOCK_D=block_d,
     )
