@@ -40,7 +40,7 @@ def cuda_build():
         "sensilora_kernels._C",
         sources=CUDA_SOURCES,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
     return [extension], {"build_ext": BuildExtension}
 

@@ -56,9 +56,9 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def write_results(stem: str, env: dict, rows: list[dict]) -> tuple[Path, Path]:
-    """benchmarks/results/<stem>.json (environment + rows) and .csv (rows), atomically."""
-    json_path, csv_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.csv"
+def write_results(stem: str, env: dict, rows: list[dict], directory: Path = RESULTS) -> tuple[Path, Path]:
+    """<directory>/<stem>.json (environment + rows) and .csv (rows), atomically."""
+    json_path, csv_path = Path(directory) / f"{stem}.json", Path(directory) / f"{stem}.csv"
     write_text_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()

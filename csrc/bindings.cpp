@@ -1,6 +1,7 @@
 // torch bindings of the CUDA kernels: ops sensilora_cuda::column_sumsq_ and
 // sensilora_cuda::radix_histogram_, registered for the CUDA dispatch key.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "sensilora_kernels.h"
@@ -35,13 +36,15 @@ void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::
     msb = mask->stride(0);
     mst = mask->stride(1);
   }
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const c10::cuda::CUDAGuard guard(x.device());
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()), "multiprocessor count");
   const int64_t column_blocks = (x.size(2) + 127) / 128;
   const int64_t tokens = x.size(0) * x.size(1);
   const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4 * sms / std::max<int64_t>(column_blocks, 1), tokens / 64)));
   check_cuda(sensilora_column_sumsq(acc.data_ptr<float>(), x.data_ptr(), dtype_code(x), mask_ptr, x.size(0), x.size(1),
                                     x.size(2), x.stride(0), x.stride(1), x.stride(2), msb, mst, splits,
-                                    at::cuda::getCurrentCUDAStream()),
+                                    c10::cuda::getCurrentCUDAStream()),
              "column_sumsq launch");
 }
 
@@ -51,12 +54,13 @@ void radix_histogram_(const at::Tensor& values, const std::optional<at::Tensor>&
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "radix_histogram_: values must be contiguous fp32");
   TORCH_CHECK(hist_count.scalar_type() == at::kLong && hist_sum.scalar_type() == at::kDouble,
               "radix_histogram_: hist_count must be int64 and hist_sum fp64");
+  const c10::cuda::CUDAGuard guard(values.device());
   const int64_t* counts_ptr = counts.has_value() ? counts->data_ptr<int64_t>() : nullptr;
   check_cuda(sensilora_radix_histogram(values.data_ptr<float>(), counts_ptr, segment.data_ptr<int64_t>(),
                                        start.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(),
                                        static_cast<int>(shift), segment.numel(), kSelectionBlock,
                                        reinterpret_cast<unsigned long long*>(hist_count.data_ptr<int64_t>()),
-                                       hist_sum.data_ptr<double>(), at::cuda::getCurrentCUDAStream()),
+                                       hist_sum.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
              "radix_histogram launch");
 }
 

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
 from sensilora import allocate, calibrate, get_peft_model
 from sensilora.cli import main
 from sensilora.data import calibration_batches, default_calibration_file, read_texts
 from sensilora.lora import adapter_ranks
 
 
-@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2, tiny_bert])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_qwen2, tiny_mistral, tiny_gpt2, tiny_bert])
 @pytest.mark.parametrize("mode", ["diag", "obs"])
 def test_tiny_models_end_to_end(builder, mode):
     model = builder()

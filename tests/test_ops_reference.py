@@ -131,3 +131,20 @@ def test_ops_pass_opcheck():
 
 def test_reference_topk_count_rounds_up():
     assert reference.topk_count(torch.tensor([1, 2, 3, 7]), 0.5).tolist() == [1, 1, 2, 4]
+
+
+def test_ops_compose_with_torch_compile():
+    """The custom ops trace into a full graph (aot_eager: graph capture without C++ codegen)."""
+    x, mask = torch.randn(2, 5, 6), torch.rand(2, 5) > 0.3
+
+    def statistics(x, mask):
+        acc = torch.zeros(x.shape[-1])
+        torch.ops.sensilora.column_sumsq_(acc, x * 2.0, mask)
+        return acc
+
+    compiled = torch.compile(statistics, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, mask), statistics(x, mask))
+    hessian = torch.randn(20, 4)
+    hessian = hessian.T @ hessian
+    compiled_inverse = torch.compile(lambda h: torch.ops.sensilora.inverse_diagonal(h, 0.01)[0] * 1.0, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled_inverse(hessian), ops.inverse_diagonal(hessian, 0.01)[0])

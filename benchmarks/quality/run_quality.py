@@ -42,13 +42,13 @@ SENSILORA_METHODS = {
 }
 METHODS = ("lora", *SENSILORA_METHODS, "adalora")
 CONFIGS = {
-    "cpu": {"seeds": 3, "nlu_per_class": 60, "nlu_len": 96, "nlu_steps": 30, "nlu_batch": 16,
+    "cpu": {"seeds": 3, "nlu_per_class": 60, "nlu_test_per_class": 40, "nlu_len": 64, "nlu_steps": 40, "nlu_batch": 16,
             "nlg_docs": 120, "nlg_len": 64, "nlg_steps": 12, "nlg_batch": 8, "nlg_eval_windows": 48,
             "nlg_methods": ("lora", "sensilora-diag", "adalora"), "calibration_samples": 16},
-    "smoke": {"seeds": 1, "nlu_per_class": 4, "nlu_len": 32, "nlu_steps": 2, "nlu_batch": 4,
+    "smoke": {"seeds": 1, "nlu_per_class": 4, "nlu_test_per_class": 2, "nlu_len": 32, "nlu_steps": 2, "nlu_batch": 4,
               "nlg_docs": 8, "nlg_len": 32, "nlg_steps": 2, "nlg_batch": 4, "nlg_eval_windows": 8,
               "nlg_methods": METHODS, "calibration_samples": 4},
-    "gpu": {"seeds": 3, "nlu_per_class": 10_000, "nlu_len": 256, "nlu_steps": 600, "nlu_batch": 32,
+    "gpu": {"seeds": 3, "nlu_per_class": 10_000, "nlu_test_per_class": 10_000, "nlu_len": 256, "nlu_steps": 600, "nlu_batch": 32,
             "nlg_docs": 1780, "nlg_len": 256, "nlg_steps": 400, "nlg_batch": 16, "nlg_eval_windows": 512,
             "nlg_methods": METHODS, "calibration_samples": 128},
 }
@@ -99,7 +99,7 @@ def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5).to(device)
     data = bbc_news()
     train_set = take_per_class(data["train"], config["nlu_per_class"])
-    test_set = data["test"]
+    test_set = take_per_class(data["test"], config["nlu_test_per_class"])
     encode = lambda pairs: tokenizer([t for t, _ in pairs], truncation=True, max_length=config["nlu_len"], padding="max_length", return_tensors="pt")  # noqa: E731
     train_enc, test_enc = encode(train_set), encode(test_set)
     train_labels = torch.tensor([label for _, label in train_set])
@@ -177,7 +177,7 @@ def summarise(task: str, results: list[RunResult]) -> list[dict]:
         runs = [r for r in results if r.method == method]
         row = {"task": task, "method": method, "seeds": len(runs), "trainable_params": runs[0].trainable_parameters,
                "step_s": float(np.mean([r.step_seconds for r in runs])),
-               "peak_GiB": runs[0].peak_memory_gib}
+               "peak_GiB": max((r.peak_memory_gib for r in runs if r.peak_memory_gib is not None), default=None)}
         for metric in runs[0].metrics:
             values = np.array([r.metrics[metric] for r in runs])
             row[f"{metric}_mean"], row[f"{metric}_std"] = float(values.mean()), float(values.std())
@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="the larger GPU configuration")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks the harness")
     parser.add_argument("--tasks", nargs="+", choices=["nlu", "nlg"], default=["nlu", "nlg"])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"
     config = CONFIGS[name]
@@ -226,8 +227,8 @@ def main(argv=None) -> int:
     env.update({k: f"{v:.2f}" for k, v in timings.items()})
     env.update({f"stability {k}": str(v) for k, v in stability.items()})
     stem = f"quality_{name}"
-    write_results(stem, env, rows)
-    plot(rows, RESULTS / f"{stem}.png")
+    write_results(stem, env, rows, args.results)
+    plot(rows, args.results / f"{stem}.png")
     for task in dict.fromkeys(r["task"] for r in rows):
         subset = [r for r in rows if r["task"] == task]
         print(f"\n### {task}\n" + markdown_table(subset, [c for c in subset[0] if c != "task"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,26 @@ class RunResult:
     peak_memory_gib: float | None
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux: writing 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float | None:
+    """Peak resident set size since the last reset (VmHWM), in GiB; None where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def macro_f1(predictions: np.ndarray, labels: np.ndarray, classes: int) -> float:
     scores = []
     for c in range(classes):
@@ -30,13 +51,17 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, classes: int) -> float
 
 
 def train(peft_model, batches_for_epoch, steps: int, lr: float, seed: int, on_step=None) -> tuple[float, float | None]:
-    """AdamW over ``steps`` batches in the seed's order; returns (mean step seconds, peak GiB or None)."""
+    """AdamW over ``steps`` batches in the seed's order; returns (median step seconds, peak memory GiB).
+
+    Peak memory: GPU memory allocated on CUDA; on the CPU the process's peak resident set during
+    training (base model included, so only differences between methods are meaningful), or None."""
     torch.manual_seed(seed)
     parameters = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     device = parameters[0].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    cpu_peak = device.type == "cpu" and reset_peak_rss()
     peft_model.train()
     generator = torch.Generator().manual_seed(seed)
     times, step = [], 0
@@ -55,5 +80,5 @@ def train(peft_model, batches_for_epoch, steps: int, lr: float, seed: int, on_st
             step += 1
             if step == steps:
                 break
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else (peak_rss_gib() if cpu_peak else None)
     return float(np.median(times)), peak

@@ -120,7 +120,8 @@ class _Collector:
 
     def check_finite(self, batch_index: int) -> None:
         accumulators = list(self.accumulators.values())
-        totals = torch.stack([a.column_sums().sum().to(accumulators[0].column_sums().device) for a in accumulators])
+        device = accumulators[0].column_sums().device
+        totals = torch.stack([a.column_sums().sum().to(device) for a in accumulators])  # one sync per batch
         if bool(torch.isfinite(totals).all()):
             return
         bad = next(a for a, t in zip(accumulators, totals.tolist()) if not math.isfinite(t))

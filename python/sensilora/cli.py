@@ -73,7 +73,8 @@ def run_allocate(args) -> int:
     from . import calibrate
     from .allocation import allocate, sra_ranks
     from .data import calibration_batches, default_calibration_file, load_model, read_texts
-    from .plots import plot_rank_maps
+    from .io import write_with_atomic
+    from .plots import render_rank_maps
 
     for path in (args.output, args.plot):
         if Path(path).is_dir():
@@ -94,13 +95,14 @@ def run_allocate(args) -> int:
         for label, field in (("global (trace)", "global_sensitivity"), ("top-k mean", "topk"), ("effective rank", "effective_rank"))
     }
     panels[f"combined ({args.method}, {args.metrics}, {args.weighting})"] = allocation.ranks
+    png = render_rank_maps(panels, title=f"Sensitivity-LoRA ranks: {name}, {args.mode} mode, avg rank {args.avg_rank}")
     if not args.quiet:
         print_table(allocation)
-    # everything is computed; only now is anything written, each file atomically
+    # everything is computed and rendered; only now is anything written, each file atomically
     if args.stats:
         stats.save(args.stats)
     allocation.save(args.output)
-    plot_rank_maps(panels, args.plot, title=f"Sensitivity-LoRA ranks: {name}, {args.mode} mode, avg rank {args.avg_rank}")
+    write_with_atomic(args.plot, lambda tmp: tmp.write_bytes(png))
     for line in summary_lines(allocation):
         print(line)
     print(f"calibration: {stats.info['tokens']} tokens in {stats.info['seconds']:.2f} s")

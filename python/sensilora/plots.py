@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .io import write_with_atomic
 from .targets import layer_and_kind
 
 
@@ -24,8 +23,8 @@ def rank_grid(ranks: dict[str, int]) -> tuple[np.ndarray, list[int], list[str]]:
     return grid, layers, kinds
 
 
-def plot_rank_maps(panels: dict[str, dict[str, int]], path: str | os.PathLike, title: str = "") -> None:
-    """One heatmap per metric (module kind x layer, colour = rank on a log scale), written atomically as PNG."""
+def render_rank_maps(panels: dict[str, dict[str, int]], title: str = "") -> bytes:
+    """PNG bytes: one heatmap per metric (module kind x layer, colour = rank on a log scale)."""
     figure = Figure(figsize=(12, 2.2 * len(panels) + 0.6), constrained_layout=True)
     FigureCanvasAgg(figure)
     vmax = max(max(ranks.values()) for ranks in panels.values())
@@ -42,4 +41,6 @@ def plot_rank_maps(panels: dict[str, dict[str, int]], path: str | os.PathLike, t
     figure.colorbar(image, ax=list(axes), label="LoRA rank (log scale)", shrink=0.8)
     if title:
         figure.suptitle(title, fontsize=11)
-    write_with_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
