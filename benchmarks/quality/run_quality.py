@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -186,21 +187,26 @@ def summarise(task: str, results: list[RunResult]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Per task, each method's mean with a ±std bar; the dashed line is uniform LoRA's mean."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [("NLU", "accuracy"), ("NLG", "perplexity")]
-    figure = Figure(figsize=(11, 4), constrained_layout=True)
+    panels = [(task, metric) for task, metric in (("NLU", "accuracy"), ("NLG", "perplexity")) if any(r["task"] == task for r in rows)]
+    figure = Figure(figsize=(5.5 * len(panels), 3.8), constrained_layout=True)
     FigureCanvasAgg(figure)
-    for axis, (task, metric) in zip(figure.subplots(1, 2), panels):
+    for axis, (task, metric) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         subset = [r for r in rows if r["task"] == task]
-        axis.bar(range(len(subset)), [r[f"{metric}_mean"] for r in subset], yerr=[r[f"{metric}_std"] for r in subset], capsize=3)
-        axis.set_xticks(range(len(subset)), [r["method"] for r in subset], rotation=40, ha="right", fontsize=8)
-        values = [r[f"{metric}_mean"] for r in subset]
-        if values:
-            spread = max(values) - min(values) or abs(values[0]) * 0.05 or 1
-            axis.set_ylim(min(values) - 2 * spread, max(values) + 2 * spread)
-        axis.set_title(f"{task}: {metric} (mean ± std over seeds)", fontsize=10)
+        means = [r[f"{metric}_mean"] for r in subset]
+        axis.errorbar(means, range(len(subset)), xerr=[r[f"{metric}_std"] for r in subset], fmt="o", capsize=3)
+        baseline = next((r[f"{metric}_mean"] for r in subset if r["method"] == "lora"), None)
+        if baseline is not None:
+            axis.axvline(baseline, color="grey", linestyle="--", linewidth=1, label="uniform LoRA")
+            axis.legend(fontsize=8)
+        axis.set_yticks(range(len(subset)), [r["method"] for r in subset], fontsize=8)
+        axis.invert_yaxis()
+        better = "higher is better" if metric == "accuracy" else "lower is better"
+        axis.set_xlabel(f"{metric} ({better})")
+        axis.set_title(f"{task}: mean ± std over {subset[0]['seeds']} seeds", fontsize=10)
     write_with_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
@@ -210,9 +216,14 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks the harness")
     parser.add_argument("--tasks", nargs="+", choices=["nlu", "nlg"], default=["nlu", "nlg"])
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing results JSON")
     args = parser.parse_args(argv)
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"
     config = CONFIGS[name]
+    stem = f"quality_{name}"
+    if args.replot:
+        plot(json.loads((args.results / f"{stem}.json").read_text())["rows"], args.results / f"{stem}.png")
+        return 0
     device = torch.device("cuda" if args.gpu else "cpu")
     env = {**environment(device), "config": name, **{k: str(v) for k, v in config.items()}}
     rows, timings, stability = [], {}, {}
@@ -226,7 +237,6 @@ def main(argv=None) -> int:
         timings.update(t)
     env.update({k: f"{v:.2f}" for k, v in timings.items()})
     env.update({f"stability {k}": str(v) for k, v in stability.items()})
-    stem = f"quality_{name}"
     write_results(stem, env, rows, args.results)
     plot(rows, args.results / f"{stem}.png")
     for task in dict.fromkeys(r["task"] for r in rows):
