@@ -5,7 +5,8 @@
     python benchmarks/quality/run_quality.py --smoke    # seconds: checks the harness (used by the tests)
 
 Methods: uniform LoRA; Sensitivity-LoRA (SRA, both metrics, cv weighting) in diag and obs mode; its
-ablations (global only, local only, equal weighting, PRA); peft's AdaLoRA. SRA variants use the
+ablations (global only, local only, equal weighting, PRA); SRA with every rank capped at 2 x avg
+(beyond the paper); peft's AdaLoRA. SRA variants use the
 parameter budget of uniform LoRA (``budget="params"``). Writes benchmarks/results/quality_<config>.{json,csv,png}.
 """
 
@@ -40,6 +41,7 @@ SENSILORA_METHODS = {
     "local-only": {"mode": "diag", "metrics": "local"},
     "equal-weights": {"mode": "diag", "weighting": "equal"},
     "pra": {"mode": "diag", "method": "pra", "budget": "ranks"},
+    "sensilora-capped": {"mode": "diag", "max_rank_factor": 2},  # beyond the paper: ranks <= 2 * avg_rank
 }
 METHODS = ("lora", *SENSILORA_METHODS, "adalora")
 CONFIGS = {
@@ -74,6 +76,8 @@ def lora_peft_model(base, method: str, stats: dict, avg_rank: int, steps: int, t
     options = dict(SENSILORA_METHODS[method])
     mode = options.pop("mode")
     options.setdefault("budget", "params")
+    if "max_rank_factor" in options:
+        options["max_rank"] = options.pop("max_rank_factor") * avg_rank
     allocation = sensilora.allocate(stats[mode], avg_rank, model=base, **options)
     return sensilora.get_peft_model(model, allocation, lora_alpha=alpha, task_type=task_type), None
 
@@ -117,7 +121,7 @@ def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
             yield {"input_ids": train_enc["input_ids"][index], "attention_mask": train_enc["attention_mask"][index], "labels": train_labels[index]}
 
     results = []
-    runs = [(m, s) for s in range(config["seeds"]) for m in METHODS]
+    runs = [(m, s) for s in range(config["seeds"]) for m in config["nlu_methods"]]
     for method, seed in tqdm(runs, desc="NLU runs (MiniLM-L6, BBC News)"):
         torch.manual_seed(seed)
         base.classifier.reset_parameters()
@@ -217,10 +221,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=["nlu", "nlg"], default=["nlu", "nlg"])
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing results JSON")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="run only these methods (default: the configuration's)")
+    parser.add_argument("--tag", help="suffix for the output files, e.g. when --methods runs a subset")
     args = parser.parse_args(argv)
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"
-    config = CONFIGS[name]
-    stem = f"quality_{name}"
+    config = dict(CONFIGS[name])
+    config["nlu_methods"] = tuple(args.methods or METHODS)
+    if args.methods:
+        config["nlg_methods"] = tuple(args.methods)
+    stem = f"quality_{name}" + (f"_{args.tag}" if args.tag else "")
     if args.replot:
         plot(json.loads((args.results / f"{stem}.json").read_text())["rows"], args.results / f"{stem}.png")
         return 0
