@@ -7,6 +7,7 @@ import time
 import torch
 
 from sensilora import allocate, calibrate
+from sensilora.calibration import forward_kwargs
 from sensilora.ops import backend, reference
 
 from common import synchronize, time_it
@@ -97,7 +98,7 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
 
 def end_to_end(model, batches, device: torch.device, label: str, tokens: int):
     """Bare forward, calibrate diag/obs, then metrics + allocation: wall time, overhead, peak memory."""
-    extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+    extra = forward_kwargs(model)  # the bare forward runs exactly as calibrate's does
 
     def bare():
         with torch.no_grad():

@@ -90,7 +90,6 @@ def radix_select(histogram_pass: HistogramPass, segments: int, device: torch.dev
     above_sum = torch.zeros(segments, 2, dtype=torch.float64, device=device)
     hist_count = torch.empty(segments, 2, BUCKETS, dtype=torch.int64, device=device)
     hist_sum = torch.empty(segments, 2, BUCKETS, dtype=torch.float64, device=device)
-    rows = torch.arange(segments, device=device)
     for number, shift in enumerate(SHIFTS):
         hist_count.zero_()
         hist_sum.zero_()
@@ -105,14 +104,12 @@ def radix_select(histogram_pass: HistogramPass, segments: int, device: torch.dev
         pick_count = _pick(cum_counts[:, 0].double(), (k - above_count[:, 0]).double(), counts[:, 0] > 0)
         pick_sum = _pick(cum_sums[:, 1], goal_sum - above_sum[:, 1], sums[:, 1] > 0)
         picks = torch.stack([pick_count, pick_sum], 1)
-        before = (picks - 1).clamp_min(0)
+        before = (picks - 1).clamp_min(0)[..., None]  # the last bucket wholly above the target
         has_before = picks > 0
-        for target in range(2):
-            index = before[:, target]
-            above_count[:, target] += torch.where(has_before[:, target], cum_counts[rows, target, index], 0)
-            above_sum[:, target] += torch.where(has_before[:, target], cum_sums[rows, target, index], 0.0)
-        final_counts = counts[rows[:, None], torch.arange(2, device=device)[None], picks]
+        above_count += torch.where(has_before, cum_counts.gather(-1, before)[..., 0], 0)
+        above_sum += torch.where(has_before, cum_sums.gather(-1, before)[..., 0], 0.0)
         prefix = prefix * BUCKETS + (BUCKETS - 1 - picks)
+    final_counts = counts.gather(-1, picks[..., None])[..., 0]  # elements equal to each threshold
     threshold = prefix.to(torch.int32).view(torch.float32).double()  # exact values at the two targets
     topk_mean = (above_sum[:, 0] + (k - above_count[:, 0]).double() * threshold[:, 0]) / k.double()
     safe = torch.where(threshold[:, 1] > 0, threshold[:, 1], 1.0)

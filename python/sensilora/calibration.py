@@ -132,7 +132,8 @@ class _Collector:
         )
 
 
-def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+def forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Extra keyword arguments for a statistics-only forward: no KV cache where the model takes one."""
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -191,7 +192,7 @@ def calibrate(
         module.register_forward_pre_hook(lambda _module, args, _name=name: collector.observe(_name, args[0]))
         for name, module in targets.items()
     ]
-    extra = _forward_kwargs(model)
+    extra = forward_kwargs(model)
     device = next(model.parameters()).device
     total = len(batches) if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)) else None
     started = time.perf_counter()
