@@ -93,6 +93,15 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
             if name != "torch" and "topk_mean_and_effective_rank" in ops:
                 seconds = time_it(lambda: ops["topk_mean_and_effective_rank"](values, offsets, None, 0.5, 0.85), device, repeats=1)
                 rows.append({"case": "selection", "backend": name, "columns": d, "values": values.numel(), "seconds": seconds, "vs_sort": sort_s / seconds})
+        weight = torch.randn(values.numel() // d, d, device=device).to(dtype)
+        inverse = torch.rand(d, device=device) + 0.01
+        sort_s = time_it(lambda: reference.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85), device, repeats=1)
+        rows.append({"case": "obs selection (saliency + torch.sort reference)", "backend": "torch", "columns": d, "values": weight.numel(), "seconds": sort_s})
+        for name in names:
+            ops = backend._REGISTRY.backends[name].ops
+            if name != "torch" and "saliency_topk_mean_and_effective_rank" in ops:
+                seconds = time_it(lambda: ops["saliency_topk_mean_and_effective_rank"](weight, inverse, 0.5, 0.85), device, repeats=1)
+                rows.append({"case": "obs selection (fused)", "backend": name, "columns": d, "values": weight.numel(), "seconds": seconds, "vs_sort": sort_s / seconds})
     return rows
 
 

@@ -1,5 +1,5 @@
-// torch bindings of the CUDA kernels: ops sensilora_cuda::column_sumsq_ and
-// sensilora_cuda::radix_histogram_, registered for the CUDA dispatch key.
+// torch bindings of the CUDA kernels: ops sensilora_cuda::column_sumsq_, radix_histogram_ and
+// saliency_histogram_, registered for the CUDA dispatch key.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -8,20 +8,24 @@
 
 namespace {
 
-constexpr int kSelectionBlock = 1024;  // must equal sensilora_kernels.selection.BLOCK
-
 void check_cuda(int status, const char* what) {
   TORCH_CHECK(status == 0, "sensilora_kernels._C: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
 }
 
-int dtype_code(const at::Tensor& x) {
+int dtype_code(const at::Tensor& x, const char* op) {
   switch (x.scalar_type()) {
     case at::kFloat: return SENSILORA_FLOAT32;
     case at::kHalf: return SENSILORA_FLOAT16;
     case at::kBFloat16: return SENSILORA_BFLOAT16;
-    default: TORCH_CHECK(false, "sensilora_kernels._C.column_sumsq_: x must be fp32, fp16 or bf16, got ", x.scalar_type());
+    default: TORCH_CHECK(false, "sensilora_kernels._C.", op, ": expected fp32, fp16 or bf16, got ", x.scalar_type());
   }
   return -1;
+}
+
+void check_histograms(const at::Tensor& hist_count, const at::Tensor& hist_sum, const char* op) {
+  TORCH_CHECK(hist_count.scalar_type() == at::kLong && hist_sum.scalar_type() == at::kDouble &&
+                  hist_count.is_contiguous() && hist_sum.is_contiguous(),
+              op, ": hist_count must be contiguous int64 and hist_sum contiguous fp64");
 }
 
 void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::Tensor>& mask) {
@@ -42,7 +46,7 @@ void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::
   const int64_t column_blocks = (x.size(2) + 127) / 128;
   const int64_t tokens = x.size(0) * x.size(1);
   const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4 * sms / std::max<int64_t>(column_blocks, 1), tokens / 64)));
-  check_cuda(sensilora_column_sumsq(acc.data_ptr<float>(), x.data_ptr(), dtype_code(x), mask_ptr, x.size(0), x.size(1),
+  check_cuda(sensilora_column_sumsq(acc.data_ptr<float>(), x.data_ptr(), dtype_code(x, "column_sumsq_"), mask_ptr, x.size(0), x.size(1),
                                     x.size(2), x.stride(0), x.stride(1), x.stride(2), msb, mst, splits,
                                     c10::cuda::getCurrentCUDAStream()),
              "column_sumsq launch");
@@ -50,18 +54,35 @@ void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::
 
 void radix_histogram_(const at::Tensor& values, const std::optional<at::Tensor>& counts, const at::Tensor& segment,
                       const at::Tensor& start, const at::Tensor& offsets, const at::Tensor& prefix, int64_t shift,
-                      at::Tensor hist_count, at::Tensor hist_sum) {
+                      int64_t block_elems, at::Tensor hist_count, at::Tensor hist_sum) {
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "radix_histogram_: values must be contiguous fp32");
-  TORCH_CHECK(hist_count.scalar_type() == at::kLong && hist_sum.scalar_type() == at::kDouble,
-              "radix_histogram_: hist_count must be int64 and hist_sum fp64");
+  check_histograms(hist_count, hist_sum, "radix_histogram_");
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t* counts_ptr = counts.has_value() ? counts->data_ptr<int64_t>() : nullptr;
   check_cuda(sensilora_radix_histogram(values.data_ptr<float>(), counts_ptr, segment.data_ptr<int64_t>(),
                                        start.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(),
-                                       static_cast<int>(shift), segment.numel(), kSelectionBlock,
+                                       static_cast<int>(shift), segment.numel(), static_cast<int>(block_elems),
                                        reinterpret_cast<unsigned long long*>(hist_count.data_ptr<int64_t>()),
                                        hist_sum.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
              "radix_histogram launch");
+}
+
+void saliency_histogram_(const at::Tensor& weight, const at::Tensor& inverse, const at::Tensor& segment,
+                         const at::Tensor& start, const at::Tensor& offsets, const at::Tensor& prefix, int64_t shift,
+                         int64_t block_elems, at::Tensor hist_count, at::Tensor hist_sum) {
+  TORCH_CHECK(weight.dim() == 2, "saliency_histogram_: weight must be a (d_out, d_in) matrix");
+  TORCH_CHECK(inverse.scalar_type() == at::kFloat && inverse.is_contiguous() && inverse.numel() == weight.size(1),
+              "saliency_histogram_: inverse must be a contiguous fp32 vector of length d_in");
+  check_histograms(hist_count, hist_sum, "saliency_histogram_");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  check_cuda(sensilora_saliency_histogram(weight.data_ptr(), dtype_code(weight, "saliency_histogram_"),
+                                          inverse.data_ptr<float>(), weight.size(1), weight.stride(0), weight.stride(1),
+                                          segment.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
+                                          offsets.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(),
+                                          static_cast<int>(shift), segment.numel(), static_cast<int>(block_elems),
+                                          reinterpret_cast<unsigned long long*>(hist_count.data_ptr<int64_t>()),
+                                          hist_sum.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
+             "saliency_histogram launch");
 }
 
 }  // namespace
@@ -69,12 +90,15 @@ void radix_histogram_(const at::Tensor& values, const std::optional<at::Tensor>&
 TORCH_LIBRARY(sensilora_cuda, m) {
   m.def("column_sumsq_(Tensor(a!) acc, Tensor x, Tensor? mask) -> ()");
   m.def("radix_histogram_(Tensor values, Tensor? counts, Tensor segment, Tensor start, Tensor offsets, "
-        "Tensor prefix, int shift, Tensor(a!) hist_count, Tensor(b!) hist_sum) -> ()");
+        "Tensor prefix, int shift, int block_elems, Tensor(a!) hist_count, Tensor(b!) hist_sum) -> ()");
+  m.def("saliency_histogram_(Tensor weight, Tensor inverse, Tensor segment, Tensor start, Tensor offsets, "
+        "Tensor prefix, int shift, int block_elems, Tensor(a!) hist_count, Tensor(b!) hist_sum) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sensilora_cuda, CUDA, m) {
   m.impl("column_sumsq_", &column_sumsq_);
   m.impl("radix_histogram_", &radix_histogram_);
+  m.impl("saliency_histogram_", &saliency_histogram_);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

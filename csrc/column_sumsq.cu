@@ -1,15 +1,10 @@
 // Per-column sums of squared activations: one thread per column, coalesced across a warp, each block
 // streaming a slice of the tokens; fp32 accumulation, one atomicAdd per column per block.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "dtype.cuh"
+#include "launch.cuh"
 #include "sensilora_kernels.h"
 
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
 __global__ void column_sumsq_kernel(float* acc, const T* x, const uint8_t* mask, int64_t n_tokens, int64_t seq_len,
@@ -39,9 +34,8 @@ int launch(float* acc, const void* x, const uint8_t* mask, int64_t batch, int64_
   const int splits = token_splits < 1 ? 1 : token_splits;
   const int64_t per_block = (n_tokens + splits - 1) / splits;
   const dim3 grid(static_cast<unsigned>((d + threads - 1) / threads), static_cast<unsigned>(splits));
-  column_sumsq_kernel<T><<<grid, threads, 0, stream>>>(acc, static_cast<const T*>(x), mask, n_tokens, seq_len, d,
-                                                       per_block, stride_b, stride_t, stride_d, mask_stride_b,
-                                                       mask_stride_t);
+  SENSILORA_LAUNCH(column_sumsq_kernel<T>, grid, threads, stream, acc, static_cast<const T*>(x), mask, n_tokens,
+                   seq_len, d, per_block, stride_b, stride_t, stride_d, mask_stride_b, mask_stride_t);
   return static_cast<int>(cudaGetLastError());
 }
 

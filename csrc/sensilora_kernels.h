@@ -24,6 +24,14 @@ int sensilora_radix_histogram(const float* values, const int64_t* counts, const 
                               int shift, int64_t num_blocks, int block_elems, unsigned long long* hist_count,
                               double* hist_sum, cudaStream_t stream);
 
+// The same pass over the obs saliencies w_ij^2 / inverse[j] of one (d_out, d_in) weight (dtype code, element
+// strides), element i being (i / d_in, i % d_in); the saliencies are computed on the fly and never stored.
+int sensilora_saliency_histogram(const void* weight, int dtype, const float* inverse, int64_t d_in,
+                                 int64_t stride_row, int64_t stride_col, const int64_t* block_segment,
+                                 const int64_t* block_start, const int64_t* offsets, const int64_t* prefix,
+                                 int shift, int64_t num_blocks, int block_elems, unsigned long long* hist_count,
+                                 double* hist_sum, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

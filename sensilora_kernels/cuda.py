@@ -1,4 +1,4 @@
-"""The CUDA extension backend (``csrc/``): column_sumsq and the radix histogram pass.
+"""The CUDA extension backend (``csrc/``): column_sumsq and the radix histogram passes (flat and fused obs).
 
 The extension ``sensilora_kernels._C`` exists only where ``setup.py`` could build it (CUDA torch and
 nvcc). Without it this module registers nothing and records why in ``IMPORT_ERROR``; forcing
@@ -12,7 +12,7 @@ import torch
 from sensilora.ops.backend import Backend, register_backend
 
 from ._layout import token_view
-from .selection import make_selection
+from .selection import make_saliency_selection, make_selection
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.sensilora_cuda.*)
@@ -27,15 +27,28 @@ def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None 
     torch.ops.sensilora_cuda.column_sumsq_(acc, x3, mask3)
 
 
-def _cuda_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum) -> None:
-    torch.ops.sensilora_cuda.radix_histogram_(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum)
+# Elements a thread block histograms: large enough that zeroing and flushing its 2 x 256 shared
+# buckets is small beside its 32 elements a thread; a reasoned default, not tuned on a GPU.
+CUDA_SELECTION_BLOCK = 8192
+
+
+def _cuda_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
+    torch.ops.sensilora_cuda.radix_histogram_(values, counts, segment, start, offsets, prefix, shift, block, hist_count, hist_sum)
+
+
+def _cuda_saliency_histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
+    torch.ops.sensilora_cuda.saliency_histogram_(weight, inverse, segment, start, offsets, prefix, shift, block, hist_count, hist_sum)
 
 
 if AVAILABLE:
     register_backend(
         Backend(
             "cuda",
-            {"column_sumsq_": column_sumsq_, "topk_mean_and_effective_rank": make_selection(_cuda_histogram)},
+            {
+                "column_sumsq_": column_sumsq_,
+                "topk_mean_and_effective_rank": make_selection(_cuda_histogram, CUDA_SELECTION_BLOCK),
+                "saliency_topk_mean_and_effective_rank": make_saliency_selection(_cuda_saliency_histogram, CUDA_SELECTION_BLOCK),
+            },
             lambda device: device.type == "cuda",
             "CUDA C++ extension (csrc/)",
         )

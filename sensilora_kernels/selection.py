@@ -6,7 +6,9 @@ elements that still match the prefix chosen so far; a cumsum over the 256 bucket
 that holds the target. Target 0 is the k-th largest value (k = ceil(k_frac*m)); target 1 is the value
 at which the descending prefix sum reaches alpha * total. After the fourth pass the threshold ``t``
 is exact, and ``sum(v > t) + (k - count(v > t)) * t`` is the top-k sum, ties included.
-The histogram pass is the backend's (Triton here, CUDA in ``csrc``); this driver is shared.
+The histogram pass is the backend's (Triton here, CUDA in ``csrc``); this driver is shared. Both sum a
+block of elements locally (Triton in registers, CUDA in shared memory) and flush one atomic per
+non-empty bucket.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import triton.language as tl
 
 from sensilora.ops.reference import check_selection_args, topk_count
 
-BLOCK = 1024
+BLOCK = 1024  # elements a program histograms
+CHUNK = 16  # elements a program adds to its histograms at a time: 32 spills registers on sm_90 (4 warps)
 RADIX_BITS = 8
 BUCKETS = 1 << RADIX_BITS
 SHIFTS = (24, 16, 8, 0)
@@ -30,39 +33,62 @@ HistogramPass = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], None]
 
 
 @triton.jit
+def _bucket_totals(in_bucket, match, counts, weighted):
+    """Per-bucket count (int64) and fp64 sum of one chunk's matching elements: (CHUNK, 256) -> (256,) each."""
+    hit = in_bucket & match[:, None]
+    return tl.sum(tl.where(hit, counts[:, None], 0), 0), tl.sum(tl.where(hit, weighted[:, None], 0.0), 0)
+
+
+@triton.jit
 def _radix_histogram_kernel(
     values_ptr, counts_ptr, weight_ptr, inverse_ptr,
     block_segment_ptr, block_start_ptr, offsets_ptr, prefix_ptr, hist_count_ptr, hist_sum_ptr,
     shift, d_in, stride_row, stride_col,
-    HAS_COUNTS: tl.constexpr, SALIENCY: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, SALIENCY: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     segment = tl.load(block_segment_ptr + tl.program_id(0))
     start = tl.load(block_start_ptr + tl.program_id(0))
     end = tl.load(offsets_ptr + segment + 1)
-    index = start + tl.arange(0, BLOCK)
-    ok = index < end
-    if SALIENCY:  # s_ij = w_ij^2 / inverse_j, computed on the fly and never stored
-        row = index // d_in
-        col = index % d_in
-        w = tl.load(weight_ptr + row * stride_row + col * stride_col, mask=ok, other=0.0).to(tl.float32)
-        inverse = tl.load(inverse_ptr + col, mask=ok, other=1.0)
-        values = w * w / inverse
-    else:
-        values = tl.load(values_ptr + index, mask=ok, other=0.0)
-    if HAS_COUNTS:
-        counts = tl.load(counts_ptr + index, mask=ok, other=0)
-    else:
-        counts = tl.full([BLOCK], 1, tl.int64)
-    key = values.to(tl.int32, bitcast=True).to(tl.int64)
-    bucket = (key >> shift) & 255
-    high = key >> (shift + 8)
-    weighted = values.to(tl.float64) * counts.to(tl.float64)
-    for target in tl.static_range(2):
-        prefix = tl.load(prefix_ptr + segment * 2 + target)
-        match = ok & (high == prefix)
-        base = (segment * 2 + target) * 256
-        tl.atomic_add(hist_count_ptr + base + bucket, counts.to(tl.int64), mask=match)
-        tl.atomic_add(hist_sum_ptr + base + bucket, weighted, mask=match)
+    prefix0 = tl.load(prefix_ptr + segment * 2)
+    prefix1 = tl.load(prefix_ptr + segment * 2 + 1)
+    buckets = tl.arange(0, 256)
+    count0 = tl.zeros([256], tl.int64)
+    count1 = tl.zeros([256], tl.int64)
+    sum0 = tl.zeros([256], tl.float64)
+    sum1 = tl.zeros([256], tl.float64)
+    # The block's histograms are summed in registers, a chunk at a time through a (CHUNK, 256) one-hot
+    # tile, and flushed with one atomic per non-empty bucket: clustered exponents put most elements of a
+    # matrix into a few buckets, where per-element global atomics would serialise.
+    for chunk in tl.range(0, tl.minimum(BLOCK, end - start), CHUNK):
+        index = start + chunk + tl.arange(0, CHUNK)
+        ok = index < end
+        if SALIENCY:  # s_ij = w_ij^2 / inverse_j, computed on the fly and never stored
+            row = index // d_in
+            col = index % d_in
+            w = tl.load(weight_ptr + row * stride_row + col * stride_col, mask=ok, other=0.0).to(tl.float32)
+            inverse = tl.load(inverse_ptr + col, mask=ok, other=1.0)
+            values = w * w / inverse
+        else:
+            values = tl.load(values_ptr + index, mask=ok, other=0.0)
+        if HAS_COUNTS:
+            counts = tl.load(counts_ptr + index, mask=ok, other=0)
+        else:
+            counts = tl.full([CHUNK], 1, tl.int64)
+        key = values.to(tl.int32, bitcast=True).to(tl.int64)
+        in_bucket = ((key >> shift) & 255)[:, None] == buckets[None, :]
+        high = key >> (shift + 8)
+        weighted = values.to(tl.float64) * counts.to(tl.float64)
+        chunk_count, chunk_sum = _bucket_totals(in_bucket, ok & (high == prefix0), counts, weighted)
+        count0 += chunk_count
+        sum0 += chunk_sum
+        chunk_count, chunk_sum = _bucket_totals(in_bucket, ok & (high == prefix1), counts, weighted)
+        count1 += chunk_count
+        sum1 += chunk_sum
+    base = segment * 2 * 256 + buckets
+    tl.atomic_add(hist_count_ptr + base, count0, mask=count0 != 0)
+    tl.atomic_add(hist_sum_ptr + base, sum0, mask=count0 != 0)
+    tl.atomic_add(hist_count_ptr + base + 256, count1, mask=count1 != 0)
+    tl.atomic_add(hist_sum_ptr + base + 256, sum1, mask=count1 != 0)
 
 
 def block_table(offsets: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,17 +145,31 @@ def radix_select(histogram_pass: HistogramPass, segments: int, device: torch.dev
     return total, topk_mean, effective
 
 
-def _triton_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum) -> None:
+def _chunk(device: torch.device) -> int:
+    """Elements per loop step: CHUNK on a GPU (registers); the whole block under the CPU interpreter,
+    which pays per loop step (the multi-chunk loop is still tested there with ``chunk=CHUNK``)."""
+    return CHUNK if device.type == "cuda" else BLOCK
+
+
+def _triton_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block, chunk=None) -> None:
     _radix_histogram_kernel[(segment.numel(),)](
         values, counts if counts is not None else values, values, values,
         segment, start, offsets, prefix, hist_count, hist_sum, shift, 1, 0, 0,
-        HAS_COUNTS=counts is not None, SALIENCY=False, BLOCK=BLOCK,
+        HAS_COUNTS=counts is not None, SALIENCY=False, BLOCK=block, CHUNK=min(block, chunk or _chunk(values.device)),
     )
 
 
-def make_selection(histogram: Callable = _triton_histogram):
-    """The selection op over a backend's histogram launcher
-    ``histogram(values, counts|None, block_segment, block_start, offsets, prefix, shift, hist_count, hist_sum)``."""
+def _triton_saliency_histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block, chunk=None) -> None:
+    _radix_histogram_kernel[(segment.numel(),)](
+        inverse, inverse, weight, inverse, segment, start, offsets, prefix, hist_count, hist_sum,
+        shift, weight.shape[1], weight.stride(0), weight.stride(1),
+        HAS_COUNTS=False, SALIENCY=True, BLOCK=block, CHUNK=min(block, chunk or _chunk(weight.device)),
+    )
+
+
+def make_selection(histogram: Callable = _triton_histogram, block: int = BLOCK):
+    """The selection op over a backend's histogram launcher ``histogram(values, counts|None,
+    block_segment, block_start, offsets, prefix, shift, hist_count, hist_sum, block)``."""
 
     def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha=0.85):
         """Same contract as ``sensilora.ops.reference.topk_mean_and_effective_rank``."""
@@ -137,30 +177,36 @@ def make_selection(histogram: Callable = _triton_histogram):
         values = values.float().contiguous()
         offsets = offsets.long().contiguous()
         counts = counts.long().contiguous() if counts is not None else None
-        segment, start = block_table(offsets)
+        segment, start = block_table(offsets, block)
 
         def histogram_pass(prefix, shift, hist_count, hist_sum):
-            histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum)
+            histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block)
 
         return radix_select(histogram_pass, offsets.numel() - 1, values.device, k_frac, alpha)
 
     return topk_mean_and_effective_rank
 
 
+def make_saliency_selection(histogram: Callable = _triton_saliency_histogram, block: int = BLOCK):
+    """The fused obs op over a backend's launcher ``histogram(weight, inverse_diag fp32, block_segment,
+    block_start, offsets, prefix, shift, hist_count, hist_sum, block)`` that computes ``w_ij^2 / inverse_j``
+    on the fly: the saliencies of the matrix are never stored."""
+
+    def saliency_topk_mean_and_effective_rank(weight, inverse_diag, k_frac=0.5, alpha=0.85):
+        """Same contract as ``sensilora.ops.reference.saliency_topk_mean_and_effective_rank``."""
+        d_out, d_in = weight.shape
+        offsets = torch.tensor([0, d_out * d_in], dtype=torch.int64, device=weight.device)
+        check_selection_args(offsets, offsets, None, k_frac, alpha)
+        inverse = inverse_diag.float().contiguous()
+        segment, start = block_table(offsets, block)
+
+        def histogram_pass(prefix, shift, hist_count, hist_sum):
+            histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block)
+
+        return radix_select(histogram_pass, 1, weight.device, k_frac, alpha)
+
+    return saliency_topk_mean_and_effective_rank
+
+
 topk_mean_and_effective_rank = make_selection()
-def saliency_topk_mean_and_effective_rank(weight, inverse_diag, k_frac=0.5, alpha=0.85):
-    """Selection over ``w_ij^2 / inverse_diag_j`` of one (d_out, d_in) matrix, fused: s is never stored."""
-    d_out, d_in = weight.shape
-    offsets = torch.tensor([0, d_out * d_in], dtype=torch.int64, device=weight.device)
-    check_selection_args(offsets, offsets, None, k_frac, alpha)
-    inverse = inverse_diag.float().contiguous()
-    segment, start = block_table(offsets)
-
-    def histogram_pass(prefix, shift, hist_count, hist_sum):
-        _radix_histogram_kernel[(segment.numel(),)](
-            inverse, inverse, weight, inverse, segment, start, offsets, prefix, hist_count, hist_sum,
-            shift, d_in, weight.stride(0), weight.stride(1),
-            HAS_COUNTS=False, SALIENCY=True, BLOCK=BLOCK,
-        )
-
-    return radix_select(histogram_pass, 1, weight.device, k_frac, alpha)
+saliency_topk_mean_and_effective_rank = make_saliency_selection()

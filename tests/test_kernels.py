@@ -1,6 +1,8 @@
 """sensilora_kernels against the torch reference: Triton under TRITON_INTERPRET=1 on the CPU here,
 the same comparisons at real sizes on a GPU (marked ``gpu``)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -8,25 +10,12 @@ pytest.importorskip("triton")
 
 import sensilora_kernels  # noqa: E402  (conftest set TRITON_INTERPRET before this import)
 from conftest import random_batches, tiny_gpt2, tiny_llama  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    DTYPES, SELECTION_CASES, SELECTION_TARGETS, TOLERANCE, make_input, make_mask, selection_case,
+)
 from sensilora import BackendUnavailableError, allocate, calibrate  # noqa: E402
 from sensilora.ops import backend, reference  # noqa: E402
 from sensilora_kernels import column_sumsq, gram, inverse_diagonal, selection  # noqa: E402
-
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-DTYPES = list(TOLERANCE)
-
-
-def make_input(shape, dtype, layout, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    if layout == "contiguous":
-        return torch.randn(shape, generator=generator).to(dtype)
-    if layout == "transposed":  # (B, T, d) whose token axis is not contiguous
-        return torch.randn(shape[0], shape[2], shape[1], generator=generator).to(dtype).transpose(1, 2)
-    return torch.randn(shape[0], shape[1], 2 * shape[2], generator=generator).to(dtype)[..., ::2]  # strided columns
-
-
-def make_mask(shape, seed=1):
-    return torch.rand(shape[:2], generator=torch.Generator().manual_seed(seed)) > 0.35
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,21 +65,8 @@ def test_inverse_diagonal_batched_with_dead_columns_and_escalation():
     assert float(got_damp[2]) > 0.01  # the indefinite one needed more damping
 
 
-def selection_case(lengths, seed, with_counts=True, ties=True):
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.rand(sum(lengths), generator=generator) ** 3
-    if ties:
-        values[: len(values) // 3] = values[0]
-        values[len(values) // 2 : len(values) // 2 + 7] = 0.0
-    counts = torch.randint(1, 9, values.shape, generator=generator) if with_counts else None
-    return values, torch.cumsum(torch.tensor([0] + lengths), 0), counts
-
-
-@pytest.mark.parametrize(
-    "lengths,with_counts,ties",
-    [([1], False, False), ([5000], False, True), ([3, 1, 250, 1100], True, True), ([64] * 5, True, False)],
-)
-@pytest.mark.parametrize("k_frac,alpha", [(0.5, 0.85), (1 / 3, 0.8), (1.0, 1.0)])
+@pytest.mark.parametrize("lengths,with_counts,ties", SELECTION_CASES)
+@pytest.mark.parametrize("k_frac,alpha", SELECTION_TARGETS)
 def test_selection_equals_sorted_reference(lengths, with_counts, ties, k_frac, alpha):
     values, offsets, counts = selection_case(lengths, seed=len(lengths), with_counts=with_counts, ties=ties)
     got = selection.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
@@ -117,6 +93,23 @@ def test_fused_saliency_selection(transposed):
     inverse = torch.rand(19, generator=generator) + 0.05
     got = selection.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
     expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[2], expected[2])
+
+
+def test_selection_in_gpu_sized_chunks():
+    """The GPU's chunk loop (CHUNK elements a step; the interpreter defaults to one step a block)."""
+    values, offsets, counts = selection_case([3, 2500, 1100], seed=5)
+    flat = selection.make_selection(functools.partial(selection._triton_histogram, chunk=selection.CHUNK))
+    got = flat(values, offsets, counts, 0.5, 0.85)
+    expected = reference.topk_mean_and_effective_rank(values, offsets, counts, 0.5, 0.85)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[2], expected[2])
+    weight = torch.randn(40, 30, generator=torch.Generator().manual_seed(6)).T  # non-contiguous
+    inverse = torch.rand(40, generator=torch.Generator().manual_seed(7)) + 0.05
+    fused = selection.make_saliency_selection(functools.partial(selection._triton_saliency_histogram, chunk=selection.CHUNK))
+    got = fused(weight, inverse, 1 / 3, 0.8)
+    expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
     assert torch.equal(got[2], expected[2])
 
@@ -192,9 +185,9 @@ def test_gpu_selection_real_size(cuda_device, name):
     expected = reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-9, atol=0)
     assert torch.equal(got[2].cpu(), expected[2].cpu())
-    if name == "triton":
-        fused = selection.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
-        assert torch.equal(fused[2].cpu(), expected[2].cpu())
+    fused = implementation.ops["saliency_topk_mean_and_effective_rank"](weight, inverse, 0.5, 0.85)
+    torch.testing.assert_close(fused[1], expected[1], rtol=1e-9, atol=0)
+    assert torch.equal(fused[2].cpu(), expected[2].cpu())
 
 
 def test_triton_kernels_compile_for_hopper():

@@ -10,7 +10,7 @@ from triton.compiler import ASTSource
 
 from sensilora_kernels.column_sumsq import _column_sumsq_kernel
 from sensilora_kernels.gram import _gram_kernel
-from sensilora_kernels.selection import BLOCK, _radix_histogram_kernel
+from sensilora_kernels.selection import BLOCK, CHUNK, _radix_histogram_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 TOKENS = {"n_tokens": "i32", "seq_len": "i32", "d": "i32", "tokens_per_program": "i32",
@@ -30,9 +30,10 @@ def cases():
         signature = {"values_ptr": "*fp32", "counts_ptr": "*i64", "weight_ptr": "*bf16", "inverse_ptr": "*fp32",
                      "block_segment_ptr": "*i64", "block_start_ptr": "*i64", "offsets_ptr": "*i64", "prefix_ptr": "*i64",
                      "hist_count_ptr": "*i64", "hist_sum_ptr": "*fp64", "shift": "i32", "d_in": "i64", "stride_row": "i64",
-                     "stride_col": "i64", "HAS_COUNTS": "constexpr", "SALIENCY": "constexpr", "BLOCK": "constexpr"}
+                     "stride_col": "i64", "HAS_COUNTS": "constexpr", "SALIENCY": "constexpr", "BLOCK": "constexpr",
+                     "CHUNK": "constexpr"}
         yield (f"radix_histogram counts={has_counts} saliency={saliency}", _radix_histogram_kernel, signature,
-               {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK})
+               {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK, "CHUNK": CHUNK})
 
 
 def main() -> int:

@@ -1,0 +1,35 @@
+"""Inputs shared by the kernel tests (Triton under the interpreter, csrc under host emulation)."""
+
+import torch
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOLERANCE)
+# (segment lengths, with per-value multiplicities, with ties and zeros) and (k_frac, alpha) for selection
+SELECTION_CASES = [([1], False, False), ([5000], False, True), ([3, 1, 250, 1100], True, True), ([64] * 5, True, False)]
+SELECTION_TARGETS = [(0.5, 0.85), (1 / 3, 0.8), (1.0, 1.0)]
+
+
+def make_input(shape, dtype, layout, seed=0):
+    """A (B, T, d) activation tensor, contiguous or with a non-contiguous token or column axis."""
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        return torch.randn(shape, generator=generator).to(dtype)
+    if layout == "transposed":  # (B, T, d) whose token axis is not contiguous
+        return torch.randn(shape[0], shape[2], shape[1], generator=generator).to(dtype).transpose(1, 2)
+    return torch.randn(shape[0], shape[1], 2 * shape[2], generator=generator).to(dtype)[..., ::2]  # strided columns
+
+
+def make_mask(shape, seed=1):
+    """A (B, T) bool padding mask with about a third of the tokens masked out."""
+    return torch.rand(shape[:2], generator=torch.Generator().manual_seed(seed)) > 0.35
+
+
+def selection_case(lengths, seed, with_counts=True, ties=True):
+    """(values fp32, offsets int64, counts int64 or None) for segments of the given lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(sum(lengths), generator=generator) ** 3
+    if ties:
+        values[: len(values) // 3] = values[0]
+        values[len(values) // 2 : len(values) // 2 + 7] = 0.0
+    counts = torch.randint(1, 9, values.shape, generator=generator) if with_counts else None
+    return values, torch.cumsum(torch.tensor([0] + lengths), 0), counts

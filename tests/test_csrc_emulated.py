@@ -1,0 +1,82 @@
+"""csrc/'s CUDA kernels against the torch reference without a GPU: built with g++ over a host shim that
+runs each CUDA thread on a CPU thread (tests/cuda_emulation/), called as csrc/bindings.cpp calls them.
+This checks the kernels' indexing, strides, masks, dtypes and the selection's exactness; the GPU tests
+in test_kernels.py check the real build."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from cuda_emulation import emulated  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    DTYPES, SELECTION_CASES, SELECTION_TARGETS, TOLERANCE, make_input, make_mask, selection_case,
+)
+from sensilora.ops import reference  # noqa: E402
+from sensilora_kernels.cuda import CUDA_SELECTION_BLOCK  # noqa: E402
+from sensilora_kernels.selection import make_saliency_selection, make_selection  # noqa: E402
+
+BLOCKS = [CUDA_SELECTION_BLOCK, 1000]  # the production block, and one that splits segments
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    try:
+        return emulated.build(tmp_path_factory.mktemp("csrc_emulated"))
+    except RuntimeError as error:
+        if "needs g++" in str(error):
+            pytest.skip(f"csrc host emulation: {error}")
+        raise
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,splits", [((1, 1, 1), 1), ((3, 37, 70), 4), ((2, 5, 130), 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_column_sumsq(library, dtype, shape, splits, layout, masked):
+    x = make_input(shape, dtype, layout)
+    mask = make_mask(shape) if masked else None
+    got, expected = torch.ones(shape[-1]), torch.ones(shape[-1])  # accumulates into what is there
+    emulated.column_sumsq_(library, got, x, mask, splits)
+    reference.column_sumsq_(expected, x, mask)
+    torch.testing.assert_close(got, expected, rtol=TOLERANCE[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("lengths,with_counts,ties", SELECTION_CASES)
+@pytest.mark.parametrize("k_frac,alpha", SELECTION_TARGETS)
+def test_selection_equals_sorted_reference(library, block, lengths, with_counts, ties, k_frac, alpha):
+    values, offsets, counts = selection_case(lengths, seed=len(lengths), with_counts=with_counts, ties=ties)
+    got = make_selection(emulated.radix_histogram(library), block)(values, offsets, counts, k_frac, alpha)
+    expected = reference.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[2], expected[2])
+
+
+def test_selection_all_zeros_and_single_value(library):
+    values, offsets = torch.tensor([0.0, 0.0, 0.0, 2.5]), torch.tensor([0, 3, 4])
+    got = make_selection(emulated.radix_histogram(library), CUDA_SELECTION_BLOCK)(values, offsets, None, 0.5, 0.85)
+    expected = reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85)
+    for g, e in zip(got, expected):
+        assert torch.equal(g.double(), e.double())
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_saliency_selection(library, block, dtype, transposed):
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(61, 47, generator=generator).to(dtype)
+    weight[3, :] = weight[0, :]  # ties
+    weight[:, 5] = 0.0  # zeros
+    if transposed:  # Conv1D stores W transposed: the op receives a non-contiguous view
+        weight = weight.T.contiguous().T
+    inverse = torch.rand(47, generator=generator) + 0.05
+    select = make_saliency_selection(emulated.saliency_histogram(library), block)
+    for k_frac, alpha in SELECTION_TARGETS:
+        got = select(weight, inverse, k_frac, alpha)
+        expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+        assert torch.equal(got[2], expected[2])
