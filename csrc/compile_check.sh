@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Keep csrc/ from rotting on CPU-only machines:
-#  1. compile the CUDA kernels with plain nvcc (no torch headers), for sm_90;
+#  1. compile the CUDA kernels with plain nvcc (no torch headers), for sm_90, any warning (register
+#     spills and local memory included) an error;
 #  2. type-check the torch bindings against the installed torch's headers (g++ -fsyntax-only). A CPU
 #     build of torch lacks one generated CUDA header (c10/cuda/impl/cuda_cmake_macros.h); a stand-in
 #     with its one define is put on the include path for this check only.
@@ -13,7 +14,8 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 for source in "$here"/*.cu; do
-    nvcc -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall -c "$source" -o "$out/$(basename "$source" .cu).o"
+    nvcc -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall -Xptxas --warn-on-spills,--warn-on-local-memory-usage \
+        -Werror all-warnings -c "$source" -o "$out/$(basename "$source" .cu).o"
     echo "nvcc OK: csrc/$(basename "$source")"
 done
 

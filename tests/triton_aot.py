@@ -1,8 +1,13 @@
 """Compile every Triton kernel ahead of time for a Hopper GPU (sm_90) without one: catches what the
-interpreter cannot (types, atomics, tl.dot lowering). Run as a script with TRITON_INTERPRET unset;
-prints one 'OK <case>' line per kernel variant and exits non-zero on the first failure."""
+interpreter cannot (types, atomics, tl.dot lowering) and, through cuobjdump when Triton ships it, register
+spills (a non-zero stack frame). Run as a script with TRITON_INTERPRET unset; prints one 'OK <case>' line
+per kernel variant and exits non-zero on the first failure."""
 
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -36,13 +41,30 @@ def cases():
                {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK, "CHUNK": CHUNK})
 
 
+def resource_usage(cubin: bytes) -> dict[str, int] | None:
+    """{'REG': registers per thread, 'STACK': stack bytes, ...} of a cubin, or None without cuobjdump."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.is_file():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run([str(cuobjdump), "-res-usage", file.name], capture_output=True, text=True).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", listing)} or None
+
+
 def main() -> int:
     for name, kernel, signature, constexprs in cases():
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=TARGET)
         if not compiled.asm.get("cubin"):
             print(f"FAIL {name}: no cubin")
             return 1
-        print(f"OK {name}")
+        usage = resource_usage(compiled.asm["cubin"])
+        if usage is not None and (usage.get("STACK", 0) or usage.get("LOCAL", 0)):
+            print(f"FAIL {name}: spills registers ({usage})")
+            return 1
+        detail = f" ({usage['REG']} registers, no spills)" if usage else ""
+        print(f"OK {name}{detail}")
     return 0
 
 
