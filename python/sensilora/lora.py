@@ -8,6 +8,7 @@ from torch import nn
 
 from .allocation import RankAllocation
 from .errors import SensiloraError
+from .targets import stores_weight_transposed
 
 RESERVED = ("r", "target_modules", "rank_pattern", "alpha_pattern")
 
@@ -74,10 +75,14 @@ def verify_ranks(peft_model: nn.Module, allocation: RankAllocation, adapter_name
 
 
 def get_peft_model(model: nn.Module, allocation: RankAllocation, adapter_name: str = "default", **lora_kwargs):
-    """Wrap ``model`` with LoRA adapters of the allocated ranks and check that peft applied each one."""
+    """Wrap ``model`` with LoRA adapters of the allocated ranks and check that peft applied each one
+    (``fan_in_fan_out`` defaults to True where the targets are transposed ``Conv1D`` layers)."""
     import peft
 
     allocation.check_model(model)
+    modules = dict(model.named_modules())
+    if any(stores_weight_transposed(modules[name]) for name in allocation.ranks):
+        lora_kwargs.setdefault("fan_in_fan_out", True)  # GPT-2 style Conv1D; peft would fix it with a warning
     peft_model = peft.get_peft_model(model, lora_config(allocation, **lora_kwargs), adapter_name=adapter_name)
     verify_ranks(peft_model, allocation, adapter_name)
     return peft_model

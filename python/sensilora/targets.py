@@ -31,6 +31,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[1]), int(weight.shape[0])
 
 
+def stores_weight_transposed(module: nn.Module) -> bool:
+    """True for ``Conv1D`` (W stored as (d_in, d_out)): peft needs ``fan_in_fan_out=True`` for it."""
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (d_out, d_in) (a transposed view for ``Conv1D``), without copying."""
     return module.weight if isinstance(module, nn.Linear) else module.weight.T
