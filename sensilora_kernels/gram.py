@@ -53,6 +53,15 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def launch_config(d: int) -> dict[str, int]:
+    """Tile sizes and launch options for ``d`` columns: 64 x 64 output tiles over 32 tokens a step.
+    Larger tiles (128 x 128, which Triton's Hopper GEMMs use) spill registers on sm_90 here: every
+    element of a loaded tile carries its own 64-bit address (the token mask and any strides allow
+    it); a tensor-descriptor (TMA) load would lift that, and wants a GPU to tune on. The compile test
+    checks that this configuration does not spill."""
+    return {"BLOCK_D": min(64, max(16, triton.next_power_of_2(d))), "BLOCK_T": 32, "num_warps": 4, "num_stages": 3}
+
+
 def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """gram (d, d) fp32 contiguous, in place; x (..., d) bf16/fp16/fp32 (fp32 in IEEE precision, no TF32)."""
     x3, mask3 = token_view(x, mask)
@@ -62,8 +71,8 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
         return
     if not gram.is_contiguous():
         raise ValueError("sensilora_kernels.gram_: the accumulator must be contiguous")
-    block_d = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
-    block_t = 32
+    config = launch_config(d)
+    block_d, block_t = config["BLOCK_D"], config["BLOCK_T"]
     tiles = triton.cdiv(d, block_d)
     tile_rows, tile_cols = _lower_tiles(tiles, x.device)
     per_program, splits = token_partition(x.device, tile_rows.numel(), n_tokens, block_t, 8)
@@ -71,5 +80,5 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
     _gram_kernel[(tile_rows.numel(), splits)](
         gram, x3, mask_arg, tile_rows, tile_cols, n_tokens, seq_len, d, per_program,
         *x3.stride(), mask_stride_b, mask_stride_t,
-        HAS_MASK=mask3 is not None, IEEE=_ieee(x), BLOCK_T=block_t, BLOCK_D=block_d,
+        HAS_MASK=mask3 is not None, IEEE=_ieee(x), **config,
     )

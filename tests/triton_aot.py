@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sensilora_kernels.column_sumsq import _column_sumsq_kernel
-from sensilora_kernels.gram import _gram_kernel
+from sensilora_kernels.gram import _gram_kernel, launch_config
 from sensilora_kernels.selection import BLOCK, CHUNK, _radix_histogram_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -27,10 +27,13 @@ def cases():
         for has_mask in (False, True):
             signature = {"acc_ptr": "*fp32", "x_ptr": f"*{dtype}", "mask_ptr": "*u8", **TOKENS,
                          "HAS_MASK": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-            yield f"column_sumsq {dtype} mask={has_mask}", _column_sumsq_kernel, signature, {"HAS_MASK": has_mask, "BLOCK_T": 32, "BLOCK_D": 128}
+            yield f"column_sumsq {dtype} mask={has_mask}", _column_sumsq_kernel, signature, {"HAS_MASK": has_mask, "BLOCK_T": 32, "BLOCK_D": 128}, {}
             signature = {"gram_ptr": "*fp32", "x_ptr": f"*{dtype}", "mask_ptr": "*u8", "tile_rows_ptr": "*i32", "tile_cols_ptr": "*i32",
                          **TOKENS, "HAS_MASK": "constexpr", "IEEE": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-            yield f"gram {dtype} mask={has_mask}", _gram_kernel, signature, {"HAS_MASK": has_mask, "IEEE": dtype == "fp32", "BLOCK_T": 32, "BLOCK_D": 64}
+            config = launch_config(4096)  # what gram_ launches for LLaMA-sized layers
+            blocks = {key: config[key] for key in ("BLOCK_T", "BLOCK_D")}
+            options = {key: config[key] for key in ("num_warps", "num_stages")}
+            yield f"gram {dtype} mask={has_mask}", _gram_kernel, signature, {"HAS_MASK": has_mask, "IEEE": dtype == "fp32", **blocks}, options
     for has_counts, saliency in ((False, False), (True, False), (False, True)):
         signature = {"values_ptr": "*fp32", "counts_ptr": "*i64", "weight_ptr": "*bf16", "inverse_ptr": "*fp32",
                      "block_segment_ptr": "*i64", "block_start_ptr": "*i64", "offsets_ptr": "*i64", "prefix_ptr": "*i64",
@@ -38,7 +41,7 @@ def cases():
                      "stride_col": "i64", "HAS_COUNTS": "constexpr", "SALIENCY": "constexpr", "BLOCK": "constexpr",
                      "CHUNK": "constexpr"}
         yield (f"radix_histogram counts={has_counts} saliency={saliency}", _radix_histogram_kernel, signature,
-               {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK, "CHUNK": CHUNK})
+               {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK, "CHUNK": CHUNK}, {})
 
 
 def resource_usage(cubin: bytes) -> dict[str, int] | None:
@@ -54,8 +57,8 @@ def resource_usage(cubin: bytes) -> dict[str, int] | None:
 
 
 def main() -> int:
-    for name, kernel, signature, constexprs in cases():
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=TARGET)
+    for name, kernel, signature, constexprs, options in cases():
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=TARGET, options=options)
         if not compiled.asm.get("cubin"):
             print(f"FAIL {name}: no cubin")
             return 1
