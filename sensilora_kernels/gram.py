@@ -53,12 +53,15 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launch_config(d: int) -> dict[str, int]:
-    """Tile sizes and launch options for ``d`` columns: 64 x 64 output tiles over 32 tokens a step.
-    Larger tiles (128 x 128, which Triton's Hopper GEMMs use) spill registers on sm_90 here: every
-    element of a loaded tile carries its own 64-bit address (the token mask and any strides allow
-    it); a tensor-descriptor (TMA) load would lift that, and wants a GPU to tune on. The compile test
-    checks that this configuration does not spill."""
+def launch_config(d: int, ieee: bool, unit_column_stride: bool) -> dict[str, int]:
+    """Tile sizes and launch options. Wide layers whose columns are contiguous (Triton then specialises
+    the column stride to 1 and vectorises the loads) take 128 x 128 output tiles, 8 warps, 3 stages
+    (the shape of Triton's Hopper GEMM configurations), over 64 tokens a step for half inputs and 32 for
+    exact fp32 products (FMA, more registers). Others take 64 x 64 tiles over 32 tokens: with a runtime
+    column stride every element carries its own 64-bit address and larger tiles spill on sm_90. Chosen
+    without a GPU to tune on; the compile test checks that neither spills registers."""
+    if d >= 128 and unit_column_stride:
+        return {"BLOCK_D": 128, "BLOCK_T": 32 if ieee else 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_D": min(64, max(16, triton.next_power_of_2(d))), "BLOCK_T": 32, "num_warps": 4, "num_stages": 3}
 
 
@@ -71,7 +74,8 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
         return
     if not gram.is_contiguous():
         raise ValueError("sensilora_kernels.gram_: the accumulator must be contiguous")
-    config = launch_config(d)
+    ieee = _ieee(x)
+    config = launch_config(d, ieee, x3.stride(2) == 1)
     block_d, block_t = config["BLOCK_D"], config["BLOCK_T"]
     tiles = triton.cdiv(d, block_d)
     tile_rows, tile_cols = _lower_tiles(tiles, x.device)
@@ -80,5 +84,5 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
     _gram_kernel[(tile_rows.numel(), splits)](
         gram, x3, mask_arg, tile_rows, tile_cols, n_tokens, seq_len, d, per_program,
         *x3.stride(), mask_stride_b, mask_stride_t,
-        HAS_MASK=mask3 is not None, IEEE=_ieee(x), **config,
+        HAS_MASK=mask3 is not None, IEEE=ieee, **config,
     )
