@@ -45,17 +45,8 @@ extern "C" int sensilora_column_sumsq(float* acc, const void* x, int dtype, cons
                                       int64_t seq_len, int64_t d, int64_t stride_b, int64_t stride_t,
                                       int64_t stride_d, int64_t mask_stride_b, int64_t mask_stride_t,
                                       int token_splits, cudaStream_t stream) {
-  switch (dtype) {
-    case SENSILORA_FLOAT32:
-      return launch<float>(acc, x, mask, batch, seq_len, d, stride_b, stride_t, stride_d, mask_stride_b,
-                           mask_stride_t, token_splits, stream);
-    case SENSILORA_FLOAT16:
-      return launch<__half>(acc, x, mask, batch, seq_len, d, stride_b, stride_t, stride_d, mask_stride_b,
-                            mask_stride_t, token_splits, stream);
-    case SENSILORA_BFLOAT16:
-      return launch<__nv_bfloat16>(acc, x, mask, batch, seq_len, d, stride_b, stride_t, stride_d, mask_stride_b,
-                                   mask_stride_t, token_splits, stream);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return launch<typename decltype(tag)::type>(acc, x, mask, batch, seq_len, d, stride_b, stride_t, stride_d,
+                                                mask_stride_b, mask_stride_t, token_splits, stream);
+  });
 }

@@ -86,16 +86,6 @@ int launch(Source source, const int64_t* block_segment, const int64_t* block_sta
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T>
-int launch_saliency(const void* weight, const float* inverse, int64_t d_in, int64_t stride_row, int64_t stride_col,
-                    const int64_t* block_segment, const int64_t* block_start, const int64_t* offsets,
-                    const int64_t* prefix, int shift, int64_t num_blocks, int block_elems,
-                    unsigned long long* hist_count, double* hist_sum, cudaStream_t stream) {
-  const Saliencies<T> source{static_cast<const T*>(weight), inverse, d_in, stride_row, stride_col};
-  return launch(source, block_segment, block_start, offsets, prefix, shift, num_blocks, block_elems, hist_count,
-                hist_sum, stream);
-}
-
 }  // namespace
 
 extern "C" int sensilora_radix_histogram(const float* values, const int64_t* counts, const int64_t* block_segment,
@@ -111,18 +101,10 @@ extern "C" int sensilora_saliency_histogram(const void* weight, int dtype, const
                                             const int64_t* block_start, const int64_t* offsets, const int64_t* prefix,
                                             int shift, int64_t num_blocks, int block_elems,
                                             unsigned long long* hist_count, double* hist_sum, cudaStream_t stream) {
-  switch (dtype) {
-    case SENSILORA_FLOAT32:
-      return launch_saliency<float>(weight, inverse, d_in, stride_row, stride_col, block_segment, block_start,
-                                    offsets, prefix, shift, num_blocks, block_elems, hist_count, hist_sum, stream);
-    case SENSILORA_FLOAT16:
-      return launch_saliency<__half>(weight, inverse, d_in, stride_row, stride_col, block_segment, block_start,
-                                     offsets, prefix, shift, num_blocks, block_elems, hist_count, hist_sum, stream);
-    case SENSILORA_BFLOAT16:
-      return launch_saliency<__nv_bfloat16>(weight, inverse, d_in, stride_row, stride_col, block_segment,
-                                            block_start, offsets, prefix, shift, num_blocks, block_elems,
-                                            hist_count, hist_sum, stream);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const Saliencies<T> source{static_cast<const T*>(weight), inverse, d_in, stride_row, stride_col};
+    return launch(source, block_segment, block_start, offsets, prefix, shift, num_blocks, block_elems, hist_count,
+                  hist_sum, stream);
+  });
 }
