@@ -20,7 +20,7 @@ _BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    return isinstance(module, nn.Linear) or stores_weight_transposed(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
