@@ -86,22 +86,21 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
                 rows.append({"case": "inverse_diagonal", "backend": name, "columns": d, "seconds": seconds})
         values = torch.rand(d * 4096 if device.type == "cuda" else d * 256, device=device)
         offsets = torch.tensor([0, values.numel()], device=device)
-        sort_s = time_it(lambda: reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85), device, repeats=1)
-        rows.append({"case": "selection (torch.sort reference)", "backend": "torch", "columns": d, "values": values.numel(), "seconds": sort_s})
-        for name in names:
-            ops = backend._REGISTRY.backends[name].ops
-            if name != "torch" and "topk_mean_and_effective_rank" in ops:
-                seconds = time_it(lambda: ops["topk_mean_and_effective_rank"](values, offsets, None, 0.5, 0.85), device, repeats=1)
-                rows.append({"case": "selection", "backend": name, "columns": d, "values": values.numel(), "seconds": seconds, "vs_sort": sort_s / seconds})
         weight = torch.randn(values.numel() // d, d, device=device).to(dtype)
         inverse = torch.rand(d, device=device) + 0.01
-        sort_s = time_it(lambda: reference.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85), device, repeats=1)
-        rows.append({"case": "obs selection (saliency + torch.sort reference)", "backend": "torch", "columns": d, "values": weight.numel(), "seconds": sort_s})
-        for name in names:
-            ops = backend._REGISTRY.backends[name].ops
-            if name != "torch" and "saliency_topk_mean_and_effective_rank" in ops:
-                seconds = time_it(lambda: ops["saliency_topk_mean_and_effective_rank"](weight, inverse, 0.5, 0.85), device, repeats=1)
-                rows.append({"case": "obs selection (fused)", "backend": name, "columns": d, "values": weight.numel(), "seconds": seconds, "vs_sort": sort_s / seconds})
+        selections = (  # (case, its torch.sort reference's case, op, arguments)
+            ("selection", "selection (torch.sort reference)", "topk_mean_and_effective_rank", (values, offsets, None, 0.5, 0.85)),
+            ("obs selection (fused)", "obs selection (saliency + torch.sort reference)", "saliency_topk_mean_and_effective_rank",
+             (weight, inverse, 0.5, 0.85)),
+        )
+        for case, reference_case, op, args in selections:
+            sort_s = time_it(lambda: getattr(reference, op)(*args), device, repeats=1)
+            rows.append({"case": reference_case, "backend": "torch", "columns": d, "values": values.numel(), "seconds": sort_s})
+            for name in names:
+                ops = backend._REGISTRY.backends[name].ops
+                if name != "torch" and op in ops:
+                    seconds = time_it(lambda: ops[op](*args), device, repeats=1)
+                    rows.append({"case": case, "backend": name, "columns": d, "values": values.numel(), "seconds": seconds, "vs_sort": sort_s / seconds})
     return rows
 
 
