@@ -33,3 +33,11 @@ def selection_case(lengths, seed, with_counts=True, ties=True):
         values[len(values) // 2 : len(values) // 2 + 7] = 0.0
     counts = torch.randint(1, 9, values.shape, generator=generator) if with_counts else None
     return values, torch.cumsum(torch.tensor([0] + lengths), 0), counts
+
+
+def assert_same_selection(got, expected):
+    """(total, top-k mean, effective rank) of a selection kernel against the sorted reference: the fp64
+    sums to 1e-12, the ranks exactly."""
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[2], expected[2])

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from cuda_emulation import emulated  # noqa: E402
 from kernel_cases import (  # noqa: E402
-    DTYPES, SELECTION_CASES, SELECTION_TARGETS, TOLERANCE, make_input, make_mask, selection_case,
+    DTYPES, SELECTION_CASES, SELECTION_TARGETS, TOLERANCE, assert_same_selection, make_input, make_mask, selection_case,
 )
 from sensilora.ops import reference  # noqa: E402
 from sensilora_kernels.cuda import CUDA_SELECTION_BLOCK  # noqa: E402
@@ -49,9 +49,7 @@ def test_selection_equals_sorted_reference(library, block, lengths, with_counts,
     values, offsets, counts = selection_case(lengths, seed=len(lengths), with_counts=with_counts, ties=ties)
     got = make_selection(emulated.radix_histogram(library), block)(values, offsets, counts, k_frac, alpha)
     expected = reference.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
-    assert torch.equal(got[2], expected[2])
+    assert_same_selection(got, expected)
 
 
 def test_selection_all_zeros_and_single_value(library):
@@ -77,6 +75,4 @@ def test_fused_saliency_selection(library, block, dtype, transposed):
     for k_frac, alpha in SELECTION_TARGETS:
         got = select(weight, inverse, k_frac, alpha)
         expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
-        torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
-        torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
-        assert torch.equal(got[2], expected[2])
+        assert_same_selection(got, expected)

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 import sensilora_kernels  # noqa: E402  (conftest set TRITON_INTERPRET before this import)
 from conftest import random_batches, tiny_gpt2, tiny_llama  # noqa: E402
 from kernel_cases import (  # noqa: E402
-    DTYPES, SELECTION_CASES, SELECTION_TARGETS, TOLERANCE, make_input, make_mask, selection_case,
+    DTYPES, SELECTION_CASES, SELECTION_TARGETS, TOLERANCE, assert_same_selection, make_input, make_mask, selection_case,
 )
 from sensilora import BackendUnavailableError, allocate, calibrate  # noqa: E402
 from sensilora.ops import backend, reference  # noqa: E402
@@ -73,9 +73,7 @@ def test_selection_equals_sorted_reference(lengths, with_counts, ties, k_frac, a
     values, offsets, counts = selection_case(lengths, seed=len(lengths), with_counts=with_counts, ties=ties)
     got = selection.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
     expected = reference.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
-    assert torch.equal(got[2], expected[2])
+    assert_same_selection(got, expected)
 
 
 def test_selection_all_zeros_and_single_value():
@@ -95,8 +93,7 @@ def test_fused_saliency_selection(transposed):
     inverse = torch.rand(19, generator=generator) + 0.05
     got = selection.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
     expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
-    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
-    assert torch.equal(got[2], expected[2])
+    assert_same_selection(got, expected)
 
 
 def test_selection_in_gpu_sized_chunks():
@@ -105,15 +102,13 @@ def test_selection_in_gpu_sized_chunks():
     flat = selection.make_selection(functools.partial(selection._triton_histogram, chunk=selection.CHUNK))
     got = flat(values, offsets, counts, 0.5, 0.85)
     expected = reference.topk_mean_and_effective_rank(values, offsets, counts, 0.5, 0.85)
-    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
-    assert torch.equal(got[2], expected[2])
+    assert_same_selection(got, expected)
     weight = torch.randn(40, 30, generator=torch.Generator().manual_seed(6)).T  # non-contiguous
     inverse = torch.rand(40, generator=torch.Generator().manual_seed(7)) + 0.05
     fused = selection.make_saliency_selection(functools.partial(selection._triton_saliency_histogram, chunk=selection.CHUNK))
     got = fused(weight, inverse, 1 / 3, 0.8)
     expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8)
-    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=0)
-    assert torch.equal(got[2], expected[2])
+    assert_same_selection(got, expected)
 
 
 def test_backend_choice(monkeypatch):
