@@ -43,11 +43,17 @@ def token_partition(device: torch.device, programs_per_split: int, n_tokens: int
     return per_program, triton.cdiv(n_tokens, per_program)
 
 
-def mask_arguments(x3: torch.Tensor, mask3: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
-    """(pointer argument, stride_b, stride_t) for the kernels' optional mask (x3 stands in when absent)."""
-    if mask3 is None:
-        return x3, 0, 0
-    return mask3, mask3.stride(0), mask3.stride(1)
+def mask_pointer(x3: torch.Tensor, mask3: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' optional mask pointer argument (x3 stands in when there is no mask; HAS_MASK says which)."""
+    return x3 if mask3 is None else mask3
+
+
+def token_arguments(x3: torch.Tensor, mask3: torch.Tensor | None, tokens_per_program: int) -> tuple[int, ...]:
+    """The scalar arguments every token-streaming kernel takes, in order: n_tokens, seq_len, d,
+    tokens_per_program, x3's three strides, the mask's two strides (0 without a mask)."""
+    batch, seq_len, d = x3.shape
+    mask_strides = (0, 0) if mask3 is None else mask3.stride()
+    return (batch * seq_len, seq_len, d, tokens_per_program, *x3.stride(), *mask_strides)
 
 
 @triton.jit

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import mask_arguments, token_partition, token_rows, token_view
+from ._layout import mask_pointer, token_arguments, token_partition, token_rows, token_view
 
 
 @triton.jit
@@ -34,17 +34,14 @@ def _column_sumsq_kernel(
 def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """acc (d,) fp32 in place; x (..., d) bf16/fp16/fp32 with any strides; mask x.shape[:-1] or None."""
     x3, mask3 = token_view(x, mask)
-    batch, seq_len, d = x3.shape
-    n_tokens = batch * seq_len
+    n_tokens, d = x3.shape[0] * x3.shape[1], x3.shape[2]
     if n_tokens == 0:
         return
     block_d = min(128, triton.next_power_of_2(d))
     block_t = 32
     column_blocks = triton.cdiv(d, block_d)
     per_program, splits = token_partition(x.device, column_blocks, n_tokens, block_t, 4)
-    mask_arg, mask_stride_b, mask_stride_t = mask_arguments(x3, mask3)
     _column_sumsq_kernel[(column_blocks, splits)](
-        acc, x3, mask_arg, n_tokens, seq_len, d, per_program,
-        *x3.stride(), mask_stride_b, mask_stride_t,
+        acc, x3, mask_pointer(x3, mask3), *token_arguments(x3, mask3, per_program),
         HAS_MASK=mask3 is not None, BLOCK_T=block_t, BLOCK_D=block_d,
     )

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import mask_arguments, token_partition, token_rows, token_view
+from ._layout import mask_pointer, token_arguments, token_partition, token_rows, token_view
 
 
 @triton.jit
@@ -68,8 +68,7 @@ def launch_config(d: int, ieee: bool, unit_column_stride: bool) -> dict[str, int
 def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """gram (d, d) fp32 contiguous, in place; x (..., d) bf16/fp16/fp32 (fp32 in IEEE precision, no TF32)."""
     x3, mask3 = token_view(x, mask)
-    batch, seq_len, d = x3.shape
-    n_tokens = batch * seq_len
+    n_tokens, d = x3.shape[0] * x3.shape[1], x3.shape[2]
     if n_tokens == 0:
         return
     if not gram.is_contiguous():
@@ -80,9 +79,7 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
     tiles = triton.cdiv(d, block_d)
     tile_rows, tile_cols = _lower_tiles(tiles, x.device)
     per_program, splits = token_partition(x.device, tile_rows.numel(), n_tokens, block_t, 8)
-    mask_arg, mask_stride_b, mask_stride_t = mask_arguments(x3, mask3)
     _gram_kernel[(tile_rows.numel(), splits)](
-        gram, x3, mask_arg, tile_rows, tile_cols, n_tokens, seq_len, d, per_program,
-        *x3.stride(), mask_stride_b, mask_stride_t,
+        gram, x3, mask_pointer(x3, mask3), tile_rows, tile_cols, *token_arguments(x3, mask3, per_program),
         HAS_MASK=mask3 is not None, IEEE=ieee, **config,
     )
