@@ -50,6 +50,7 @@ ext_modules, cmdclass = cuda_build()
 setup(
     packages=["sensilora", "sensilora.ops", "sensilora_kernels"],
     package_dir={"sensilora": "python/sensilora", "sensilora_kernels": "sensilora_kernels"},
+    package_data={"sensilora": ["METHOD.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

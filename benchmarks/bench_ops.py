@@ -1,18 +1,11 @@
 """pytest-benchmark suite at CPU scale (CI runs it with --benchmark-disable so that it never rots)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from sensilora import allocate, calibrate, ops
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-
-from cases import naive_hessian_diagonal  # noqa: E402
-from conftest import random_batches, tiny_llama  # noqa: E402
-
-from sensilora import allocate, calibrate, ops  # noqa: E402
+from benchmarks.cases import naive_hessian_diagonal
+from tests.models import random_batches, tiny_llama
 
 
 @pytest.fixture(scope="module")

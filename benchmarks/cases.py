@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 import torch
-
 from sensilora import allocate, calibrate
 from sensilora.calibration import forward_kwargs
-from sensilora.ops import backend, reference
+from sensilora.ops import OPS, reference
 
-from common import synchronize, time_it
+from benchmarks.common import synchronize, time_it
 
 
 def naive_hessian_diagonal(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +24,9 @@ def naive_hessian_diagonal(x: torch.Tensor) -> torch.Tensor:
     return hessian.diagonal()
 
 
-def naive_vs_sensilora(device: torch.device, columns=(256, 512, 1024, 2048, 4096), tokens: int = 2048, give_up_s: float = 60.0):
+def naive_vs_sensilora(
+    device: torch.device, columns=(256, 512, 1024, 2048, 4096), tokens: int = 2048, give_up_s: float = 60.0
+):
     rows, naive_allowed = [], True
     for d in columns:
         x = torch.randn(tokens, d, device=device, generator=None)
@@ -43,8 +44,11 @@ def naive_vs_sensilora(device: torch.device, columns=(256, 512, 1024, 2048, 4096
             synchronize(device)
             naive_s = time.perf_counter() - start
             ours_value = 2.0 / tokens * acc
-            row.update(naive_s=naive_s, speedup=naive_s / ours_s,
-                       max_rel_error=float(((naive - ours_value).abs() / ours_value.abs().clamp_min(1e-30)).max()))
+            row.update(
+                naive_s=naive_s,
+                speedup=naive_s / ours_s,
+                max_rel_error=float(((naive - ours_value).abs() / ours_value.abs().clamp_min(1e-30)).max()),
+            )
             naive_allowed = naive_s < give_up_s / 4  # the next size costs about 4x
         else:
             row.update(naive_s=None, speedup=None, max_rel_error=None, note="naive skipped: previous size too slow")
@@ -55,7 +59,12 @@ def naive_vs_sensilora(device: torch.device, columns=(256, 512, 1024, 2048, 4096
 def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int = 2048, dtype=torch.bfloat16):
     """Every op on every backend that can run on ``device``; GB/s and TFLOP/s beside torch baselines."""
     rows = []
-    names = [n for n, b in backend._REGISTRY.backends.items() if b.supports_device(device)] if device.type == "cuda" else ["torch"]
+    kernels = {"torch": {spec.name: spec.reference for spec in OPS}}
+    if device.type == "cuda":
+        from sensilora_kernels.registry import available_kernels
+
+        kernels.update(available_kernels()[0])
+    names = list(kernels)
     for d in columns:
         x = torch.randn(batch, seq, d, device=device).to(dtype)
         copy_s = time_it(lambda: x.clone(), device)
@@ -65,20 +74,38 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
         gram_ref = torch.zeros(d, d, device=device, dtype=torch.float32 if dtype == torch.float32 else dtype)
         addmm_s = time_it(lambda: torch.addmm(gram_ref, flat.T, flat), device)
         addmm_tflops = 2 * flat.shape[0] * d * d / addmm_s / 1e12
-        rows.append({"case": "torch.addmm", "backend": "torch", "columns": d, "seconds": addmm_s, "TFLOP/s": addmm_tflops})
+        rows.append(
+            {"case": "torch.addmm", "backend": "torch", "columns": d, "seconds": addmm_s, "TFLOP/s": addmm_tflops}
+        )
         for name in names:
-            ops = backend._REGISTRY.backends[name].ops
+            ops = kernels[name]
             if "column_sumsq_" in ops:
                 acc = torch.zeros(d, device=device)
                 seconds = time_it(lambda: ops["column_sumsq_"](acc, x, None), device)
                 gbs = x.numel() * x.element_size() / seconds / 1e9
-                rows.append({"case": "column_sumsq", "backend": name, "columns": d, "seconds": seconds, "GB/s": gbs,
-                             "fraction_of_copy": gbs / copy_gbs})
+                rows.append(
+                    {
+                        "case": "column_sumsq",
+                        "backend": name,
+                        "columns": d,
+                        "seconds": seconds,
+                        "GB/s": gbs,
+                        "fraction_of_copy": gbs / copy_gbs,
+                    }
+                )
             if "gram_" in ops:
                 gram = torch.zeros(d, d, device=device)
                 seconds = time_it(lambda: ops["gram_"](gram, x, None), device, repeats=1)
-                rows.append({"case": "gram", "backend": name, "columns": d, "seconds": seconds,
-                             "TFLOP/s": 2 * flat.shape[0] * d * d / seconds / 1e12, "vs_addmm": addmm_s / seconds})
+                rows.append(
+                    {
+                        "case": "gram",
+                        "backend": name,
+                        "columns": d,
+                        "seconds": seconds,
+                        "TFLOP/s": 2 * flat.shape[0] * d * d / seconds / 1e12,
+                        "vs_addmm": addmm_s / seconds,
+                    }
+                )
             if "inverse_diagonal" in ops and d <= 4096:
                 a = torch.randn(2 * d, d, device=device)
                 hessian = (a.T @ a / (2 * d))[None]
@@ -89,18 +116,38 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
         weight = torch.randn(values.numel() // d, d, device=device).to(dtype)
         inverse = torch.rand(d, device=device) + 0.01
         selections = (  # (case, its torch.sort reference's case, op, arguments)
-            ("selection", "selection (torch.sort reference)", "topk_mean_and_effective_rank", (values, offsets, None, 0.5, 0.85)),
-            ("obs selection (fused)", "obs selection (saliency + torch.sort reference)", "saliency_topk_mean_and_effective_rank",
-             (weight, inverse, 0.5, 0.85)),
+            (
+                "selection",
+                "selection (torch.sort reference)",
+                "topk_mean_and_effective_rank",
+                (values, offsets, None, 0.5, 0.85),
+            ),
+            (
+                "obs selection (fused)",
+                "obs selection (saliency + torch.sort reference)",
+                "saliency_topk_mean_and_effective_rank",
+                (weight, inverse, 0.5, 0.85),
+            ),
         )
         for case, reference_case, op, args in selections:
             sort_s = time_it(lambda: getattr(reference, op)(*args), device, repeats=1)
-            rows.append({"case": reference_case, "backend": "torch", "columns": d, "values": values.numel(), "seconds": sort_s})
+            rows.append(
+                {"case": reference_case, "backend": "torch", "columns": d, "values": values.numel(), "seconds": sort_s}
+            )
             for name in names:
-                ops = backend._REGISTRY.backends[name].ops
+                ops = kernels[name]
                 if name != "torch" and op in ops:
                     seconds = time_it(lambda: ops[op](*args), device, repeats=1)
-                    rows.append({"case": case, "backend": name, "columns": d, "values": values.numel(), "seconds": seconds, "vs_sort": sort_s / seconds})
+                    rows.append(
+                        {
+                            "case": case,
+                            "backend": name,
+                            "columns": d,
+                            "values": values.numel(),
+                            "seconds": seconds,
+                            "vs_sort": sort_s / seconds,
+                        }
+                    )
     return rows
 
 
@@ -121,14 +168,42 @@ def end_to_end(model, batches, device: torch.device, label: str, tokens: int):
 
     bare()  # warm-up
     bare_s, bare_mem = peak(bare)
-    rows = [{"case": "end_to_end", "model": label, "tokens": tokens, "stage": "bare forward", "seconds": bare_s,
-             "tokens/s": tokens / bare_s, "overhead": 0.0, "peak_GiB": bare_mem}]
+    rows = [
+        {
+            "case": "end_to_end",
+            "model": label,
+            "tokens": tokens,
+            "stage": "bare forward",
+            "seconds": bare_s,
+            "tokens/s": tokens / bare_s,
+            "overhead": 0.0,
+            "peak_GiB": bare_mem,
+        }
+    ]
     for mode in ("diag", "obs"):
         holder = {}
         seconds, memory = peak(lambda: holder.setdefault("stats", calibrate(model, batches, mode=mode, progress=False)))
-        rows.append({"case": "end_to_end", "model": label, "tokens": tokens, "stage": f"calibrate {mode}", "seconds": seconds,
-                     "tokens/s": tokens / seconds, "overhead": seconds / bare_s - 1, "peak_GiB": memory})
+        rows.append(
+            {
+                "case": "end_to_end",
+                "model": label,
+                "tokens": tokens,
+                "stage": f"calibrate {mode}",
+                "seconds": seconds,
+                "tokens/s": tokens / seconds,
+                "overhead": seconds / bare_s - 1,
+                "peak_GiB": memory,
+            }
+        )
         stats = holder["stats"]
         seconds = time_it(lambda: allocate(stats, avg_rank=8, model=model), device, repeats=1, warmup=0)
-        rows.append({"case": "end_to_end", "model": label, "tokens": tokens, "stage": f"metrics+allocation {mode}", "seconds": seconds})
+        rows.append(
+            {
+                "case": "end_to_end",
+                "model": label,
+                "tokens": tokens,
+                "stage": f"metrics+allocation {mode}",
+                "seconds": seconds,
+            }
+        )
     return rows

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 from sensilora.io import write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,7 +39,9 @@ def time_it(fn: Callable[[], object], device: torch.device, repeats: int = 3, wa
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     try:
@@ -49,10 +50,17 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     return {
-        "device": name, "torch": torch.__version__, "triton": triton_version,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit,
     }
 
 

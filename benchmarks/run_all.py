@@ -1,7 +1,7 @@
 """Run every benchmark that this machine can run; write benchmarks/results/<device>.{json,csv} and a plot.
 
-    python benchmarks/run_all.py            # CPU scale here (a few minutes on 2 cores); GPU scale on CUDA
-    python benchmarks/run_all.py --quick    # smaller sizes, for a smoke run
+python -m benchmarks.run_all            # CPU scale here (a few minutes on 2 cores); GPU scale on CUDA
+python -m benchmarks.run_all --quick    # smaller sizes, for a smoke run
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
+from sensilora.io import write_with_atomic
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from cases import end_to_end, naive_vs_sensilora, per_op  # noqa: E402
-from common import RESULTS, environment, markdown_table, write_results  # noqa: E402
-
-from sensilora.io import write_with_atomic  # noqa: E402
+from benchmarks.cases import end_to_end, naive_vs_sensilora, per_op
+from benchmarks.common import RESULTS, environment, markdown_table, write_results
 
 
 def smollm2_batches(tokenizer, sequences: int, seq_len: int):
@@ -31,8 +28,14 @@ def llama8b(device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(  # LLaMA-3.1-8B's shape, random weights: timing only
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
     )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -76,9 +79,12 @@ def main(argv=None) -> int:
         rows += naive_vs_sensilora(device)
         rows += per_op(device)
         model = llama8b(device)
-        for sequences in ((32,) if args.quick else (32, 128)):
+        for sequences in (32,) if args.quick else (32, 128):
             ids = torch.randint(0, 128256, (sequences, 2048), device=device)
-            batches = [{"input_ids": ids[i : i + 8], "attention_mask": torch.ones_like(ids[i : i + 8])} for i in range(0, sequences, 8)]
+            batches = [
+                {"input_ids": ids[i : i + 8], "attention_mask": torch.ones_like(ids[i : i + 8])}
+                for i in range(0, sequences, 8)
+            ]
             rows += end_to_end(model, batches, device, "LLaMA-3.1-8B shape (random bf16)", sequences * 2048)
     else:
         columns = (256, 512, 1024) if args.quick else (256, 512, 1024, 2048, 4096)
@@ -88,7 +94,13 @@ def main(argv=None) -> int:
 
         model, tokenizer, _ = load_model()
         for sequences, seq_len in ((2, 256), (4, 256)) if args.quick else ((2, 256), (4, 256), (8, 256), (16, 256)):
-            rows += end_to_end(model, smollm2_batches(tokenizer, sequences, seq_len), device, "SmolLM2-135M (fp32)", sequences * seq_len)
+            rows += end_to_end(
+                model,
+                smollm2_batches(tokenizer, sequences, seq_len),
+                device,
+                "SmolLM2-135M (fp32)",
+                sequences * seq_len,
+            )
     stem = "cpu" if device.type == "cpu" else re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
     json_path, csv_path = write_results(stem, env, rows)
     overhead_plot(rows, RESULTS / f"{stem}_overhead.png", env["device"])

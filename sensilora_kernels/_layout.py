@@ -1,30 +1,10 @@
-"""Shared launch helpers: token-major 3-D views without copies, program counts per device."""
+"""Shared Triton launch helpers: program counts per device, the token-streaming kernels' arguments."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-
-def token_view(x: torch.Tensor, mask: torch.Tensor | None):
-    """(..., d) -> a (B, T, d) view of x (no copy when the strides allow it) and a (B, T) uint8 mask or None."""
-    if x.dim() == 1:
-        x3 = x[None, None]
-    elif x.dim() == 2:
-        x3 = x[None]
-    elif x.dim() == 3:
-        x3 = x
-    else:
-        try:
-            x3 = x.view(-1, x.shape[-2], x.shape[-1])
-        except RuntimeError:  # leading dims that cannot be merged without a copy
-            x3 = x.reshape(-1, x.shape[-2], x.shape[-1])
-    mask3 = None
-    if mask is not None:
-        mask3 = mask.reshape(x3.shape[:2])
-        mask3 = mask3.view(torch.uint8) if mask3.dtype == torch.bool else (mask3 != 0).to(torch.uint8)
-    return x3, mask3
 
 
 def token_splits(device: torch.device, column_blocks: int, tokens: int, min_tokens_per_split: int) -> int:
@@ -36,7 +16,9 @@ def token_splits(device: torch.device, column_blocks: int, tokens: int, min_toke
     return max(1, min(wanted, tokens // min_tokens_per_split or 1))
 
 
-def token_partition(device: torch.device, programs_per_split: int, n_tokens: int, block_t: int, min_blocks: int) -> tuple[int, int]:
+def token_partition(
+    device: torch.device, programs_per_split: int, n_tokens: int, block_t: int, min_blocks: int
+) -> tuple[int, int]:
     """(tokens per program, number of token splits), each program's share a multiple of ``block_t``."""
     splits = token_splits(device, programs_per_split, n_tokens, block_t * min_blocks)
     per_program = triton.cdiv(triton.cdiv(n_tokens, splits), block_t) * block_t
@@ -57,7 +39,9 @@ def token_arguments(x3: torch.Tensor, mask3: torch.Tensor | None, tokens_per_pro
 
 
 @triton.jit
-def token_rows(first, end, seq_len, mask_ptr, mask_stride_b, mask_stride_t, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+def token_rows(
+    first, end, seq_len, mask_ptr, mask_stride_b, mask_stride_t, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr
+):
     """Batch and position indices (int64) of BLOCK_T token rows from ``first``, and which are real."""
     rows = first + tl.arange(0, BLOCK_T)
     row_ok = rows < end

@@ -6,15 +6,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import mask_pointer, token_arguments, token_partition, token_rows, token_view
+from ._layout import mask_pointer, token_arguments, token_partition, token_rows
+from .views import token_view
 
 
 @triton.jit
 def _column_sumsq_kernel(
-    acc_ptr, x_ptr, mask_ptr,
-    n_tokens, seq_len, d, tokens_per_program,
-    stride_b, stride_t, stride_d, mask_stride_b, mask_stride_t,
-    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    acc_ptr,
+    x_ptr,
+    mask_ptr,
+    n_tokens,
+    seq_len,
+    d,
+    tokens_per_program,
+    stride_b,
+    stride_t,
+    stride_d,
+    mask_stride_b,
+    mask_stride_t,
+    HAS_MASK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
@@ -25,7 +37,8 @@ def _column_sumsq_kernel(
         b, t, row_ok = token_rows(first, end, seq_len, mask_ptr, mask_stride_b, mask_stride_t, HAS_MASK, BLOCK_T)
         values = tl.load(
             x_ptr + b[:, None] * stride_b + t[:, None] * stride_t + cols[None, :].to(tl.int64) * stride_d,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
         ).to(tl.float32)
         partial += values * values
     tl.atomic_add(acc_ptr + cols, tl.sum(partial, axis=0), mask=col_ok)
@@ -42,6 +55,11 @@ def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None 
     column_blocks = triton.cdiv(d, block_d)
     per_program, splits = token_partition(x.device, column_blocks, n_tokens, block_t, 4)
     _column_sumsq_kernel[(column_blocks, splits)](
-        acc, x3, mask_pointer(x3, mask3), *token_arguments(x3, mask3, per_program),
-        HAS_MASK=mask3 is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+        acc,
+        x3,
+        mask_pointer(x3, mask3),
+        *token_arguments(x3, mask3, per_program),
+        HAS_MASK=mask3 is not None,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
     )

@@ -1,25 +1,27 @@
 """The CUDA extension backend (``csrc/``): column_sumsq and the radix histogram passes (flat and fused obs).
 
 The extension ``sensilora_kernels._C`` exists only where ``setup.py`` could build it (CUDA torch and
-nvcc). Without it this module registers nothing and records why in ``IMPORT_ERROR``; forcing
-``SENSILORA_BACKEND=cuda`` then raises with that reason.
+nvcc); without it ``AVAILABLE`` is False and ``IMPORT_ERROR`` says why. This module needs no Triton.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from sensilora.ops.backend import Backend, register_backend
+from .radix_select import make_saliency_selection, make_selection
+from .views import token_view
 
-from ._layout import token_view
-from .selection import make_saliency_selection, make_selection
-
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.sensilora_cuda.*)
-except ImportError as error:
-    AVAILABLE, IMPORT_ERROR = False, error
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    AVAILABLE, IMPORT_ERROR = False, f"{__package__}._C was not built"
 else:
-    AVAILABLE, IMPORT_ERROR = True, None
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.sensilora_cuda.*)
+    except ImportError as error:  # built, but does not load (e.g. built against another torch)
+        AVAILABLE, IMPORT_ERROR = False, f"{__package__}._C does not load: {error}"
+    else:
+        AVAILABLE, IMPORT_ERROR = True, None
 
 
 def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -33,23 +35,21 @@ CUDA_SELECTION_BLOCK = 8192
 
 
 def _cuda_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
-    torch.ops.sensilora_cuda.radix_histogram_(values, counts, segment, start, offsets, prefix, shift, block, hist_count, hist_sum)
-
-
-def _cuda_saliency_histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
-    torch.ops.sensilora_cuda.saliency_histogram_(weight, inverse, segment, start, offsets, prefix, shift, block, hist_count, hist_sum)
-
-
-if AVAILABLE:
-    register_backend(
-        Backend(
-            "cuda",
-            {
-                "column_sumsq_": column_sumsq_,
-                "topk_mean_and_effective_rank": make_selection(_cuda_histogram, CUDA_SELECTION_BLOCK),
-                "saliency_topk_mean_and_effective_rank": make_saliency_selection(_cuda_saliency_histogram, CUDA_SELECTION_BLOCK),
-            },
-            lambda device: device.type == "cuda",
-            "CUDA C++ extension (csrc/)",
-        )
+    torch.ops.sensilora_cuda.radix_histogram_(
+        values, counts, segment, start, offsets, prefix, shift, block, hist_count, hist_sum
     )
+
+
+def _cuda_saliency_histogram(
+    weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block
+) -> None:
+    torch.ops.sensilora_cuda.saliency_histogram_(
+        weight, inverse, segment, start, offsets, prefix, shift, block, hist_count, hist_sum
+    )
+
+
+KERNELS = {
+    "column_sumsq_": column_sumsq_,
+    "topk_mean_and_effective_rank": make_selection(_cuda_histogram, CUDA_SELECTION_BLOCK),
+    "saliency_topk_mean_and_effective_rank": make_saliency_selection(_cuda_saliency_histogram, CUDA_SELECTION_BLOCK),
+}

@@ -9,15 +9,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import mask_pointer, token_arguments, token_partition, token_rows, token_view
+from ._layout import mask_pointer, token_arguments, token_partition, token_rows
+from .views import token_view
 
 
 @triton.jit
 def _gram_kernel(
-    gram_ptr, x_ptr, mask_ptr, tile_rows_ptr, tile_cols_ptr,
-    n_tokens, seq_len, d, tokens_per_program,
-    stride_b, stride_t, stride_d, mask_stride_b, mask_stride_t,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    gram_ptr,
+    x_ptr,
+    mask_ptr,
+    tile_rows_ptr,
+    tile_cols_ptr,
+    n_tokens,
+    seq_len,
+    d,
+    tokens_per_program,
+    stride_b,
+    stride_t,
+    stride_d,
+    mask_stride_b,
+    mask_stride_t,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     tile_i = tl.load(tile_rows_ptr + tl.program_id(0))
     tile_j = tl.load(tile_cols_ptr + tl.program_id(0))
@@ -29,16 +44,27 @@ def _gram_kernel(
     for first in range(start, end, BLOCK_T):
         b, t, row_ok = token_rows(first, end, seq_len, mask_ptr, mask_stride_b, mask_stride_t, HAS_MASK, BLOCK_T)
         base = x_ptr + b[:, None] * stride_b + t[:, None] * stride_t
-        x_i = tl.load(base + cols_i[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_i[None, :] < d), other=0.0)
-        x_j = tl.load(base + cols_j[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_j[None, :] < d), other=0.0)
+        x_i = tl.load(
+            base + cols_i[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_i[None, :] < d), other=0.0
+        )
+        x_j = tl.load(
+            base + cols_j[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols_j[None, :] < d), other=0.0
+        )
         if IEEE:
             acc += tl.dot(tl.trans(x_i.to(tl.float32)), x_j.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(x_i), x_j)
     ok = (cols_i[:, None] < d) & (cols_j[None, :] < d)
-    tl.atomic_add(gram_ptr + cols_i[:, None] * d + cols_j[None, :], acc, mask=ok)
+    tl.atomic_add(_row_pointers(gram_ptr, cols_i[:, None], d) + cols_j[None, :], acc, mask=ok)
     if tile_i != tile_j:  # mirror the off-diagonal tile into the upper triangle
-        tl.atomic_add(gram_ptr + cols_j[None, :] * d + cols_i[:, None], acc, mask=ok)
+        tl.atomic_add(_row_pointers(gram_ptr, cols_j[None, :], d) + cols_i[:, None], acc, mask=ok)
+
+
+@triton.jit
+def _row_pointers(gram_ptr, rows, d):
+    """Pointers to the starts of ``rows`` of a (d, d) matrix, offsets in int64: d * d passes 2^31 from
+    d = 46,341 columns."""
+    return gram_ptr + rows.to(tl.int64) * d
 
 
 @functools.lru_cache(maxsize=64)
@@ -80,6 +106,13 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
     tile_rows, tile_cols = _lower_tiles(tiles, x.device)
     per_program, splits = token_partition(x.device, tile_rows.numel(), n_tokens, block_t, 8)
     _gram_kernel[(tile_rows.numel(), splits)](
-        gram, x3, mask_pointer(x3, mask3), tile_rows, tile_cols, *token_arguments(x3, mask3, per_program),
-        HAS_MASK=mask3 is not None, IEEE=ieee, **config,
+        gram,
+        x3,
+        mask_pointer(x3, mask3),
+        tile_rows,
+        tile_cols,
+        *token_arguments(x3, mask3, per_program),
+        HAS_MASK=mask3 is not None,
+        IEEE=ieee,
+        **config,
     )

@@ -8,7 +8,6 @@ step differs from the reference: the triangular inverse's columns are reduced by
 from __future__ import annotations
 
 import torch
-
 from sensilora.ops.reference import damped_inverse_diagonal
 
 from .column_sumsq import column_sumsq_

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from sensilora import SensiloraError, SensitivityStats, calibrate
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
-from sensilora import SensiloraError, SensitivityStats, calibrate
+from tests.models import random_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def captured_inputs(model, batches, name):
@@ -37,7 +37,10 @@ def test_statistic_equals_hessian_diag_of_real_tokens(mode):
         hessian = 2.0 / x.shape[0] * x.T @ x
         damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(hessian.shape[0])
         torch.testing.assert_close(
-            stats.inverse_hessian_diag("model.layers.1.mlp.down_proj"), torch.linalg.inv(damped).diagonal(), rtol=1e-3, atol=1e-5
+            stats.inverse_hessian_diag("model.layers.1.mlp.down_proj"),
+            torch.linalg.inv(damped).diagonal(),
+            rtol=1e-3,
+            atol=1e-5,
         )
 
 
@@ -105,7 +108,9 @@ def test_batch_sources_agree(kind):
 def test_default_targets_cover_blocks_only(builder, count):
     stats = calibrate(builder(), random_batches(), progress=False)
     assert len(stats.module_names) == count
-    assert not any(word in n for n in stats.module_names for word in ("lm_head", "classifier", "pooler", "embed", "wte"))
+    assert not any(
+        word in n for n in stats.module_names for word in ("lm_head", "classifier", "pooler", "embed", "wte")
+    )
 
 
 def test_target_modules_as_suffixes_and_regex():
@@ -154,3 +159,41 @@ def test_stats_save_load_round_trip(tmp_path, mode):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(SensiloraError, match="cannot read"):
         SensitivityStats.load(tmp_path / "junk.safetensors")
+
+
+class SequenceFirst(torch.nn.Module):
+    """A block that runs its linear layer on (seq, batch, d) activations, as some older models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(128, 8)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.layers[0](self.embed(input_ids).transpose(0, 1))
+
+
+def test_sequence_first_inputs_are_refused_not_mis_masked():
+    batch = {"input_ids": torch.randint(0, 128, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    with pytest.raises(SensiloraError, match=r"token axes \(5, 3\) but the batch's attention_mask has shape \(3, 5\)"):
+        calibrate(SequenceFirst(), [batch], progress=False)
+
+
+class PackedLinear(torch.nn.Linear):
+    """Stands in for bitsandbytes' Linear4bit (not installable on this CPU machine): an nn.Linear subclass
+    whose stored weight is packed into another shape; in_features/out_features give the real one."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.weight = torch.nn.Parameter(torch.zeros(d_in * d_out // 2, 1), requires_grad=False)
+
+    def forward(self, x):
+        return x @ torch.ones(self.in_features, self.out_features)
+
+
+def test_shapes_come_from_in_and_out_features():
+    model = torch.nn.Sequential()
+    model.add_module("blocks", torch.nn.ModuleList([PackedLinear(6, 10)]))
+    model.forward = lambda input_ids: model.blocks[0](input_ids.float()[..., None].expand(-1, -1, 6))
+    stats = calibrate(model, [torch.randint(0, 9, (2, 4))], progress=False)
+    assert stats.module_shapes == {"blocks.0": (10, 6)}

@@ -5,16 +5,21 @@ in test_kernels.py check the real build."""
 
 import pytest
 import torch
+from sensilora.ops import reference
 
-pytest.importorskip("triton")
-
-from cuda_emulation import emulated  # noqa: E402
-from kernel_cases import (  # noqa: E402
-    DTYPES, SELECTION_CASES, SELECTION_TARGETS, TOLERANCE, assert_same_selection, make_input, make_mask, selection_case,
+from sensilora_kernels.cuda import CUDA_SELECTION_BLOCK
+from sensilora_kernels.radix_select import make_saliency_selection, make_selection
+from tests.cuda_emulation import emulated
+from tests.kernel_cases import (
+    DTYPES,
+    SELECTION_CASES,
+    SELECTION_TARGETS,
+    TOLERANCE,
+    assert_same_selection,
+    make_input,
+    make_mask,
+    selection_case,
 )
-from sensilora.ops import reference  # noqa: E402
-from sensilora_kernels.cuda import CUDA_SELECTION_BLOCK  # noqa: E402
-from sensilora_kernels.selection import make_saliency_selection, make_selection  # noqa: E402
 
 BLOCKS = [CUDA_SELECTION_BLOCK, 1000]  # the production block, and one that splits segments
 

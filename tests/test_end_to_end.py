@@ -4,12 +4,19 @@ import json
 
 import pytest
 import torch
-
-from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
 from sensilora import allocate, calibrate, get_peft_model
 from sensilora.cli import main
 from sensilora.data import calibration_batches, default_calibration_file, read_texts
 from sensilora.lora import adapter_ranks
+
+from tests.models import (
+    random_batches,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
+)
 
 
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_qwen2, tiny_mistral, tiny_gpt2, tiny_bert])
@@ -52,8 +59,25 @@ def test_cli_main_job_and_compare(tmp_path, capsys):
     second = tmp_path / "other.json"
     text = tmp_path / "other.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    assert main(["allocate", "--quiet", "--samples", "4", "--seq-len", "64", "--calibration", str(text),
-                 "--output", str(second), "--plot", str(tmp_path / "other.png")]) == 0
+    assert (
+        main(
+            [
+                "allocate",
+                "--quiet",
+                "--samples",
+                "4",
+                "--seq-len",
+                "64",
+                "--calibration",
+                str(text),
+                "--output",
+                str(second),
+                "--plot",
+                str(tmp_path / "other.png"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["compare", str(first), str(second), "--json"]) == 0
     comparison = json.loads(capsys.readouterr().out)
@@ -62,7 +86,9 @@ def test_cli_main_job_and_compare(tmp_path, capsys):
 
 def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     output = tmp_path / "ranks.json"
-    code = main(["allocate", "--model", str(tmp_path / "missing"), "--output", str(output), "--plot", str(tmp_path / "p.png")])
+    code = main(
+        ["allocate", "--model", str(tmp_path / "missing"), "--output", str(output), "--plot", str(tmp_path / "p.png")]
+    )
     assert code == 2 and "not a directory" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2

@@ -1,4 +1,4 @@
-"""Metrics against brute force; allocation properties (hypothesis) and the SPEC's examples."""
+"""Metrics against brute force; allocation properties (hypothesis) and METHOD.md's examples."""
 
 import math
 
@@ -7,11 +7,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import random_batches, tiny_llama
-from sensilora import ModuleMetrics, SensiloraError, allocate, calibrate, combine, compute_metrics, pra_ranks, sra_ranks
+from sensilora import (
+    ModuleMetrics,
+    SensiloraError,
+    allocate,
+    calibrate,
+    combine,
+    compute_metrics,
+    pra_ranks,
+    sra_ranks,
+)
 from sensilora.targets import linear_weight
-from test_ops_reference import brute_force_selection
+
+from tests.models import random_batches, tiny_llama
+from tests.test_ops_reference import brute_force_selection
 
 
 @pytest.mark.parametrize("k_frac,alpha", [(0.5, 0.85), (1 / 3, 0.8)])
@@ -45,7 +54,9 @@ def test_obs_metrics_equal_materialised_sort():
 
 def test_combination_follows_equations():
     metrics = {
-        "a": ModuleMetrics(10.0, 2.0, 5), "b": ModuleMetrics(20.0, 1.0, 9), "c": ModuleMetrics(60.0, 4.0, 2),
+        "a": ModuleMetrics(10.0, 2.0, 5),
+        "b": ModuleMetrics(20.0, 1.0, 9),
+        "c": ModuleMetrics(60.0, 4.0, 2),
     }
     g, t, e = (np.array(v, dtype=float) for v in ([10, 20, 60], [2, 1, 4], [5, 9, 2]))
     cv = lambda v: v.std() / v.mean() ** 2  # noqa: E731

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-
 from sensilora import SensiloraError, ops
 from sensilora.ops import reference
 
 
 def brute_force_selection(values, counts, k_frac, alpha):
-    """Materialise the repeats, sort, and read the SPEC's definitions off the sorted sequence."""
+    """Materialise the repeats, sort, and read METHOD.md's definitions (eqs. 8-10) off the sorted sequence."""
     expanded = torch.repeat_interleave(values.double(), counts).sort(descending=True).values
     m = expanded.numel()
     k = max(1, math.ceil(k_frac * m))
@@ -56,8 +55,12 @@ def test_inverse_diagonal_equals_linalg_inv_of_damped_matrix():
     a = torch.randn(3, 40, 9, dtype=torch.float64)
     hessian = a.mT @ a / 40
     inverse, damps = ops.inverse_diagonal(hessian.float(), 0.01)
-    damped = hessian + 0.01 * hessian.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(9, dtype=torch.float64)
-    torch.testing.assert_close(inverse.double(), torch.linalg.inv(damped).diagonal(dim1=-2, dim2=-1), rtol=1e-4, atol=1e-6)
+    damped = hessian + 0.01 * hessian.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(
+        9, dtype=torch.float64
+    )
+    torch.testing.assert_close(
+        inverse.double(), torch.linalg.inv(damped).diagonal(dim1=-2, dim2=-1), rtol=1e-4, atol=1e-6
+    )
     assert damps.tolist() == pytest.approx([0.01] * 3)
 
 
@@ -146,5 +149,7 @@ def test_ops_compose_with_torch_compile():
     torch.testing.assert_close(compiled(x, mask), statistics(x, mask))
     hessian = torch.randn(20, 4)
     hessian = hessian.T @ hessian
-    compiled_inverse = torch.compile(lambda h: torch.ops.sensilora.inverse_diagonal(h, 0.01)[0] * 1.0, backend="aot_eager", fullgraph=True)
+    compiled_inverse = torch.compile(
+        lambda h: torch.ops.sensilora.inverse_diagonal(h, 0.01)[0] * 1.0, backend="aot_eager", fullgraph=True
+    )
     torch.testing.assert_close(compiled_inverse(hessian), ops.inverse_diagonal(hessian, 0.01)[0])

@@ -1,19 +1,13 @@
 """The quality harness runs end to end (its --smoke configuration: seconds of training, no claims)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_quality_smoke_nlu(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks" / "quality"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import run_quality
+    from benchmarks.quality import run_quality
 
     assert run_quality.main(["--smoke", "--tasks", "nlu", "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "quality_smoke.json").read_text())

@@ -24,8 +24,14 @@ TARGET = GPUTarget("cuda", 90, 32)
 # LLaMA-3.1-8B-sized launches: (8, 2048, 4096) activations, contiguous or with every other column of a
 # (8, 2048, 8192) tensor, and a (14336, 4096) weight; the integer arguments as the kernels receive them.
 LAYOUTS = {"contiguous": (8 * 2048 * 4096, 4096, 1), "strided columns": (8 * 2048 * 8192, 8192, 2)}
-TOKEN_ARGS = {"n_tokens": 8 * 2048, "seq_len": 2048, "d": 4096, "tokens_per_program": 2048,
-              "mask_stride_b": 2048, "mask_stride_t": 1}
+TOKEN_ARGS = {
+    "n_tokens": 8 * 2048,
+    "seq_len": 2048,
+    "d": 4096,
+    "tokens_per_program": 2048,
+    "mask_stride_b": 2048,
+    "mask_stride_t": 1,
+}
 
 
 def specialise(kernel, pointers: dict, values: dict, constexprs: dict):
@@ -54,22 +60,66 @@ def cases():
         values = {**TOKEN_ARGS, **dict(zip(("stride_b", "stride_t", "stride_d"), strides))}
         for has_mask in (False, True):
             pointers = {"acc_ptr": "fp32", "x_ptr": dtype, "mask_ptr": "u8"}
-            yield (f"column_sumsq {dtype} {layout} mask={has_mask}", _column_sumsq_kernel,
-                   *specialise(_column_sumsq_kernel, pointers, values, {"HAS_MASK": has_mask, "BLOCK_T": 32, "BLOCK_D": 128}), {})
+            yield (
+                f"column_sumsq {dtype} {layout} mask={has_mask}",
+                _column_sumsq_kernel,
+                *specialise(
+                    _column_sumsq_kernel, pointers, values, {"HAS_MASK": has_mask, "BLOCK_T": 32, "BLOCK_D": 128}
+                ),
+                {},
+            )
             config = launch_config(4096, ieee=dtype == "fp32", unit_column_stride=strides[2] == 1)  # as gram_ launches
             blocks = {key: config[key] for key in ("BLOCK_T", "BLOCK_D")}
             options = {key: config[key] for key in ("num_warps", "num_stages")}
-            pointers = {"gram_ptr": "fp32", "x_ptr": dtype, "mask_ptr": "u8", "tile_rows_ptr": "i32", "tile_cols_ptr": "i32"}
-            yield (f"gram {dtype} {layout} mask={has_mask}", _gram_kernel,
-                   *specialise(_gram_kernel, pointers, values, {"HAS_MASK": has_mask, "IEEE": dtype == "fp32", **blocks}), options)
-    pointers = {name: kind for name, kind in zip(
-        ("values_ptr", "counts_ptr", "weight_ptr", "inverse_ptr", "block_segment_ptr", "block_start_ptr", "offsets_ptr",
-         "prefix_ptr", "hist_count_ptr", "hist_sum_ptr"), ("fp32", "i64", "bf16", "fp32", "i64", "i64", "i64", "i64", "i64", "fp64"))}
+            pointers = {
+                "gram_ptr": "fp32",
+                "x_ptr": dtype,
+                "mask_ptr": "u8",
+                "tile_rows_ptr": "i32",
+                "tile_cols_ptr": "i32",
+            }
+            yield (
+                f"gram {dtype} {layout} mask={has_mask}",
+                _gram_kernel,
+                *specialise(_gram_kernel, pointers, values, {"HAS_MASK": has_mask, "IEEE": dtype == "fp32", **blocks}),
+                options,
+            )
+    pointers = {
+        name: kind
+        for name, kind in zip(
+            (
+                "values_ptr",
+                "counts_ptr",
+                "weight_ptr",
+                "inverse_ptr",
+                "block_segment_ptr",
+                "block_start_ptr",
+                "offsets_ptr",
+                "prefix_ptr",
+                "hist_count_ptr",
+                "hist_sum_ptr",
+            ),
+            ("fp32", "i64", "bf16", "fp32", "i64", "i64", "i64", "i64", "i64", "fp64"),
+        )
+    }
     for has_counts, saliency in ((False, False), (True, False), (False, True)):
-        values = {"shift": 8, "d_in": 4096 if saliency else 1, "stride_row": 4096 if saliency else 0, "stride_col": 1 if saliency else 0}
-        yield (f"radix_histogram counts={has_counts} saliency={saliency}", _radix_histogram_kernel,
-               *specialise(_radix_histogram_kernel, pointers, values,
-                           {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK, "CHUNK": CHUNK}), {})
+        values = {
+            "shift": 8,
+            "d_in": 4096 if saliency else 1,
+            "stride_row": 4096 if saliency else 0,
+            "stride_col": 1 if saliency else 0,
+        }
+        yield (
+            f"radix_histogram counts={has_counts} saliency={saliency}",
+            _radix_histogram_kernel,
+            *specialise(
+                _radix_histogram_kernel,
+                pointers,
+                values,
+                {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK, "CHUNK": CHUNK},
+            ),
+            {},
+        )
 
 
 def resource_usage(cubin: bytes) -> dict[str, int] | None:

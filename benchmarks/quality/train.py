@@ -80,5 +80,9 @@ def train(peft_model, batches_for_epoch, steps: int, lr: float, seed: int, on_st
             step += 1
             if step == steps:
                 break
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else (peak_rss_gib() if cpu_peak else None)
+    peak = (
+        torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else (peak_rss_gib() if cpu_peak else None)
+    )
     return float(np.median(times)), peak

@@ -1,31 +1,14 @@
-"""From metrics to ranks (SPEC sections 3-4): combination weights, SRA/PRA, exact integer budgets."""
+"""From metrics to ranks (METHOD.md sections 3-4): combination weights, SRA/PRA, exact integer budgets."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, field
 
 import numpy as np
-from torch import nn
 
+from .config import BUDGETS, METRIC_SETS, WEIGHTINGS, AllocationConfig, check_choice
 from .errors import SensiloraError
-from .io import write_text_atomic
-from .metrics import ModuleMetrics, check_fractions, compute_metrics
-from .stats import SensitivityStats
-from .targets import linear_shape
-
-FORMAT = "sensilora.allocation/1"
-METHODS = ("sra", "pra")
-METRIC_SETS = ("both", "global", "local")
-WEIGHTINGS = ("cv", "equal")
-BUDGETS = ("ranks", "params")
-
-
-def _check_choice(label: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise SensiloraError(f"{label} must be one of {', '.join(choices)}; got {value!r}")
+from .metrics import ModuleMetrics
 
 
 def _coefficient(values: np.ndarray, weighting: str) -> float:
@@ -38,8 +21,8 @@ def _coefficient(values: np.ndarray, weighting: str) -> float:
 
 def combine(metrics: dict[str, ModuleMetrics], metric_set: str = "both", weighting: str = "cv") -> dict[str, float]:
     """theta per module (eqs. 11-14), or S_global / S_local alone for the paper's ablations."""
-    _check_choice("metrics", metric_set, METRIC_SETS)
-    _check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("metrics", metric_set, METRIC_SETS)
+    check_choice("weighting", weighting, WEIGHTINGS)
     names = list(metrics)
     global_s = np.array([metrics[n].global_sensitivity for n in names], dtype=np.float64)
     topk = np.array([metrics[n].topk for n in names], dtype=np.float64)
@@ -56,8 +39,9 @@ def combine(metrics: dict[str, ModuleMetrics], metric_set: str = "both", weighti
 
 def _water_fill(theta, cost, budget, low, high) -> np.ndarray:
     """Real ranks ``clip(c*theta, low, high)`` with ``sum(cost*r) == budget`` (bisection on c)."""
-    if theta.sum() <= 0:
+    if theta.max(initial=0.0) <= 0:
         theta = np.ones_like(theta)  # no sensitivity information: share evenly
+    theta = theta / theta.max()  # scale-free: huge theta (1e300) would overflow c * theta
     spent = lambda c: float((cost * np.clip(c * theta, low, high)).sum())  # noqa: E731
     lo, hi = 0.0, 1.0
     while spent(hi) < budget and hi < 1e300:
@@ -74,6 +58,10 @@ def _largest_remainder(real, cost, budget, low, high, names) -> np.ndarray:
     ranks = np.clip(np.floor(real), low, high).astype(np.int64)
     left = int(round(budget - float((cost * ranks).sum())))
     order = sorted(range(len(names)), key=lambda i: (-(real[i] - math.floor(real[i])), names[i]))
+    for i in reversed(order):  # rounding can overshoot: take back from the smallest remainders first
+        while left < 0 and ranks[i] > low[i]:
+            ranks[i] -= 1
+            left += int(cost[i])
     changed = True
     while left > 0 and changed:
         changed = False
@@ -99,7 +87,7 @@ def sra_ranks(
     parameters ``sum r*(d_out+d_in)`` do not exceed uniform LoRA's at avg_rank (and come as close as
     integer ranks allow).
     """
-    _check_choice("budget", budget, BUDGETS)
+    check_choice("budget", budget, BUDGETS)
     names = list(theta)
     dims = np.array([shapes[n] for n in names], dtype=np.int64)
     high = dims.min(axis=1) if max_rank is None else np.minimum(dims.min(axis=1), max_rank)
@@ -113,11 +101,22 @@ def sra_ranks(
         )
     if total > int((cost * high).sum()):
         raise SensiloraError(
-            f"avg_rank={avg_rank} exceeds what the matrices can hold (rank <= min(d_out, d_in, max_rank={max_rank})); lower it"
+            f"avg_rank={avg_rank} exceeds what the matrices can hold "
+            f"(rank <= min(d_out, d_in, max_rank={max_rank})); lower it"
         )
-    values = np.maximum(np.array([theta[n] for n in names], dtype=np.float64), 0.0)
-    real = _water_fill(values, cost.astype(np.float64), float(total), low.astype(np.float64), high.astype(np.float64))
+    values = np.array([theta[n] for n in names], dtype=np.float64)
+    if not np.isfinite(values).all():
+        bad = [n for n, v in zip(names, values) if not math.isfinite(v)]
+        raise SensiloraError(f"theta is not finite for {bad[:3]}; the statistics hold NaN/Inf: recalibrate in float32")
+    real = _water_fill(
+        np.maximum(values, 0.0), cost.astype(np.float64), float(total), low.astype(np.float64), high.astype(np.float64)
+    )
     ranks = _largest_remainder(real, cost, total, low, high, names)
+    spent = int((cost * ranks).sum())
+    if spent > total or (budget == "ranks" and spent != total):  # the contract of eq. 15's integer version
+        raise SensiloraError(
+            f"internal error: SRA spent {spent} of a budget of {total}; please report it with the theta values"
+        )
     return dict(zip(names, ranks.tolist()))
 
 
@@ -129,139 +128,58 @@ def pra_offsets(groups: int) -> list[int]:
     return [half - c for c in range(half)] + [-(c + 1) for c in range(half)]
 
 
-def pra_ranks(theta: dict[str, float], shapes, avg_rank: int, groups: int = 3, min_rank: int = 1) -> dict[str, int]:
-    """Sort by theta, split into equal groups, give group c ``avg_rank + offset_c`` (SPEC 4, PRA)."""
+def pra_ranks(
+    theta: dict[str, float], shapes, avg_rank: int, groups: int = 3, min_rank: int = 1, max_rank: int | None = None
+) -> dict[str, int]:
+    """Sort by theta, split into equal groups, give group c ``avg_rank + offset_c`` (METHOD.md section 4, PRA).
+    Every rank stays within ``[min_rank, min(d_out, d_in, max_rank)]`` or the call fails."""
     names = sorted(theta, key=lambda n: (-theta[n], n))
     if groups < 1 or groups > len(names):
         raise SensiloraError(f"pra groups must be in [1, {len(names)}], got {groups}")
     base, extra = divmod(len(names), groups)
     if extra and groups % 2 == 0:
-        raise SensiloraError(f"PRA with an even number of groups ({groups}) needs #matrices ({len(names)}) divisible by it")
+        raise SensiloraError(
+            f"PRA with an even number of groups ({groups}) needs #matrices ({len(names)}) divisible by it"
+        )
     sizes = [base + (extra if (groups % 2 and c == groups // 2) else 0) for c in range(groups)]
     offsets = pra_offsets(groups)
     if avg_rank + min(offsets) < min_rank:
-        raise SensiloraError(f"PRA: avg_rank {avg_rank} + offset {min(offsets)} falls below min_rank={min_rank}; use fewer groups")
+        raise SensiloraError(
+            f"PRA: avg_rank {avg_rank} + offset {min(offsets)} falls below min_rank={min_rank}; use fewer groups"
+        )
+    if max_rank is not None and avg_rank + max(offsets) > max_rank:
+        raise SensiloraError(
+            f"PRA: avg_rank {avg_rank} + offset {max(offsets)} exceeds max_rank={max_rank}; "
+            "use fewer groups or raise max_rank"
+        )
     ranks, start = {}, 0
     for size, offset in zip(sizes, offsets):
         for name in names[start : start + size]:
             if avg_rank + offset > min(shapes[name]):
-                raise SensiloraError(f"PRA: rank {avg_rank + offset} exceeds min(d_out, d_in) of {name}; lower avg_rank")
+                raise SensiloraError(
+                    f"PRA: rank {avg_rank + offset} exceeds min(d_out, d_in) of {name}; lower avg_rank"
+                )
             ranks[name] = avg_rank + offset
         start += size
     return {name: ranks[name] for name in theta}
 
 
-@dataclass
-class RankAllocation:
-    """Per-module LoRA ranks with the evidence behind them. Names are ``named_modules()`` names."""
-
-    ranks: dict[str, int]
-    theta: dict[str, float]
-    metrics: dict[str, ModuleMetrics]
-    shapes: dict[str, tuple[int, int]]
-    avg_rank: int
-    settings: dict = field(default_factory=dict)
-    model_name: str | None = None
-
-    @property
-    def trainable_parameters(self) -> int:
-        return sum(r * sum(self.shapes[n]) for n, r in self.ranks.items())
-
-    @property
-    def uniform_parameters(self) -> int:
-        return sum(self.avg_rank * sum(shape) for shape in self.shapes.values())
-
-    def to_dict(self) -> dict:
-        return {
-            "format": FORMAT,
-            "model": self.model_name,
-            "avg_rank": self.avg_rank,
-            "settings": self.settings,
-            "trainable_parameters": {"sensilora": self.trainable_parameters, "uniform_lora": self.uniform_parameters},
-            "modules": {
-                name: {"rank": rank, "theta": self.theta[name], "shape": list(self.shapes[name]), **self.metrics[name].as_dict()}
-                for name, rank in self.ranks.items()
-            },
-        }
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "RankAllocation":
-        try:
-            data = json.loads(open(path, encoding="utf-8").read())
-        except (OSError, ValueError) as error:
-            raise SensiloraError(f"cannot read ranks file {path}: {error}") from error
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise SensiloraError(f"{path} is not a sensilora ranks file (expected format {FORMAT!r})")
-        modules = data["modules"]
-        return cls(
-            ranks={n: int(m["rank"]) for n, m in modules.items()},
-            theta={n: float(m["theta"]) for n, m in modules.items()},
-            metrics={n: ModuleMetrics(m["global_sensitivity"], m["topk"], m["effective_rank"]) for n, m in modules.items()},
-            shapes={n: tuple(m["shape"]) for n, m in modules.items()},
-            avg_rank=int(data["avg_rank"]),
-            settings=data.get("settings", {}),
-            model_name=data.get("model"),
-        )
-
-    def check_model(self, model: nn.Module) -> None:
-        """Raise unless every module of the allocation exists in ``model`` with the same shape."""
-        modules = dict(model.named_modules())
-        missing = [n for n in self.ranks if n not in modules]
-        wrong = [n for n in self.ranks if n in modules and (not hasattr(modules[n], "weight") or linear_shape(modules[n]) != tuple(self.shapes[n]))]
-        if missing or wrong:
-            raise SensiloraError(
-                f"the ranks file (model {self.model_name!r}) does not fit {type(model).__name__}: "
-                f"missing modules {missing[:3]}, shape mismatches {wrong[:3]}; allocate ranks for this model"
-            )
-
-    def to_lora_config(self, **lora_kwargs):
-        """A ``peft.LoraConfig`` carrying these ranks; see ``sensilora.lora.lora_config``."""
-        from .lora import lora_config
-
-        return lora_config(self, **lora_kwargs)
+def assign_ranks(
+    theta: dict[str, float], shapes: dict[str, tuple[int, int]], config: AllocationConfig
+) -> dict[str, int]:
+    """Integer ranks from theta under ``config`` (SRA or PRA, its budget and bounds)."""
+    if config.method == "sra":
+        return sra_ranks(theta, shapes, config.avg_rank, config.min_rank, config.budget, config.max_rank)
+    return pra_ranks(theta, shapes, config.avg_rank, config.pra_groups, config.min_rank, config.max_rank)
 
 
-def allocate(
-    stats: SensitivityStats,
-    avg_rank: int,
-    method: str = "sra",
-    metrics: str = "both",
-    weighting: str = "cv",
-    k_frac: float = 0.5,
-    alpha: float = 0.85,
-    min_rank: int = 1,
-    budget: str = "ranks",
-    *,
-    model: nn.Module | None = None,
-    pra_groups: int = 3,
-    max_rank: int | None = None,
-) -> RankAllocation:
-    """Sensitivity-LoRA ranks from calibration statistics (``model`` is needed in obs mode only).
+METRIC_PANELS = (("global (trace)", "global_sensitivity"), ("top-k mean", "topk"), ("effective rank", "effective_rank"))
 
-    max_rank (SRA only) caps every rank below min(d_out, d_in); the surplus goes to the others.
-    """
-    _check_choice("method", method, METHODS)
-    check_fractions(k_frac, alpha)
-    if not isinstance(avg_rank, int) or avg_rank < 1:
-        raise SensiloraError(f"avg_rank must be a positive integer, got {avg_rank!r}")
-    if min_rank < 1:
-        raise SensiloraError(f"min_rank must be >= 1 (peft rejects r=0), got {min_rank}")
-    module_metrics = compute_metrics(stats, k_frac, alpha, model=model)
-    theta = combine(module_metrics, metrics, weighting)
-    shapes = {n: tuple(stats.module_shapes[n]) for n in theta}
-    if method == "sra":
-        ranks = sra_ranks(theta, shapes, avg_rank, min_rank, budget, max_rank)
-    else:
-        if budget != "ranks":
-            raise SensiloraError("PRA assigns rank offsets; use budget='ranks' with method='pra'")
-        ranks = pra_ranks(theta, shapes, avg_rank, pra_groups, min_rank)
-    settings = {
-        "mode": stats.mode, "method": method, "metrics": metrics, "weighting": weighting, "k_frac": k_frac,
-        "alpha": alpha, "min_rank": min_rank, "max_rank": max_rank, "budget": budget, "calibration": stats.info,
+
+def per_metric_ranks(metrics: dict[str, ModuleMetrics], shapes, config: AllocationConfig) -> dict[str, dict[str, int]]:
+    """The ranks each metric alone would give under ``config`` (SRA), for the paper's Figure 3 panels."""
+    sra = config.replace(method="sra")
+    return {
+        label: assign_ranks({n: float(getattr(m, field)) for n, m in metrics.items()}, shapes, sra)
+        for label, field in METRIC_PANELS
     }
-    if method == "pra":
-        settings["pra_groups"] = pra_groups
-    return RankAllocation(ranks, theta, module_metrics, shapes, avg_rank, settings, stats.model_name)

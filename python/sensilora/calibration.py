@@ -1,4 +1,4 @@
-"""Calibration: forward hooks that stream Hessian statistics out of a few forward passes (SPEC 1)."""
+"""Calibration: forward hooks that stream Hessian statistics out of a few forward passes (METHOD.md section 1)."""
 
 from __future__ import annotations
 
@@ -87,11 +87,14 @@ class _Collector:
         lead = tuple(x.shape[:-1])
         if self.mask is None:
             return None, math.prod(lead)
-        if math.prod(lead) != self.mask.numel():
+        # The input's token axes must be the mask's (batch, seq), or those flattened batch-major: an equal
+        # element count is not enough (a sequence-first (seq, batch, d) input would be masked transposed).
+        if lead != tuple(self.mask.shape) and lead != (self.mask.numel(),):
             raise SensiloraError(
-                f"module {name!r} received {math.prod(lead)} token rows but the batch's attention_mask has "
-                f"{self.mask.numel()} entries; sensilora needs one input row per token (packed/variable-length "
-                "inputs are not supported): pass padded batches with their attention_mask"
+                f"module {name!r} received inputs with token axes {lead} but the batch's attention_mask has shape "
+                f"{tuple(self.mask.shape)}; sensilora needs batch-first inputs with one row per token (sequence-first, "
+                "packed or variable-length inputs are not supported): pass padded batch-first batches with their "
+                "attention_mask"
             )
         if x.device not in self._mask_on:
             self._mask_on[x.device] = self.mask.to(x.device)
@@ -100,7 +103,9 @@ class _Collector:
     def observe(self, name: str, x: torch.Tensor) -> None:
         accumulator = self.by_module.get(name)
         if accumulator is None:  # first batch: share with a module that read this very tensor
-            shared = next((a for a in self.accumulators.values() if a.last_input is not None and a.last_input() is x), None)
+            shared = next(
+                (a for a in self.accumulators.values() if a.last_input is not None and a.last_input() is x), None
+            )
             if shared is not None:
                 self.by_module[name] = shared
                 return
@@ -148,7 +153,9 @@ def _finish(collector: _Collector, damp: float) -> dict[str, InputStats]:
         if accumulator.num_tokens == 0:
             raise SensiloraError(f"module {key!r} saw no real tokens during calibration; check the model's forward")
         scale = 2.0 / accumulator.num_tokens
-        results[key] = InputStats(hessian_diag=(accumulator.column_sums() * scale).clone(), num_tokens=accumulator.num_tokens)
+        results[key] = InputStats(
+            hessian_diag=(accumulator.column_sums() * scale).clone(), num_tokens=accumulator.num_tokens
+        )
     if collector.mode == "obs":
         by_size: dict[tuple, list[_Accumulator]] = {}
         for accumulator in collector.accumulators.values():
@@ -185,6 +192,7 @@ def calibrate(
     """
     if mode not in MODES:
         raise SensiloraError(f"mode must be one of {MODES}, got {mode!r}")
+    ops.load_backends()
     targets = find_targets(model, target_modules)
     collector = _Collector(mode, {name: linear_shape(module) for name, module in targets.items()})
     training_flags = {module: module.training for module in model.modules()}
@@ -200,7 +208,9 @@ def calibrate(
     try:
         model.eval()
         with torch.no_grad():
-            for index, batch in enumerate(tqdm(_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)):
+            for index, batch in enumerate(
+                tqdm(_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)
+            ):
                 seen_batches += 1
                 mask = batch.get("attention_mask")
                 if mask is not None:
@@ -214,7 +224,9 @@ def calibrate(
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 model(**inputs, **extra)
                 if not collector.accumulators:
-                    raise SensiloraError("no target module ran during the forward pass; check target_modules and the batch keys")
+                    raise SensiloraError(
+                        "no target module ran during the forward pass; check target_modules and the batch keys"
+                    )
                 collector.check_finite(index)
     finally:
         for handle in handles:
@@ -224,10 +236,14 @@ def calibrate(
     if seen_batches == 0:
         raise SensiloraError("the calibration set is empty: give at least one batch of text")
     if not collector.accumulators:
-        raise SensiloraError("every calibration batch was all padding (attention_mask == 0): give batches with real tokens")
+        raise SensiloraError(
+            "every calibration batch was all padding (attention_mask == 0): give batches with real tokens"
+        )
     missing = [name for name in targets if name not in collector.by_module]
     if missing:
-        raise SensiloraError(f"target modules never ran during calibration: {missing[:5]}; exclude them with target_modules")
+        raise SensiloraError(
+            f"target modules never ran during calibration: {missing[:5]}; exclude them with target_modules"
+        )
     inputs = _finish(collector, damp)
     elapsed = time.perf_counter() - started
     first = next(iter(collector.accumulators.values()))

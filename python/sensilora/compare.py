@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .allocation import RankAllocation
 from .errors import SensiloraError
+from .result import RankAllocation
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

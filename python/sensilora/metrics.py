@@ -1,4 +1,4 @@
-"""Per-matrix sensitivity metrics (SPEC section 2): trace, top-k mean, effective rank."""
+"""Per-matrix sensitivity metrics (METHOD.md section 2): trace (eq. 8), top-k mean (eq. 9), effective rank (eq. 10)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
+from .config import check_fractions
 from .errors import SensiloraError
 from .stats import SensitivityStats
 from .targets import linear_shape, linear_weight
@@ -27,19 +28,16 @@ class ModuleMetrics:
         return asdict(self)
 
 
-def check_fractions(k_frac: float, alpha: float) -> None:
-    for label, value in (("k_frac", k_frac), ("alpha", alpha)):
-        if not (isinstance(value, (int, float)) and 0 < value <= 1):
-            raise SensiloraError(f"{label} must be in (0, 1], got {value!r} (the paper uses k_frac=0.5, alpha=0.85)")
-
-
 def _diag_metrics(stats: SensitivityStats, k_frac: float, alpha: float) -> dict[str, ModuleMetrics]:
     names = stats.module_names
     diagonals = [stats.hessian_diag(name) for name in names]
     device = diagonals[0].device
     values = torch.cat([d.float().to(device) for d in diagonals])
     counts = torch.cat(
-        [torch.full((d.numel(),), stats.module_shapes[name][0], dtype=torch.long, device=device) for name, d in zip(names, diagonals)]
+        [
+            torch.full((d.numel(),), stats.module_shapes[name][0], dtype=torch.long, device=device)
+            for name, d in zip(names, diagonals)
+        ]
     )
     lengths = torch.tensor([0] + [d.numel() for d in diagonals], device=device)
     totals, topk, ranks = ops.topk_mean_and_effective_rank(values, torch.cumsum(lengths, 0), counts, k_frac, alpha)
@@ -55,7 +53,10 @@ def _obs_metrics(stats: SensitivityStats, model: nn.Module, k_frac: float, alpha
     for name in tqdm(stats.module_names, desc="obs saliency metrics", disable=not progress):
         module = modules.get(name)
         if module is None or linear_shape(module) != tuple(stats.module_shapes[name]):
-            raise SensiloraError(f"model has no module {name!r} of shape {stats.module_shapes[name]} (d_out, d_in); pass the calibrated model")
+            raise SensiloraError(
+                f"model has no module {name!r} of shape {stats.module_shapes[name]} (d_out, d_in); "
+                "pass the calibrated model"
+            )
         weight = linear_weight(module).detach()
         inverse = stats.inverse_hessian_diag(name).to(weight.device)
         total, topk, rank = ops.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
@@ -64,7 +65,11 @@ def _obs_metrics(stats: SensitivityStats, model: nn.Module, k_frac: float, alpha
 
 
 def compute_metrics(
-    stats: SensitivityStats, k_frac: float = 0.5, alpha: float = 0.85, model: nn.Module | None = None, progress: bool = False
+    stats: SensitivityStats,
+    k_frac: float = 0.5,
+    alpha: float = 0.85,
+    model: nn.Module | None = None,
+    progress: bool = False,
 ) -> dict[str, ModuleMetrics]:
     """Metrics for every calibrated module, in ``stats.module_names`` order.
 
@@ -72,8 +77,11 @@ def compute_metrics(
     obs mode: the d_out*d_in saliencies ``w_ij^2 / [H^-1]_jj``, which need the model's weights.
     """
     check_fractions(k_frac, alpha)
+    ops.load_backends()
     if stats.mode == "diag":
         return _diag_metrics(stats, k_frac, alpha)
     if model is None:
-        raise SensiloraError("obs-mode metrics need the weights: pass model=<the calibrated model> to compute_metrics/allocate")
+        raise SensiloraError(
+            "obs-mode metrics need the weights: pass model=<the calibrated model> to compute_metrics/allocate"
+        )
     return _obs_metrics(stats, model, k_frac, alpha, progress)

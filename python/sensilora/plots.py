@@ -32,7 +32,9 @@ def render_rank_maps(panels: dict[str, dict[str, int]], title: str = "") -> byte
     image = None
     for axis, (label, ranks) in zip(axes, panels.items()):
         grid, layers, kinds = rank_grid(ranks)
-        image = axis.imshow(grid, aspect="auto", cmap="viridis", norm=LogNorm(vmin=1, vmax=max(vmax, 2)), interpolation="nearest")
+        image = axis.imshow(
+            grid, aspect="auto", cmap="viridis", norm=LogNorm(vmin=1, vmax=max(vmax, 2)), interpolation="nearest"
+        )
         axis.set_title(label, fontsize=10, loc="left")
         axis.set_yticks(range(len(kinds)), kinds, fontsize=7)
         step = max(1, len(layers) // 16)

@@ -75,12 +75,16 @@ class SensitivityStats:
             stats = self.inputs[key]
             tensors[f"{index}.hessian_diag"] = stats.hessian_diag.detach().float().cpu().contiguous()
             if stats.inverse_hessian_diag is not None:
-                tensors[f"{index}.inverse_hessian_diag"] = stats.inverse_hessian_diag.detach().float().cpu().contiguous()
+                tensors[f"{index}.inverse_hessian_diag"] = (
+                    stats.inverse_hessian_diag.detach().float().cpu().contiguous()
+                )
         header = {
             "format": FORMAT,
             "mode": self.mode,
             "model_name": self.model_name,
-            "modules": {n: {"shape": list(s), "input": keys.index(self.module_inputs[n])} for n, s in self.module_shapes.items()},
+            "modules": {
+                n: {"shape": list(s), "input": keys.index(self.module_inputs[n])} for n, s in self.module_shapes.items()
+            },
             "inputs": [{"key": k, "num_tokens": self.inputs[k].num_tokens, "damp": self.inputs[k].damp} for k in keys],
             "info": self.info,
         }
@@ -94,7 +98,9 @@ class SensitivityStats:
                 metadata = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (OSError, Exception) as error:
-            raise SensiloraError(f"cannot read statistics file {path}: {error}; re-run calibration to write it") from error
+            raise SensiloraError(
+                f"cannot read statistics file {path}: {error}; re-run calibration to write it"
+            ) from error
         if "sensilora" not in metadata:
             raise SensiloraError(f"{path} is a safetensors file but not sensilora statistics (no 'sensilora' metadata)")
         header = json.loads(metadata["sensilora"])

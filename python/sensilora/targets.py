@@ -24,11 +24,12 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of an ``nn.Linear`` or ``Conv1D``."""
-    weight = module.weight
-    if isinstance(module, nn.Linear):
-        return int(weight.shape[0]), int(weight.shape[1])
-    return int(weight.shape[1]), int(weight.shape[0])
+    """(d_out, d_in) of an ``nn.Linear`` (from ``out_features``/``in_features``, so that quantised
+    subclasses such as bitsandbytes' ``Linear4bit``, whose packed weight has another shape, work) or a
+    ``Conv1D`` (weight stored as (d_in, d_out))."""
+    if stores_weight_transposed(module):
+        return int(module.weight.shape[1]), int(module.weight.shape[0])
+    return int(module.out_features), int(module.in_features)
 
 
 def stores_weight_transposed(module: nn.Module) -> bool:

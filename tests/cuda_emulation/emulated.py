@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sensilora_kernels._layout import token_view
+from sensilora_kernels.views import token_view
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).with_name("cuda_host_shim.h")
@@ -21,7 +21,11 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/sen
 
 def cuda_include() -> Path | None:
     """The CUDA toolkit's include directory (for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h), if any."""
-    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
+    candidates = [
+        os.environ.get("CUDA_HOME", ""),
+        "/usr/local/cuda",
+        *sorted(map(str, Path("/usr/local").glob("cuda-*"))),
+    ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "include" / "cuda_runtime.h").is_file():
             return Path(candidate) / "include"
@@ -35,8 +39,25 @@ def build(directory: Path) -> ctypes.CDLL:
     if shutil.which("g++") is None or include is None:
         raise RuntimeError("needs g++ and the CUDA toolkit headers (set CUDA_HOME)")
     library = Path(directory) / "libsensilora_emulated.so"
-    command = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror", "-x", "c++",
-               "-include", str(SHIM), f"-I{include}", f"-I{ROOT / 'csrc'}", *map(str, SOURCES), "-o", str(library)]
+    command = [
+        "g++",
+        "-std=c++20",
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-pthread",
+        "-Wall",
+        "-Werror",
+        "-x",
+        "c++",
+        "-include",
+        str(SHIM),
+        f"-I{include}",
+        f"-I{ROOT / 'csrc'}",
+        *map(str, SOURCES),
+        "-o",
+        str(library),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"g++ failed on csrc/ with the host shim:\n{result.stderr}")
@@ -54,8 +75,17 @@ def column_sumsq_(lib: ctypes.CDLL, acc: torch.Tensor, x: torch.Tensor, mask: to
     """``acc += sum over real tokens of x^2`` through csrc/column_sumsq.cu, ``splits`` blocks along the tokens."""
     x3, mask3 = token_view(x, mask)
     mask_ptr, mask_strides = (mask3.data_ptr(), mask3.stride()) if mask3 is not None else (None, (0, 0))
-    status = lib.sensilora_column_sumsq(acc.data_ptr(), x3.data_ptr(), DTYPE_CODE[x3.dtype], mask_ptr, *x3.shape,
-                                        *x3.stride(), *mask_strides, splits, None)
+    status = lib.sensilora_column_sumsq(
+        acc.data_ptr(),
+        x3.data_ptr(),
+        DTYPE_CODE[x3.dtype],
+        mask_ptr,
+        *x3.shape,
+        *x3.stride(),
+        *mask_strides,
+        splits,
+        None,
+    )
     assert status == 0, f"sensilora_column_sumsq returned {status}"
 
 
@@ -64,9 +94,20 @@ def radix_histogram(lib: ctypes.CDLL):
 
     def histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
         counts_ptr = counts.data_ptr() if counts is not None else None
-        status = lib.sensilora_radix_histogram(values.data_ptr(), counts_ptr, segment.data_ptr(), start.data_ptr(),
-                                               offsets.data_ptr(), prefix.data_ptr(), shift, segment.numel(), block,
-                                               hist_count.data_ptr(), hist_sum.data_ptr(), None)
+        status = lib.sensilora_radix_histogram(
+            values.data_ptr(),
+            counts_ptr,
+            segment.data_ptr(),
+            start.data_ptr(),
+            offsets.data_ptr(),
+            prefix.data_ptr(),
+            shift,
+            segment.numel(),
+            block,
+            hist_count.data_ptr(),
+            hist_sum.data_ptr(),
+            None,
+        )
         assert status == 0, f"sensilora_radix_histogram returned {status}"
 
     return histogram
@@ -76,10 +117,23 @@ def saliency_histogram(lib: ctypes.CDLL):
     """A fused obs launcher for ``sensilora_kernels.selection.make_saliency_selection``: csrc/radix_select.cu."""
 
     def histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
-        status = lib.sensilora_saliency_histogram(weight.data_ptr(), DTYPE_CODE[weight.dtype], inverse.data_ptr(),
-                                                  weight.shape[1], *weight.stride(), segment.data_ptr(),
-                                                  start.data_ptr(), offsets.data_ptr(), prefix.data_ptr(), shift,
-                                                  segment.numel(), block, hist_count.data_ptr(), hist_sum.data_ptr(), None)
+        status = lib.sensilora_saliency_histogram(
+            weight.data_ptr(),
+            DTYPE_CODE[weight.dtype],
+            inverse.data_ptr(),
+            weight.shape[1],
+            *weight.stride(),
+            segment.data_ptr(),
+            start.data_ptr(),
+            offsets.data_ptr(),
+            prefix.data_ptr(),
+            shift,
+            segment.numel(),
+            block,
+            hist_count.data_ptr(),
+            hist_sum.data_ptr(),
+            None,
+        )
         assert status == 0, f"sensilora_saliency_histogram returned {status}"
 
     return histogram

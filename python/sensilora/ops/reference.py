@@ -49,7 +49,7 @@ def damped_inverse_diagonal(
     diagonal_from_factor: Callable[[torch.Tensor], torch.Tensor],
     max_damp: float = MAX_DAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC section 1 (obs mode): ``diag((H + lambda*I)^-1)``, ``lambda = damp * mean(diag H)``.
+    """METHOD.md section 1 (obs mode): ``diag((H + lambda*I)^-1)``, ``lambda = damp * mean(diag H)``.
 
     Dead columns (``H_jj == 0``) get ``H_jj = 1``. Where Cholesky fails, damp grows tenfold per
     step up to ``max_damp``, then a ``SensiloraError`` is raised. ``diagonal_from_factor`` turns
@@ -144,7 +144,7 @@ def topk_mean_and_effective_rank(
     k_frac: float = 0.5,
     alpha: float = 0.85,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC section 2 for S segments of non-negative sensitivities at once.
+    """METHOD.md section 2 (eqs. 8-10) for S segments of non-negative sensitivities at once.
 
     values: (n,) fp32 >= 0, segment s is ``values[offsets[s]:offsets[s+1]]``; counts: (n,) int64
     multiplicities (diag mode: d_out for every h_j) or None for 1. The sorted sequence is the

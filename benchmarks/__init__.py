@@ -1,0 +1,1 @@
+"""Benchmarks (a package: run as ``python -m benchmarks.run_all``)."""

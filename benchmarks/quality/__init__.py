@@ -1,0 +1,1 @@
+"""The quality evaluation (``python -m benchmarks.quality.run_quality``)."""

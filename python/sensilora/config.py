@@ -1,0 +1,101 @@
+"""``AllocationConfig``: every choice that turns metrics into ranks, validated once, saved verbatim."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import SensiloraError
+
+METHODS = ("sra", "pra")
+METRIC_SETS = ("both", "global", "local")
+WEIGHTINGS = ("cv", "equal")
+BUDGETS = ("ranks", "params")
+
+
+def check_choice(label: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SensiloraError(f"{label} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_fractions(k_frac: float, alpha: float) -> None:
+    """k_frac (eq. 9) and alpha (eq. 10) must lie in (0, 1]."""
+    for label, value in (("k_frac", k_frac), ("alpha", alpha)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value <= 1):
+            raise SensiloraError(f"{label} must be in (0, 1], got {value!r} (the paper uses k_frac=0.5, alpha=0.85)")
+
+
+def _check_positive_int(label: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SensiloraError(f"{label} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How ranks are allocated (METHOD.md sections 3-4).
+
+    avg_rank: the uniform LoRA rank whose budget is shared out (paper: 4 NLU, 8 NLG).
+    method: "sra" (ranks proportional to theta, eq. 15) or "pra" (rank offsets by theta group).
+    metrics: "both" (theta, eq. 14), "global" (S_global alone) or "local" (S_local alone, eq. 12).
+    weighting: "cv" (std/mean^2, eqs. 11 and 13) or "equal" (0.5/mean, the paper's ablation).
+    k_frac, alpha: the top-k fraction (eq. 9) and the effective-rank energy (eq. 10).
+    min_rank, max_rank: bounds on every rank (max_rank None: min(d_out, d_in)).
+    budget: "ranks" (sum of ranks = avg_rank x #matrices) or "params" (trainable parameters of uniform
+    LoRA at avg_rank, not exceeded). pra_groups: PRA's number of groups.
+    """
+
+    avg_rank: int = 8
+    method: str = "sra"
+    metrics: str = "both"
+    weighting: str = "cv"
+    k_frac: float = 0.5
+    alpha: float = 0.85
+    min_rank: int = 1
+    max_rank: int | None = None
+    budget: str = "ranks"
+    pra_groups: int = 3
+
+    def __post_init__(self) -> None:
+        _check_positive_int("avg_rank", self.avg_rank)
+        check_choice("method", self.method, METHODS)
+        check_choice("metrics", self.metrics, METRIC_SETS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("budget", self.budget, BUDGETS)
+        check_fractions(self.k_frac, self.alpha)
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 1:
+            raise SensiloraError(f"min_rank must be an integer >= 1 (peft rejects r=0), got {self.min_rank!r}")
+        _check_positive_int("max_rank", self.max_rank, allow_none=True)
+        _check_positive_int("pra_groups", self.pra_groups)
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            raise SensiloraError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}; raise max_rank")
+        if self.max_rank is not None and self.max_rank < self.avg_rank:
+            raise SensiloraError(
+                f"max_rank={self.max_rank} is below avg_rank={self.avg_rank}: the budget cannot be spent; raise it"
+            )
+        if self.min_rank > self.avg_rank:
+            raise SensiloraError(
+                f"min_rank={self.min_rank} exceeds avg_rank={self.avg_rank}; lower min_rank or raise avg_rank"
+            )
+        if self.method == "pra" and self.budget != "ranks":
+            raise SensiloraError("PRA assigns rank offsets; use budget='ranks' with method='pra'")
+
+    def replace(self, **changes) -> "AllocationConfig":
+        """A copy with ``changes`` applied (and validated); unknown names are an error."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise SensiloraError(
+                f"unknown allocation option(s) {unknown}; known: {[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AllocationConfig":
+        """The inverse of ``to_dict`` (as saved in a ranks JSON); unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise SensiloraError(f"an allocation config must be a JSON object, got {type(data).__name__}")
+        return cls().replace(**data)

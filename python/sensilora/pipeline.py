@@ -1,0 +1,33 @@
+"""``allocate``: statistics -> metrics (eqs. 8-10) -> theta (eqs. 11-14) -> ranks (eq. 15 or PRA)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .allocation import assign_ranks, combine
+from .config import AllocationConfig
+from .errors import SensiloraError
+from .metrics import compute_metrics
+from .result import RankAllocation
+from .stats import SensitivityStats
+
+
+def allocate(
+    stats: SensitivityStats, config: AllocationConfig | None = None, *, model: nn.Module | None = None, **overrides
+) -> RankAllocation:
+    """Sensitivity-LoRA ranks from calibration statistics.
+
+    config: an ``AllocationConfig`` (default: the paper's SRA at avg_rank 8); ``overrides`` replace
+    fields of it, e.g. ``allocate(stats, avg_rank=4, max_rank=16)``. ``model`` (the calibrated model)
+    is needed in obs mode only, for the weights in the saliencies.
+    """
+    if config is not None and not isinstance(config, AllocationConfig):
+        raise SensiloraError(
+            f"allocate's second argument is an AllocationConfig, got {type(config).__name__}; pass avg_rank=... by name"
+        )
+    config = (config or AllocationConfig()).replace(**overrides)
+    module_metrics = compute_metrics(stats, config.k_frac, config.alpha, model=model)
+    theta = combine(module_metrics, config.metrics, config.weighting)
+    shapes = {n: tuple(stats.module_shapes[n]) for n in theta}
+    ranks = assign_ranks(theta, shapes, config)
+    return RankAllocation(ranks, theta, module_metrics, shapes, config, stats.mode, dict(stats.info), stats.model_name)

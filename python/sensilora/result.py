@@ -1,0 +1,133 @@
+"""``RankAllocation``: per-module ranks with the evidence behind them, and its JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import AllocationConfig
+from .errors import SensiloraError
+from .io import write_text_atomic
+from .metrics import ModuleMetrics
+from .targets import linear_shape
+
+FORMAT = "sensilora.allocation/2"
+READABLE_FORMATS = ("sensilora.allocation/1", FORMAT)
+CONFIG_KEYS_V1 = ("method", "metrics", "weighting", "k_frac", "alpha", "min_rank", "max_rank", "budget", "pra_groups")
+
+
+@dataclass
+class RankAllocation:
+    """Per-module LoRA ranks. Names are ``named_modules()`` names; shapes are (d_out, d_in).
+
+    theta: the combined sensitivity (METHOD.md eq. 14) behind each rank; metrics: the per-matrix
+    metrics (eqs. 8-10); config: how the ranks were allocated; mode: "diag" or "obs" statistics;
+    calibration: what the statistics were computed on (tokens, batches, seconds, files).
+    """
+
+    ranks: dict[str, int]
+    theta: dict[str, float]
+    metrics: dict[str, ModuleMetrics]
+    shapes: dict[str, tuple[int, int]]
+    config: AllocationConfig
+    mode: str = "diag"
+    calibration: dict = field(default_factory=dict)
+    model_name: str | None = None
+
+    @property
+    def avg_rank(self) -> int:
+        return self.config.avg_rank
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(r * sum(self.shapes[n]) for n, r in self.ranks.items())
+
+    @property
+    def uniform_parameters(self) -> int:
+        return sum(self.avg_rank * sum(shape) for shape in self.shapes.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model": self.model_name,
+            "mode": self.mode,
+            "config": self.config.to_dict(),
+            "calibration": self.calibration,
+            "trainable_parameters": {"sensilora": self.trainable_parameters, "uniform_lora": self.uniform_parameters},
+            "modules": {
+                name: {
+                    "rank": rank,
+                    "theta": self.theta[name],
+                    "shape": list(self.shapes[name]),
+                    **self.metrics[name].as_dict(),
+                }
+                for name, rank in self.ranks.items()
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "the ranks data") -> "RankAllocation":
+        """Read what ``to_dict`` wrote (and the older ``sensilora.allocation/1`` layout)."""
+        if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
+            raise SensiloraError(f"{source} is not a sensilora ranks file (expected format {FORMAT!r})")
+        try:
+            if data["format"] == FORMAT:
+                config, mode, calibration = (
+                    AllocationConfig.from_dict(data["config"]),
+                    data["mode"],
+                    data.get("calibration", {}),
+                )
+            else:
+                settings = data.get("settings", {})
+                kept = {key: settings[key] for key in CONFIG_KEYS_V1 if key in settings}
+                config = AllocationConfig(avg_rank=int(data["avg_rank"]), **kept)
+                mode, calibration = settings.get("mode", "diag"), settings.get("calibration", {})
+            modules = data["modules"]
+            return cls(
+                ranks={n: int(m["rank"]) for n, m in modules.items()},
+                theta={n: float(m["theta"]) for n, m in modules.items()},
+                metrics={
+                    n: ModuleMetrics(m["global_sensitivity"], m["topk"], m["effective_rank"])
+                    for n, m in modules.items()
+                },
+                shapes={n: tuple(m["shape"]) for n, m in modules.items()},
+                config=config,
+                mode=mode,
+                calibration=calibration,
+                model_name=data.get("model"),
+            )
+        except SensiloraError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise SensiloraError(
+                f"{source} is damaged: missing or malformed field {error}; re-run sensilora allocate"
+            ) from error
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RankAllocation":
+        try:
+            data = json.loads(open(path, encoding="utf-8").read())
+        except (OSError, ValueError) as error:
+            raise SensiloraError(f"cannot read ranks file {path}: {error}") from error
+        return cls.from_dict(data, source=str(path))
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise unless every module of the allocation exists in ``model`` with the same shape."""
+        modules = dict(model.named_modules())
+        missing = [n for n in self.ranks if n not in modules]
+        wrong = [
+            n
+            for n in self.ranks
+            if n in modules and (not hasattr(modules[n], "weight") or linear_shape(modules[n]) != tuple(self.shapes[n]))
+        ]
+        if missing or wrong:
+            raise SensiloraError(
+                f"the ranks file (model {self.model_name!r}) does not fit {type(model).__name__}: "
+                f"missing modules {missing[:3]}, shape mismatches {wrong[:3]}; allocate ranks for this model"
+            )

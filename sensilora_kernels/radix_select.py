@@ -1,0 +1,124 @@
+"""Top-k means and effective ranks without sorting: exact radix selection on the fp32 bit patterns.
+
+Non-negative fp32 values order like their int32 bit patterns. Four passes over the data build, per
+segment and per target, 256-bucket histograms of counts and fp64 sums over the next 8 bits of the
+elements that still match the prefix chosen so far; a cumsum over the 256 buckets picks the bucket
+that holds the target. Target 0 is the k-th largest value (k = ceil(k_frac*m), METHOD.md eq. 9); target 1
+is the value at which the descending prefix sum reaches alpha * total (eq. 10). After the fourth pass the
+threshold ``t`` is exact, and ``sum(v > t) + (k - count(v > t)) * t`` is the top-k sum, ties included.
+
+This driver is torch only; the histogram pass is a backend's (Triton in ``selection``, CUDA in ``csrc``),
+passed in as a launcher. Both sum a block of elements locally and flush one atomic per non-empty bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from sensilora.ops.reference import check_selection_args, topk_count
+
+RADIX_BITS = 8
+BUCKETS = 1 << RADIX_BITS
+SHIFTS = (24, 16, 8, 0)
+
+# histogram_pass(prefix (S, 2) int64, shift, hist_count (S, 2, 256) int64, hist_sum (S, 2, 256) fp64):
+# adds the counts and fp64 sums of the elements whose bits above ``shift + 8`` equal ``prefix``.
+HistogramPass = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], None]
+
+
+def block_table(offsets: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment, start) of every block of ``block`` elements, no block crossing a segment boundary."""
+    lengths = offsets[1:] - offsets[:-1]
+    blocks = (lengths + block - 1) // block
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), blocks)
+    first_block = torch.cumsum(blocks, 0) - blocks
+    start = (
+        offsets[:-1][segment] + (torch.arange(segment.numel(), device=offsets.device) - first_block[segment]) * block
+    )
+    return segment, start
+
+
+def _pick(cumulative: torch.Tensor, needed: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    """Index (descending bucket order) of the first bucket whose cumulative value reaches ``needed``,
+    never past the last usable bucket (guards fp64 rounding in the sums)."""
+    position = (cumulative < needed[..., None]).sum(-1)
+    last = BUCKETS - 1 - torch.flip(usable, [-1]).int().argmax(-1)
+    return torch.minimum(position, last)
+
+
+def radix_select(histogram_pass: HistogramPass, segments: int, device: torch.device, k_frac: float, alpha: float):
+    """Drive four histogram passes; returns (total fp64, topk mean fp64, effective rank int64), each (S,)."""
+    prefix = torch.zeros(segments, 2, dtype=torch.int64, device=device)
+    above_count = torch.zeros(segments, 2, dtype=torch.int64, device=device)
+    above_sum = torch.zeros(segments, 2, dtype=torch.float64, device=device)
+    hist_count = torch.empty(segments, 2, BUCKETS, dtype=torch.int64, device=device)
+    hist_sum = torch.empty(segments, 2, BUCKETS, dtype=torch.float64, device=device)
+    for number, shift in enumerate(SHIFTS):
+        hist_count.zero_()
+        hist_sum.zero_()
+        histogram_pass(prefix, shift, hist_count, hist_sum)
+        counts = torch.flip(hist_count, [-1])  # descending value order
+        sums = torch.flip(hist_sum, [-1])
+        cum_counts, cum_sums = counts.cumsum(-1), sums.cumsum(-1)
+        if number == 0:
+            total = cum_sums[:, 0, -1].clone()
+            k = topk_count(cum_counts[:, 0, -1], k_frac)
+            goal_sum = alpha * total
+        pick_count = _pick(cum_counts[:, 0].double(), (k - above_count[:, 0]).double(), counts[:, 0] > 0)
+        pick_sum = _pick(cum_sums[:, 1], goal_sum - above_sum[:, 1], sums[:, 1] > 0)
+        picks = torch.stack([pick_count, pick_sum], 1)
+        before = (picks - 1).clamp_min(0)[..., None]  # the last bucket wholly above the target
+        has_before = picks > 0
+        above_count += torch.where(has_before, cum_counts.gather(-1, before)[..., 0], 0)
+        above_sum += torch.where(has_before, cum_sums.gather(-1, before)[..., 0], 0.0)
+        prefix = prefix * BUCKETS + (BUCKETS - 1 - picks)
+    final_counts = counts.gather(-1, picks[..., None])[..., 0]  # elements equal to each threshold
+    threshold = prefix.to(torch.int32).view(torch.float32).double()  # exact values at the two targets
+    topk_mean = (above_sum[:, 0] + (k - above_count[:, 0]).double() * threshold[:, 0]) / k.double()
+    safe = torch.where(threshold[:, 1] > 0, threshold[:, 1], 1.0)
+    needed = torch.ceil((goal_sum - above_sum[:, 1]) / safe).long()
+    needed = torch.minimum(needed.clamp_min(1), final_counts[:, 1])
+    effective = torch.where(total > 0, above_count[:, 1] + needed, 0)
+    return total, topk_mean, effective
+
+
+def make_selection(histogram: Callable, block: int):
+    """The selection op over a backend's histogram launcher ``histogram(values, counts|None,
+    block_segment, block_start, offsets, prefix, shift, hist_count, hist_sum, block)``."""
+
+    def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha=0.85):
+        """Same contract as ``sensilora.ops.reference.topk_mean_and_effective_rank``."""
+        check_selection_args(values, offsets, counts, k_frac, alpha)
+        values = values.float().contiguous()
+        offsets = offsets.long().contiguous()
+        counts = counts.long().contiguous() if counts is not None else None
+        segment, start = block_table(offsets, block)
+
+        def histogram_pass(prefix, shift, hist_count, hist_sum):
+            histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block)
+
+        return radix_select(histogram_pass, offsets.numel() - 1, values.device, k_frac, alpha)
+
+    return topk_mean_and_effective_rank
+
+
+def make_saliency_selection(histogram: Callable, block: int):
+    """The fused obs op over a backend's launcher ``histogram(weight, inverse_diag fp32, block_segment,
+    block_start, offsets, prefix, shift, hist_count, hist_sum, block)`` that computes ``w_ij^2 / inverse_j``
+    on the fly: the saliencies of the matrix are never stored."""
+
+    def saliency_topk_mean_and_effective_rank(weight, inverse_diag, k_frac=0.5, alpha=0.85):
+        """Same contract as ``sensilora.ops.reference.saliency_topk_mean_and_effective_rank``."""
+        d_out, d_in = weight.shape
+        offsets = torch.tensor([0, d_out * d_in], dtype=torch.int64, device=weight.device)
+        check_selection_args(offsets, offsets, None, k_frac, alpha)
+        inverse = inverse_diag.float().contiguous()
+        segment, start = block_table(offsets, block)
+
+        def histogram_pass(prefix, shift, hist_count, hist_sum):
+            histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block)
+
+        return radix_select(histogram_pass, 1, weight.device, k_frac, alpha)
+
+    return saliency_topk_mean_and_effective_rank

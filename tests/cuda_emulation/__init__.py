@@ -1,0 +1,1 @@
+"""CUDA kernels built with g++ over a host shim (see emulated.py)."""
