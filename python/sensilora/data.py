@@ -37,9 +37,9 @@ def default_calibration_file() -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32", task: str = "causal-lm"):
+def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32"):
     """Load ``(model, tokenizer, name)`` from a local directory (a GGUF inside is used when there is no config.json)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path) if path is not None else default_model_dir()
     if not directory.is_dir():
@@ -52,10 +52,9 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
         if not ggufs:
             raise SensiloraError(f"{directory} has neither config.json nor a .gguf file; it is not a model directory")
         kwargs["gguf_file"] = (directory / DEFAULT_GGUF).name if (directory / DEFAULT_GGUF).is_file() else ggufs[0].name
-    model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = model_class.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise SensiloraError(f"cannot load a model from {directory}: {error}") from error
     if tokenizer.pad_token is None:
