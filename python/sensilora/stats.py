@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import SensiloraError
-from .io import atomic_path
+from .io import write_with_atomic
 
 FORMAT = "sensilora.stats/1"
 MODES = ("diag", "obs")
@@ -69,6 +70,10 @@ class SensitivityStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file (atomically): tensors per input, the rest as JSON metadata."""
+        write_with_atomic(path, self.write_to)
+
+    def write_to(self, path: Path) -> None:
+        """Write the safetensors file to ``path`` directly (``save`` and ``io.commit_outputs`` make it atomic)."""
         keys = list(self.inputs)
         tensors = {}
         for index, key in enumerate(keys):
@@ -88,8 +93,7 @@ class SensitivityStats:
             "inputs": [{"key": k, "num_tokens": self.inputs[k].num_tokens, "damp": self.inputs[k].damp} for k in keys],
             "info": self.info,
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"sensilora": json.dumps(header)})
+        save_file(tensors, str(path), metadata={"sensilora": json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SensitivityStats":
