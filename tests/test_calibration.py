@@ -138,9 +138,17 @@ def test_errors_are_clear():
 
 def test_non_finite_activations_name_module_and_batch():
     model = tiny_llama()
+    with torch.no_grad():  # a norm weight is not a target: the activations after it are the first to show it
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
+    with pytest.raises(SensiloraError, match=r"model\.layers\.1\.mlp\.gate_proj.*batch 0"):
+        calibrate(model, random_batches(), progress=False)
+
+
+def test_non_finite_target_weights_are_named_before_calibrating():
+    model = tiny_llama()
     with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
-    with pytest.raises(SensiloraError, match=r"model\.layers\.1\.mlp\.down_proj.*batch 0"):
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SensiloraError, match=r"hold NaN/Inf, e\.g\. \['model\.layers\.1\.mlp\.up_proj'\]"):
         calibrate(model, random_batches(), progress=False)
 
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .config import BUDGETS, METRIC_SETS, WEIGHTINGS, AllocationConfig, check_choice
+from .config import AGGREGATIONS, BUDGETS, METRIC_SETS, WEIGHTINGS, AllocationConfig, check_choice
 from .errors import SensiloraError
 from .metrics import ModuleMetrics
 
@@ -19,14 +19,36 @@ def _coefficient(values: np.ndarray, weighting: str) -> float:
     return float(values.std()) / mean**2 if weighting == "cv" else 0.5 / mean
 
 
-def combine(metrics: dict[str, ModuleMetrics], metric_set: str = "both", weighting: str = "cv") -> dict[str, float]:
-    """theta per module (eqs. 11-14), or S_global / S_local alone for the paper's ablations."""
+def normalised_ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share one) divided by the count: (n,) -> (n,) in (0, 1], order kept."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse] / len(values)
+
+
+def combine(
+    metrics: dict[str, ModuleMetrics],
+    metric_set: str = "both",
+    weighting: str = "cv",
+    aggregation: str = "paper",
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """theta per module (eqs. 11-14), or S_global / S_local alone for the paper's ablations.
+
+    aggregation="rank" replaces each metric by its normalised rank before combining (METHOD.md 3b);
+    temperature raises theta to that power (1: unchanged, 0: uniform).
+    """
     check_choice("metrics", metric_set, METRIC_SETS)
     check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
     names = list(metrics)
-    global_s = np.array([metrics[n].global_sensitivity for n in names], dtype=np.float64)
-    topk = np.array([metrics[n].topk for n in names], dtype=np.float64)
-    eff = np.array([metrics[n].effective_rank for n in names], dtype=np.float64)
+    columns = [
+        np.array([getattr(metrics[n], field) for n in names], dtype=np.float64)
+        for field in ("global_sensitivity", "topk", "effective_rank")
+    ]
+    if aggregation == "rank":
+        columns = [normalised_ranks(column) for column in columns]
+    global_s, topk, eff = columns
     local = _coefficient(topk, weighting) * topk + _coefficient(eff, weighting) * eff
     if metric_set == "global":
         theta = global_s
@@ -34,6 +56,8 @@ def combine(metrics: dict[str, ModuleMetrics], metric_set: str = "both", weighti
         theta = local
     else:
         theta = _coefficient(global_s, weighting) * global_s + _coefficient(local, weighting) * local
+    if temperature != 1.0:
+        theta = np.power(np.maximum(theta, 0.0), temperature)
     return dict(zip(names, theta.tolist()))
 
 

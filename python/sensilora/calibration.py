@@ -7,40 +7,22 @@ import math
 import time
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
+from . import fisher, ops
+from .batches import iterate_batches, sequence_start_mask
 from .errors import SensiloraError
 from .stats import MODES, InputStats, SensitivityStats
-from .targets import TargetSpec, find_targets, linear_shape
+from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape
 
 Batch = Mapping[str, torch.Tensor]
 # Hessians of one size are inverted together, this many at a time (bounds the extra memory).
 INVERSE_CHUNK = 8
-
-
-def _as_batch(item: Any) -> dict[str, Any]:
-    if isinstance(item, torch.Tensor):
-        return {"input_ids": item if item.dim() > 1 else item[None]}
-    if isinstance(item, Mapping):
-        return {key: value for key, value in item.items() if key != "labels"}
-    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        return {"input_ids": item[0], **({"attention_mask": item[1]} if len(item) > 1 else {})}
-    raise SensiloraError(
-        f"calibration batch of type {type(item).__name__} is not supported: give dicts with 'input_ids' "
-        "(and 'attention_mask'), input_ids tensors, or a DataLoader yielding either"
-    )
-
-
-def _batches(batches: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(batches, (torch.Tensor, Mapping)):
-        batches = [batches]
-    for item in batches:
-        yield _as_batch(item)
+STATISTICS = ("hessian", "fisher")
 
 
 class _Accumulator:
@@ -138,21 +120,6 @@ class _Collector:
         )
 
 
-def check_weights_finite(targets: dict[str, nn.Module]) -> None:
-    """Refuse target modules whose (floating point) weights hold NaN/Inf, by name, before any forward pass:
-    they would poison the statistics silently in diag mode and break the inverse in obs mode."""
-    bad = [
-        name
-        for name, module in targets.items()
-        if torch.is_floating_point(module.weight) and not bool(torch.isfinite(module.weight).all())
-    ]
-    if bad:
-        raise SensiloraError(
-            f"the weights of {len(bad)} target module(s) hold NaN/Inf, e.g. {bad[:3]}: the checkpoint is damaged; "
-            "reload or re-download the model"
-        )
-
-
 def forward_kwargs(model: nn.Module) -> dict[str, Any]:
     """Extra keyword arguments for a statistics-only forward: no KV cache where the model takes one."""
     try:
@@ -194,29 +161,46 @@ def calibrate(
     mode: str = "diag",
     target_modules: TargetSpec = None,
     *,
+    statistic: str = "hessian",
+    exclude_first: int = 0,
     damp: float = 0.01,
     progress: bool = True,
     model_name: str | None = None,
 ) -> SensitivityStats:
-    """Run the calibration forward passes and return the per-module Hessian statistics.
+    """Run the calibration passes and return the per-module statistics (METHOD.md section 1).
 
-    batches: a DataLoader, an iterable of dicts (``input_ids``, ``attention_mask``, ...), input_ids
-    tensors (B, T), or one of these alone. Padding (``attention_mask == 0``) is excluded. mode:
-    ``"diag"`` (the paper: per-column sums of squared activations) or ``"obs"`` (full ``X^T X``
-    per distinct input, then the damped inverse diagonal). Sums are fp32 whatever the model dtype;
-    no autograd graph is built; hooks are removed and train/eval flags restored even on error.
+    batches: a DataLoader, an iterable of dicts (``input_ids``, ``attention_mask``, ``labels``, ...),
+    input_ids tensors (B, T), or one of these alone. Padding (``attention_mask == 0``) is excluded.
+    mode: ``"diag"`` (the paper: per-column sums of squared activations) or ``"obs"`` (full ``X^T X``
+    per distinct input, then the damped inverse diagonal). statistic: ``"hessian"`` (the layer-wise
+    Hessian proxy, forward passes only, no autograd graph) or ``"fisher"`` (diag mode: squared activations
+    weighted per token by the squared output-gradient norm of the model's loss; one backward pass a batch).
+    exclude_first: leave out the first k real tokens of every sequence (0: every token, exact).
+    Sums are fp32 whatever the model dtype; hooks are removed and train/eval and requires_grad flags
+    restored even on error.
     """
     if mode not in MODES:
         raise SensiloraError(f"mode must be one of {MODES}, got {mode!r}")
+    if statistic not in STATISTICS:
+        raise SensiloraError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if statistic == "fisher" and mode != "diag":
+        raise SensiloraError("statistic='fisher' is a diagonal statistic: use it with mode='diag'")
+    if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
+        raise SensiloraError(f"exclude_first must be a non-negative integer, got {exclude_first!r}")
     ops.load_backends()
     targets = find_targets(model, target_modules)
     check_weights_finite(targets)
     collector = _Collector(mode, {name: linear_shape(module) for name, module in targets.items()})
     training_flags = {module: module.training for module in model.modules()}
-    handles = [
-        module.register_forward_pre_hook(lambda _module, args, _name=name: collector.observe(_name, args[0]))
-        for name, module in targets.items()
-    ]
+    if statistic == "fisher":
+        handles = fisher.output_gradient_hooks(targets, collector.observe)
+        passes = fisher.activation_gradients_only(model)
+    else:
+        handles = [
+            module.register_forward_pre_hook(lambda _module, args, _name=name: collector.observe(_name, args[0]))
+            for name, module in targets.items()
+        ]
+        passes = torch.no_grad()
     extra = forward_kwargs(model)
     device = next(model.parameters()).device
     total = len(batches) if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)) else None
@@ -224,12 +208,15 @@ def calibrate(
     seen_batches = 0
     try:
         model.eval()
-        with torch.no_grad():
+        with passes:
             for index, batch in enumerate(
-                tqdm(_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)
+                tqdm(iterate_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)
             ):
                 seen_batches += 1
                 mask = batch.get("attention_mask")
+                if exclude_first:
+                    mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
+                    mask = sequence_start_mask(mask.bool(), exclude_first)
                 if mask is not None:
                     mask = mask.bool()
                     real = int(mask.sum())
@@ -238,8 +225,17 @@ def calibrate(
                 else:
                     real = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
                 collector.start_batch(mask, real)
-                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                model(**inputs, **extra)
+                if statistic == "fisher":
+                    inputs = {
+                        k: v.to(device) if isinstance(v, torch.Tensor) else v
+                        for k, v in fisher.with_labels(model, batch).items()
+                    }
+                    fisher.backward_pass(model, inputs, extra)
+                else:
+                    inputs = {
+                        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"
+                    }
+                    model(**inputs, **extra)
                 if not collector.accumulators:
                     raise SensiloraError(
                         "no target module ran during the forward pass; check target_modules and the batch keys"
@@ -270,5 +266,12 @@ def calibrate(
         module_inputs={name: collector.by_module[name].key for name in targets},
         inputs=inputs,
         model_name=model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
-        info={"batches": seen_batches, "tokens": first.num_tokens, "seconds": round(elapsed, 3), "damp": damp},
+        info={
+            "batches": seen_batches,
+            "tokens": first.num_tokens,
+            "seconds": round(elapsed, 3),
+            "damp": damp,
+            "statistic": statistic,
+            "exclude_first": exclude_first,
+        },
     )

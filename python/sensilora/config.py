@@ -11,6 +11,7 @@ METHODS = ("sra", "pra")
 METRIC_SETS = ("both", "global", "local")
 WEIGHTINGS = ("cv", "equal")
 BUDGETS = ("ranks", "params")
+AGGREGATIONS = ("paper", "rank")
 
 
 def check_choice(label: str, value: object, choices: tuple[str, ...]) -> None:
@@ -44,6 +45,10 @@ class AllocationConfig:
     min_rank, max_rank: bounds on every rank (max_rank None: min(d_out, d_in)).
     budget: "ranks" (sum of ranks = avg_rank x #matrices) or "params" (trainable parameters of uniform
     LoRA at avg_rank, not exceeded). pra_groups: PRA's number of groups.
+    aggregation: "paper" (eqs. 11-14 on the metrics as they are) or "rank" (each metric replaced by its
+    normalised rank among the matrices first, so no outlier rules theta; METHOD.md section 3b).
+    temperature: theta ** temperature before allocating (1: as combined; 0: uniform; in between: tempered).
+    use_rslora: train with rsLoRA scaling alpha / sqrt(r) (one alpha for every rank) instead of alpha / r.
     """
 
     avg_rank: int = 8
@@ -56,6 +61,9 @@ class AllocationConfig:
     max_rank: int | None = None
     budget: str = "ranks"
     pra_groups: int = 3
+    aggregation: str = "paper"
+    temperature: float = 1.0
+    use_rslora: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("avg_rank", self.avg_rank)
@@ -78,6 +86,15 @@ class AllocationConfig:
             raise SensiloraError(
                 f"min_rank={self.min_rank} exceeds avg_rank={self.avg_rank}; lower min_rank or raise avg_rank"
             )
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not 0 <= self.temperature <= 4
+        ):
+            raise SensiloraError(f"temperature must be a number in [0, 4] (1: the paper), got {self.temperature!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise SensiloraError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if self.method == "pra" and self.budget != "ranks":
             raise SensiloraError("PRA assigns rank offsets; use budget='ranks' with method='pra'")
 

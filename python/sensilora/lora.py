@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from torch import nn
@@ -46,6 +47,9 @@ def lora_config(
 
     lora_alpha: alpha at r=avg_rank (default 2*avg_rank). keep_alpha_ratio: give every module
     ``alpha = lora_alpha/avg_rank * r`` so that the LoRA scaling alpha/r is the same everywhere.
+    With ``allocation.config.use_rslora`` (or ``use_rslora=True`` here) the scaling is rsLoRA's
+    ``alpha' / sqrt(r)`` with one ``alpha' = lora_alpha / sqrt(avg_rank)`` for every module: equal to plain
+    LoRA's ``lora_alpha / avg_rank`` at the average rank, falling as ``1 / sqrt(r)`` above it.
     Other keyword arguments (lora_dropout, task_type, modules_to_save, ...) go to LoraConfig.
     """
     import peft
@@ -60,6 +64,9 @@ def lora_config(
     alpha_pattern = (
         {pattern_key(name): ratio * rank for name, rank in allocation.ranks.items()} if keep_alpha_ratio else {}
     )
+    lora_kwargs.setdefault("use_rslora", allocation.config.use_rslora)
+    if lora_kwargs["use_rslora"]:
+        alpha, alpha_pattern = alpha / math.sqrt(allocation.avg_rank), {}
     return peft.LoraConfig(
         r=allocation.avg_rank,
         lora_alpha=alpha,

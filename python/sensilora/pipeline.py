@@ -27,7 +27,7 @@ def allocate(
         )
     config = (config or AllocationConfig()).replace(**overrides)
     module_metrics = compute_metrics(stats, config.k_frac, config.alpha, model=model)
-    theta = combine(module_metrics, config.metrics, config.weighting)
+    theta = combine(module_metrics, config.metrics, config.weighting, config.aggregation, config.temperature)
     shapes = {n: tuple(stats.module_shapes[n]) for n in theta}
     ranks = assign_ranks(theta, shapes, config)
     return RankAllocation(ranks, theta, module_metrics, shapes, config, stats.mode, dict(stats.info), stats.model_name)

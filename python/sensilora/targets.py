@@ -81,3 +81,18 @@ def layer_and_kind(name: str) -> tuple[int | None, str]:
         if part.isdigit():
             return int(part), ".".join(parts[index + 1 :]) or name
     return None, name
+
+
+def check_weights_finite(targets: dict[str, nn.Module]) -> None:
+    """Refuse target modules whose (floating point) weights hold NaN/Inf, by name, before any forward pass:
+    they would poison the statistics silently in diag mode and break the inverse in obs mode."""
+    bad = [
+        name
+        for name, module in targets.items()
+        if torch.is_floating_point(module.weight) and not bool(torch.isfinite(module.weight).all())
+    ]
+    if bad:
+        raise SensiloraError(
+            f"the weights of {len(bad)} target module(s) hold NaN/Inf, e.g. {bad[:3]}: the checkpoint is damaged; "
+            "reload or re-download the model"
+        )

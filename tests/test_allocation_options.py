@@ -1,0 +1,116 @@
+"""The research options of METHOD.md: the loss-aware (Fisher) statistic, sink exclusion, rank aggregation,
+temperature, rsLoRA. Each is checked against a direct computation; each default leaves the paper's method."""
+
+import math
+
+import pytest
+import torch
+from sensilora import AllocationConfig, SensiloraError, allocate, calibrate, combine, lora_config
+from sensilora.metrics import ModuleMetrics
+
+from tests.models import random_batches, tiny_bert, tiny_llama
+
+NAME = "model.layers.1.mlp.down_proj"
+
+
+def captured(model, name, batches, backward=False):
+    """(inputs x, output gradients or None) of module ``name`` for each batch, by plain autograd."""
+    module = dict(model.named_modules())[name]
+    seen = []
+
+    def hook(_module, args, output):
+        seen.append([args[0].detach(), None])
+        if backward:
+            output.register_hook(lambda g: seen[-1].__setitem__(1, g.detach()))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for batch in batches:
+            if backward:
+                labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+                embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+                model(
+                    inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels, use_cache=False
+                ).loss.backward()
+            else:
+                with torch.no_grad():
+                    model(**batch, use_cache=False)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_fisher_statistic_equals_autograd():
+    model, batches = tiny_llama(), random_batches()
+    stats = calibrate(model, batches, statistic="fisher", progress=False)
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    total, tokens = torch.zeros(stats.module_shapes[NAME][1], dtype=torch.float64), 0
+    for (x, g), batch in zip(captured(model, NAME, batches, backward=True), batches):
+        keep = batch["attention_mask"].bool()
+        weights = g.double().square().sum(-1)
+        total += (weights[..., None] * x.double().square())[keep].sum(0)
+        tokens += int(keep.sum())
+    torch.testing.assert_close(stats.hessian_diag(NAME).double(), 2 * total / tokens, rtol=1e-4, atol=1e-12)
+    assert stats.info["statistic"] == "fisher"
+    assert len(set(stats.module_inputs.values())) == len(stats.module_names)  # q/k/v no longer share: own gradients
+
+
+def test_fisher_needs_labels_outside_causal_lms():
+    with pytest.raises(SensiloraError, match="needs the loss: give BertForSequenceClassification calibration batches"):
+        calibrate(tiny_bert(), random_batches(), statistic="fisher", progress=False)
+    batches = [{**b, "labels": torch.tensor([0, 1, 2])} for b in random_batches()]
+    stats = calibrate(tiny_bert(), batches, statistic="fisher", progress=False)
+    assert all(torch.isfinite(stats.hessian_diag(n)).all() for n in stats.module_names)
+    with pytest.raises(SensiloraError, match="use it with mode='diag'"):
+        calibrate(tiny_llama(), random_batches(), mode="obs", statistic="fisher", progress=False)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_exclude_first_tokens(k):
+    model, batches = tiny_llama(), random_batches(pad_tail=True)
+    stats = calibrate(model, batches, exclude_first=k, progress=False)
+    total, tokens = 0.0, 0
+    for (x, _), batch in zip(captured(model, NAME, batches), batches):
+        keep = batch["attention_mask"].bool().clone()
+        keep[:, :k] = False  # right padding: the first k positions are the first k real tokens
+        total = total + x.double().square()[keep].sum(0)
+        tokens += int(keep.sum())
+    torch.testing.assert_close(stats.hessian_diag(NAME).double(), 2 * total / tokens, rtol=1e-5, atol=1e-9)
+    if k == 0:  # off means exactly the paper's statistic
+        assert torch.equal(stats.hessian_diag(NAME), calibrate(model, batches, progress=False).hessian_diag(NAME))
+
+
+def test_rank_aggregation_and_temperature():
+    metrics = {
+        "a": ModuleMetrics(1e6, 1e3, 10),  # an outlier in the trace
+        "b": ModuleMetrics(2.0, 2.0, 20),
+        "c": ModuleMetrics(1.0, 1.0, 30),
+    }
+    paper = combine(metrics)
+    ranked = combine(metrics, aggregation="rank")
+    assert paper["a"] / paper["c"] > 10 and ranked["a"] / ranked["c"] < 3  # the outlier no longer rules
+    assert combine(metrics, temperature=0.0) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    tempered = combine(metrics, temperature=0.5)
+    assert all(math.isclose(tempered[n], math.sqrt(paper[n])) for n in metrics)
+
+
+def test_defaults_are_the_paper_and_options_are_recorded(tmp_path):
+    stats = calibrate(tiny_llama(), random_batches(), progress=False)
+    assert allocate(stats, avg_rank=4).ranks == allocate(stats, avg_rank=4, aggregation="paper", temperature=1.0).ranks
+    tempered = allocate(stats, avg_rank=4, temperature=0.0)
+    assert sum(tempered.ranks.values()) == 4 * len(tempered.ranks)
+    assert max(tempered.ranks.values()) - min(tempered.ranks.values()) <= 1
+    with pytest.raises(SensiloraError, match="temperature must be a number"):
+        AllocationConfig(temperature=-1)
+
+
+def test_rslora_scaling():
+    stats = calibrate(tiny_llama(), random_batches(), progress=False)
+    allocation = allocate(stats, avg_rank=4, use_rslora=True)
+    config = lora_config(allocation, lora_alpha=8)
+    assert config.use_rslora and not config.alpha_pattern and config.lora_alpha == pytest.approx(8 / 2)
+    plain = lora_config(allocate(stats, avg_rank=4), lora_alpha=8)
+    assert not plain.use_rslora and len(plain.alpha_pattern) == len(allocation.ranks)
+    assert allocation.to_dict()["config"]["use_rslora"] is True
