@@ -1,20 +1,36 @@
-"""The quality harness runs end to end (its --smoke configuration: seconds of training, no claims)."""
+"""The quality harness runs end to end (its --smoke configuration: seconds of training, no claims), and its
+paired statistics are right."""
 
 import json
 
+import numpy as np
 import pytest
+
+from benchmarks.quality.paired import holm, paired_difference
+
+
+def test_paired_difference_and_holm():
+    method, baseline = np.array([0.70, 0.72, 0.71, 0.73, 0.74]), np.array([0.69, 0.70, 0.70, 0.71, 0.71])
+    result = paired_difference(method, baseline, higher_is_better=True)
+    assert result["improvement"] == pytest.approx(0.018)
+    assert result["ci_low"] > 0 and result["p"] < 0.01
+    flipped = paired_difference(baseline, method, higher_is_better=False)  # perplexity: lower is better
+    assert flipped["improvement"] == pytest.approx(0.018) and flipped["p"] == pytest.approx(result["p"])
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
 
 
 @pytest.mark.slow
-def test_quality_smoke_nlu(tmp_path):
-    from benchmarks.quality import run_quality
+def test_quality_smoke(tmp_path):
+    from benchmarks.quality import methods, run_quality
 
-    assert run_quality.main(["--smoke", "--tasks", "nlu", "--results", str(tmp_path)]) == 0
+    assert run_quality.main(["--smoke", "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "quality_smoke.json").read_text())
-    methods = [row["method"] for row in data["rows"]]
-    assert methods == list(run_quality.METHODS)
-    lora = next(r for r in data["rows"] if r["method"] == "lora")
-    sra = next(r for r in data["rows"] if r["method"] == "sensilora-diag")
-    assert sra["trainable_params"] <= lora["trainable_params"]  # same parameter budget (or just under)
-    assert all(0.0 <= row["accuracy_mean"] <= 1.0 for row in data["rows"])
+    nlu = [row for row in data["rows"] if row["task"] == "NLU"]
+    assert [row["method"] for row in nlu] == list(methods.ALL_METHODS)
+    lora = next(r for r in nlu if r["method"] == "lora")
+    for row in nlu:
+        if row["method"] in methods.SENSILORA_VARIANTS or row["method"] == "shuffled":
+            assert row["trainable_params"] <= lora["trainable_params"]  # same parameter budget (or just under)
+    assert all(0.0 <= row["mean"] <= 1.0 for row in nlu)
+    assert data["environment"]["decision"]["default"] in run_quality.PRIMARY
     assert (tmp_path / "quality_smoke.png").read_bytes()[:4] == b"\x89PNG"

