@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         columns = (256, 512, 1024) if args.quick else (256, 512, 1024, 2048, 4096)
         rows += naive_vs_sensilora(device, columns=columns, tokens=2048)
         rows += per_op(device, columns=(576, 1536), batch=1, seq=2048, dtype=torch.float32)
-        from sensilora.data import load_model
+        from sensilora.models import load_model
 
         model, tokenizer, _ = load_model()
         for sequences, seq_len in ((2, 256), (4, 256)) if args.quick else ((2, 256), (4, 256), (8, 256), (16, 256)):

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer, name) of the real SmolLM2-135M-Instruct (GGUF, dequantised to fp32)."""
-    from sensilora.data import load_model
+    from sensilora.models import load_model
 
     return load_model()
 

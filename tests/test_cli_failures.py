@@ -11,14 +11,14 @@ import sensilora
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sensilora import io
+from sensilora import allocate_command, io
 from sensilora.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer LLaMA with SmolLM2's tokenizer, saved as a Hugging Face directory (loads in a second)."""
-    from sensilora.data import DEFAULT_GGUF, default_model_dir
+    from sensilora.models import DEFAULT_GGUF, default_model_dir
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def allocate_args(model, out: Path, *extra) -> list[str]:
-    return ["allocate", "--model", str(model), "--samples", "2", "--seq-len", "16", "--quiet",
+    return ["allocate", "--model", str(model), "--samples", "2", "--seq-len", "16", "--quiet", "--min-tokens", "1",
             "--output", str(out / "r.json"), "--plot", str(out / "r.png"), *extra]  # fmt: skip
 
 
@@ -76,7 +76,9 @@ def test_cuda_device_on_a_cpu_machine(tmp_path, capsys):
 
 
 def test_shape_dependent_checks_run_before_calibration(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sensilora, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking the budget"))
+    monkeypatch.setattr(
+        allocate_command, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking the budget")
+    )
     run_failing(allocate_args(tiny_model_dir, tmp_path, "--avg-rank", "5000"), capsys, "avg_rank=5000 exceeds")
     assert listing(tmp_path) == {}
 
@@ -85,7 +87,7 @@ def test_ctrl_c_exits_130_and_writes_nothing(tiny_model_dir, tmp_path, capsys, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sensilora, "calibrate", interrupted)
+    monkeypatch.setattr(allocate_command, "calibrate", interrupted)
     run_failing(allocate_args(tiny_model_dir, tmp_path), capsys, "interrupted; nothing was written", code=130)
     assert listing(tmp_path) == {}
 
@@ -169,3 +171,60 @@ def test_commit_is_all_or_nothing(tmp_path_factory, fail_at, existing):
         assert {Path(k).name: v for k, v in listing(directory).items()} == {
             t.name: f"new {t.name}".encode() for t in targets
         }
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("a.jsonl", '{"text": "fine"}\n{"body": "no text field"}\n', "a.jsonl:2 has no string field 'text'"),
+        ("a.json", '{"text": "an object, not a list"}', "holds a JSON dict"),
+        ("a.json", "[1, 2", "is not valid JSON"),
+        ("blank.txt", "   \n\t\n", "empty after tokenization"),
+        ("one.txt", "x", "fewer than the 2048 that give stable ranks"),
+    ],
+)
+def test_calibration_text_is_read_strictly(tiny_model_dir, tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_text(content)
+    args = allocate_args(
+        tiny_model_dir, tmp_path / "out", "--calibration", str(tmp_path / name), "--min-tokens", "2048"
+    )
+    run_failing(args, capsys, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_field_short_text_warning_and_seq_len_floor(tiny_model_dir, tmp_path, capsys):
+    records = [json.dumps({"body": f"verse {i} " * 40}) for i in range(60)]
+    (tmp_path / "c.jsonl").write_text("\n".join(records))
+    base = allocate_args(
+        tiny_model_dir, tmp_path / "out", "--calibration", str(tmp_path / "c.jsonl"), "--samples", "400"
+    )
+    assert main([*base, "--text-field", "body", "--seq-len", "64", "--min-tokens", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the calibration text gives" in err and "of the 25600 tokens asked for" in err
+    run_failing([*base, "--text-field", "body", "--seq-len", "1"], capsys, "seq_len=1 is below 16")
+
+
+def test_allocate_from_saved_statistics(tiny_model_dir, tmp_path, capsys):
+    stats = tmp_path / "stats.safetensors"
+    assert main([*allocate_args(tiny_model_dir, tmp_path, "--min-tokens", "1"), "--stats", str(stats)]) == 0
+    first = json.loads((tmp_path / "r.json").read_text())
+    again = ["allocate", "--from-stats", str(stats), "--quiet", "--output", str(tmp_path / "again.json"),
+             "--plot", str(tmp_path / "again.png"), "--model", str(tmp_path / "never-loaded")]  # fmt: skip
+    assert main(again) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "again.json").read_text())["modules"] == first["modules"]
+    obs_stats = tmp_path / "obs.safetensors"
+    args = allocate_args(
+        tiny_model_dir, tmp_path / "obs", "--min-tokens", "1", "--mode", "obs", "--stats", str(obs_stats)
+    )
+    assert main(args) == 0
+    capsys.readouterr()
+    no_model = [
+        "allocate",
+        "--from-stats",
+        str(obs_stats),
+        "--output",
+        str(tmp_path / "x.json"),
+        "--plot",
+        str(tmp_path / "x.png"),
+    ]
+    run_failing(no_model, capsys, "obs-mode statistics: the saliencies need the model's weights; pass --model DIR")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sensilora.data import calibration_batches, load_model
+from sensilora.data import calibration_batches
+from sensilora.models import load_model
 from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS, environment, write_results

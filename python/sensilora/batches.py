@@ -35,3 +35,24 @@ def sequence_start_mask(mask: torch.Tensor, exclude_first: int) -> torch.Tensor:
     (drops the attention sink: position 0 of a window often carries massive activations, METHOD.md 1c)."""
     position = mask.long().cumsum(dim=1) - 1
     return mask & (position >= exclude_first)
+
+
+def model_inputs(model, batch: dict[str, Any]) -> dict[str, Any]:
+    """The forward's keyword arguments for a calibration batch. Encoder-decoder models (T5, BART) also get
+    decoder inputs as in training: the input ids shifted right (``prepare_decoder_input_ids_from_labels``)
+    with the attention mask shifted alike. The statistics mask both stacks with the encoder's mask, so a
+    decoder module counts the start token and misses each sequence's last token (same count, shifted by one)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in batch:
+        return batch
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        raise SensiloraError(
+            f"{type(model).__name__} is an encoder-decoder model without prepare_decoder_input_ids_from_labels; "
+            "give calibration batches with decoder_input_ids"
+        )
+    extra = {"decoder_input_ids": prepare(labels=batch["input_ids"])}
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        extra["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    return {**batch, **extra}

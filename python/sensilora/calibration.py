@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fisher, ops
-from .batches import iterate_batches, sequence_start_mask
+from .batches import iterate_batches, model_inputs, sequence_start_mask
 from .errors import SensiloraError
 from .stats import MODES, InputStats, SensitivityStats
 from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape
@@ -226,15 +226,15 @@ def calibrate(
                     real = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
                 collector.start_batch(mask, real)
                 if statistic == "fisher":
-                    inputs = {
-                        k: v.to(device) if isinstance(v, torch.Tensor) else v
-                        for k, v in fisher.with_labels(model, batch).items()
-                    }
+                    batch = fisher.with_labels(model, batch)
+                else:
+                    batch = {k: v for k, v in batch.items() if k != "labels"}
+                inputs = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(model, batch).items()
+                }
+                if statistic == "fisher":
                     fisher.backward_pass(model, inputs, extra)
                 else:
-                    inputs = {
-                        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"
-                    }
                     model(**inputs, **extra)
                 if not collector.accumulators:
                     raise SensiloraError(

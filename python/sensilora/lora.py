@@ -109,6 +109,7 @@ def get_peft_model(model: nn.Module, allocation: RankAllocation, adapter_name: s
     (``fan_in_fan_out`` defaults to True where the targets are transposed ``Conv1D`` layers)."""
     import peft
 
+    allocation = allocation.for_model(model)
     allocation.check_model(model)
     modules = dict(model.named_modules())
     if any(stores_weight_transposed(modules[name]) for name in allocation.ranks):

@@ -13,20 +13,25 @@ from .stats import SensitivityStats
 
 
 def allocate(
-    stats: SensitivityStats, config: AllocationConfig | None = None, *, model: nn.Module | None = None, **overrides
+    stats: SensitivityStats,
+    config: AllocationConfig | None = None,
+    *,
+    model: nn.Module | None = None,
+    progress: bool = False,
+    **overrides,
 ) -> RankAllocation:
     """Sensitivity-LoRA ranks from calibration statistics.
 
     config: an ``AllocationConfig`` (default: the paper's SRA at avg_rank 8); ``overrides`` replace
     fields of it, e.g. ``allocate(stats, avg_rank=4, max_rank=16)``. ``model`` (the calibrated model)
-    is needed in obs mode only, for the weights in the saliencies.
+    is needed in obs mode only, for the weights in the saliencies. progress: a bar over the obs metrics.
     """
     if config is not None and not isinstance(config, AllocationConfig):
         raise SensiloraError(
             f"allocate's second argument is an AllocationConfig, got {type(config).__name__}; pass avg_rank=... by name"
         )
     config = (config or AllocationConfig()).replace(**overrides)
-    module_metrics = compute_metrics(stats, config.k_frac, config.alpha, model=model)
+    module_metrics = compute_metrics(stats, config.k_frac, config.alpha, model=model, progress=progress)
     theta = combine(module_metrics, config.metrics, config.weighting, config.aggregation, config.temperature)
     shapes = {n: tuple(stats.module_shapes[n]) for n in theta}
     ranks = assign_ranks(theta, shapes, config)

