@@ -49,17 +49,15 @@ def allocation_config(args):
     """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
     from .config import AllocationConfig
 
+    if args.exclude_first < 0:
+        raise SensiloraError(f"--exclude-first must be 0 or more, got {args.exclude_first}")
+    if args.statistic == "fisher" and args.mode != "diag":
+        raise SensiloraError("--statistic fisher is a diagonal statistic: use it with --mode diag")
     return AllocationConfig(
-        avg_rank=args.avg_rank,
-        method=args.method,
-        metrics=args.metrics,
-        weighting=args.weighting,
-        k_frac=args.k_frac,
-        alpha=args.alpha,
-        min_rank=args.min_rank,
-        max_rank=args.max_rank,
-        budget=args.budget,
-    )
+        avg_rank=args.avg_rank, method=args.method, metrics=args.metrics, weighting=args.weighting, k_frac=args.k_frac,
+        alpha=args.alpha, min_rank=args.min_rank, max_rank=args.max_rank, budget=args.budget,
+        aggregation=args.aggregation, temperature=args.temperature, use_rslora=args.rslora,
+    )  # fmt: skip
 
 
 def check_device(name: str) -> str:
@@ -94,8 +92,9 @@ def new_statistics(args, config):
         tokenizer, texts, args.samples, args.seq_len, args.batch_size, args.seed, minimum=args.min_tokens
     )
     stats = calibrate(
-        model, batches, mode=args.mode, target_modules=args.target_modules, progress=not args.quiet, model_name=name
-    )
+        model, batches, mode=args.mode, target_modules=args.target_modules, statistic=args.statistic,
+        exclude_first=args.exclude_first, progress=not args.quiet, model_name=name,
+    )  # fmt: skip
     stats.info["calibration_files"] = [str(f) for f in files]
     return stats, model, name
 
