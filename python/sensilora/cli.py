@@ -35,6 +35,7 @@ def _allocate_parser(sub) -> None:
     p.add_argument("--max-rank", type=int, help="cap on any one rank (unset: min(d_out, d_in))")
     p.add_argument("--aggregation", choices=["paper", "rank"], default="paper", help="metrics as they are, or ranked")
     p.add_argument("--temperature", type=float, default=1.0, help="theta ** T before allocating (0: uniform)")
+    p.add_argument("--rank-multiple", type=int, default=1, help="every rank a multiple of N (serving kernels)")
     p.add_argument("--rslora", action="store_true", help="record rsLoRA scaling (alpha / sqrt(r)) for training")
     p.add_argument("--statistic", choices=["hessian", "fisher"], default="hessian", help="X^T X, or loss-aware")
     p.add_argument("--exclude-first", type=int, default=0, help="leave out the first K tokens of every window")
@@ -58,6 +59,38 @@ def _compare_parser(sub) -> None:
     p.add_argument("first", help="a ranks JSON written by sensilora allocate")
     p.add_argument("second", help="another ranks JSON for the same model")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", formatter_class=HELP_FORMAT, help="ranks into a peft adapter directory, a LoraConfig or axolotl"
+    )
+    p.add_argument("ranks", help="a ranks JSON written by sensilora allocate")
+    p.add_argument("out", help="peft: a new adapter directory; json/axolotl: the file to write")
+    p.add_argument("--to", choices=["peft", "json", "axolotl"], default="peft", help="what to write")
+    p.add_argument("--model", help="peft: the base model directory (unset: the default SmolLM2)")
+    p.add_argument("--lora-alpha", type=float, help="alpha at the average rank (unset: 2 x avg rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout recorded in the config")
+    p.add_argument("--adapter-dir", default="sensilora-adapter", help="axolotl: the adapter directory to point to")
+
+
+def run_export(args) -> int:
+    from .export import export_peft, export_text
+    from .io import check_output_paths, commit_outputs
+    from .models import load_model
+    from .result import RankAllocation
+
+    allocation = RankAllocation.load(args.ranks)
+    options = {"lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
+    if args.to != "peft":
+        check_output_paths({"out": args.out})
+        text = export_text(allocation, args.to, args.adapter_dir, **options)
+        commit_outputs({args.out: lambda tmp: tmp.write_text(text, encoding="utf-8")})
+    else:
+        model, _, _ = load_model(args.model, progress=False)
+        export_peft(allocation, model, args.out, **options)
+    print(f"wrote {args.out} ({args.to}; {len(allocation.ranks)} modules, avg rank {allocation.avg_rank})")
+    return 0
 
 
 def run_compare(args) -> int:
@@ -116,7 +149,7 @@ def run_env(args) -> int:
     return 0
 
 
-COMMANDS = {"allocate": run_allocate, "compare": run_compare, "env": run_env}
+COMMANDS = {"allocate": run_allocate, "compare": run_compare, "env": run_env, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _allocate_parser(sub)
     _compare_parser(sub)
+    _export_parser(sub)
     sub.add_parser("env", help="versions, and which kernel serves each op on each device, and why")
     args = parser.parse_args(argv)
     try:

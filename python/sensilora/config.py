@@ -49,6 +49,7 @@ class AllocationConfig:
     normalised rank among the matrices first, so no outlier rules theta; METHOD.md section 3b).
     temperature: theta ** temperature before allocating (1: as combined; 0: uniform; in between: tempered).
     use_rslora: train with rsLoRA scaling alpha / sqrt(r) (one alpha for every rank) instead of alpha / r.
+    rank_multiple: every rank a multiple of this (SRA; serving stacks such as vLLM prefer 8 or 16).
     """
 
     avg_rank: int = 8
@@ -64,6 +65,7 @@ class AllocationConfig:
     aggregation: str = "paper"
     temperature: float = 1.0
     use_rslora: bool = False
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         _check_positive_int("avg_rank", self.avg_rank)
@@ -95,6 +97,11 @@ class AllocationConfig:
             raise SensiloraError(f"temperature must be a number in [0, 4] (1: the paper), got {self.temperature!r}")
         if not isinstance(self.use_rslora, bool):
             raise SensiloraError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        _check_positive_int("rank_multiple", self.rank_multiple)
+        if self.method == "pra" and self.rank_multiple != 1:
+            raise SensiloraError("PRA assigns avg_rank +- offsets; use method='sra' with rank_multiple")
+        if self.max_rank is not None and self.max_rank < self.rank_multiple:
+            raise SensiloraError(f"max_rank={self.max_rank} is below rank_multiple={self.rank_multiple}; raise it")
         if self.method == "pra" and self.budget != "ranks":
             raise SensiloraError("PRA assigns rank offsets; use budget='ranks' with method='pra'")
 
