@@ -81,7 +81,8 @@ class RunLog:
             for line in path.read_text(encoding="utf-8").splitlines():
                 record = json.loads(line)
                 record["curve"] = {int(k): v for k, v in record["curve"].items()}
-                self.done[(record.pop("label"), record["method"], record["seed"])] = RunResult(**record)
+                label = record.pop("label")
+                self.done[(label, record["method"], record["seed"])] = RunResult(**record)
 
     def get(self, label: str, method: str, seed: int) -> RunResult | None:
         return self.done.get((label, method, seed))
