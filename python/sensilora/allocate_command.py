@@ -7,7 +7,7 @@ import sys
 
 from . import allocate, calibrate
 from .allocation import assign_ranks, per_metric_ranks
-from .data import calibration_batches, default_calibration_file, read_texts
+from .data import calibration_batches, default_calibration_file, file_sha256, read_texts
 from .errors import SensiloraError
 from .io import check_output_paths, commit_outputs
 from .models import load_model
@@ -96,7 +96,10 @@ def new_statistics(args, config):
         model, batches, mode=args.mode, target_modules=args.target_modules, statistic=args.statistic,
         exclude_first=args.exclude_first, progress=not args.quiet, model_name=name,
     )  # fmt: skip
-    stats.info["calibration_files"] = [str(f) for f in files]
+    stats.info.update(
+        calibration_files={str(f): file_sha256(f) for f in files}, samples=args.samples, seq_len=args.seq_len,
+        seed=args.seed, text_field=args.text_field,
+    )  # fmt: skip
     return stats, model, name
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any, Iterator
 
@@ -56,3 +58,29 @@ def model_inputs(model, batch: dict[str, Any]) -> dict[str, Any]:
     if mask is not None:
         extra["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
     return {**batch, **extra}
+
+
+class DataFingerprint:
+    """SHA-256 over the token ids and masks of every calibration batch, in order: equal fingerprints mean
+    the statistics were computed on the same tokens."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def add(self, batch: dict[str, Any]) -> None:
+        for key in ("input_ids", "attention_mask"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor):
+                self._hash.update(key.encode() + str(tuple(value.shape)).encode())
+                self._hash.update(value.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def model_config_hash(model) -> str | None:
+    """SHA-256 of the model's configuration (``config.to_json_string``, sorted keys), None without one."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()

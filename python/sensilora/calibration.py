@@ -14,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fisher, ops
-from .batches import iterate_batches, model_inputs, sequence_start_mask
+from .batches import DataFingerprint, iterate_batches, model_config_hash, model_inputs, sequence_start_mask
+from .distributed import reduce_statistics
 from .errors import SensiloraError
 from .stats import MODES, InputStats, SensitivityStats
 from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape
@@ -206,6 +207,7 @@ def calibrate(
     total = len(batches) if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)) else None
     started = time.perf_counter()
     seen_batches = 0
+    fingerprint = DataFingerprint()
     try:
         model.eval()
         with passes:
@@ -213,6 +215,7 @@ def calibrate(
                 tqdm(iterate_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)
             ):
                 seen_batches += 1
+                fingerprint.add(batch)
                 mask = batch.get("attention_mask")
                 if exclude_first:
                     mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
@@ -246,6 +249,7 @@ def calibrate(
             handle.remove()
         for module, flag in training_flags.items():
             module.training = flag
+    seen_batches = reduce_statistics(collector, seen_batches)  # across the process group, if there is one
     if seen_batches == 0:
         raise SensiloraError("the calibration set is empty: give at least one batch of text")
     if not collector.accumulators:
@@ -273,5 +277,7 @@ def calibrate(
             "damp": damp,
             "statistic": statistic,
             "exclude_first": exclude_first,
+            "data_sha256": fingerprint.hexdigest(),
+            "model_config_sha256": model_config_hash(model),
         },
     )

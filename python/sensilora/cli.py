@@ -93,6 +93,26 @@ def run_export(args) -> int:
     return 0
 
 
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="combine diag statistics files of separate runs, weighted by their token counts")
+    p.add_argument("inputs", nargs="+", help="statistics files written by allocate --stats")
+    p.add_argument("-o", "--output", required=True, help="the merged statistics file")
+
+
+def run_merge(args) -> int:
+    from .distributed import merge_statistics
+    from .io import check_output_paths, commit_outputs
+    from .stats import SensitivityStats
+
+    check_output_paths({"--output": args.output})
+    if len(args.inputs) < 2:
+        raise SensiloraError("merge needs at least two statistics files")
+    merged = merge_statistics(*(SensitivityStats.load(path) for path in args.inputs))
+    commit_outputs({args.output: merged.write_to})
+    print(f"wrote {args.output}: {merged.info['tokens']} tokens from {len(args.inputs)} files")
+    return 0
+
+
 def run_compare(args) -> int:
     from .compare import compare_allocations
     from .result import RankAllocation
@@ -110,6 +130,8 @@ def run_compare(args) -> int:
     print(f"modules with a different rank: {result['modules_differing']}")
     for name, diff in list(result["differences"].items())[:10]:
         print(f"  {diff:+d}  {name}")
+    for note in result["warnings"]:
+        warnings.warn(note, stacklevel=1)
     return 0
 
 
@@ -149,7 +171,7 @@ def run_env(args) -> int:
     return 0
 
 
-COMMANDS = {"allocate": run_allocate, "compare": run_compare, "env": run_env, "export": run_export}
+COMMANDS = {"allocate": run_allocate, "compare": run_compare, "env": run_env, "export": run_export, "merge": run_merge}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     _allocate_parser(sub)
     _compare_parser(sub)
     _export_parser(sub)
+    _merge_parser(sub)
     sub.add_parser("env", help="versions, and which kernel serves each op on each device, and why")
     args = parser.parse_args(argv)
     try:

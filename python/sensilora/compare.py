@@ -40,4 +40,35 @@ def compare_allocations(first: RankAllocation, second: RankAllocation) -> dict:
         "mean_abs_rank_difference": float(np.mean([abs(d) for d in diffs.values()])),
         "modules_differing": len(differing),
         "differences": dict(sorted(differing.items(), key=lambda item: (-abs(item[1]), item[0]))),
+        "warnings": provenance_differences(first, second),
     }
+
+
+PROVENANCE = {
+    "model_config_sha256": "the model configurations differ",
+    "data_sha256": "the calibration tokens differ",
+    "calibration_files": "the calibration files differ",
+    "statistic": "the statistics differ",
+    "exclude_first": "the excluded sequence starts differ",
+}
+
+
+def provenance_differences(first: RankAllocation, second: RankAllocation) -> list[str]:
+    """One line per recorded fact on which the two ranks files differ (model, data, settings, version)."""
+    notes = []
+    for key, what in PROVENANCE.items():
+        a, b = first.calibration.get(key), second.calibration.get(key)
+        if a != b:
+            notes.append(f"{what} ({key}: {a!r} vs {b!r})")
+    if first.mode != second.mode:
+        notes.append(f"the statistics modes differ ({first.mode} vs {second.mode})")
+    if first.config != second.config:
+        changed = {
+            k: (v, second.config.to_dict()[k])
+            for k, v in first.config.to_dict().items()
+            if v != second.config.to_dict()[k]
+        }
+        notes.append(f"the allocation configs differ: {changed}")
+    if first.version != second.version:
+        notes.append(f"written by different sensilora versions ({first.version} vs {second.version})")
+    return notes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -163,3 +164,12 @@ def calibration_batches(
         {"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size]}
         for i in range(0, len(windows), batch_size)
     ]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a calibration file, or of a directory's sorted .txt files (names and contents)."""
+    path, digest = Path(path), hashlib.sha256()
+    for file in sorted(path.rglob("*.txt")) if path.is_dir() else [path]:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()

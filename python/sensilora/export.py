@@ -44,6 +44,7 @@ def portable_adapter_config(config: dict) -> dict:
             if f.default_factory is not dataclasses.MISSING
         }
     )
+    defaults["peft_version"] = config.get("peft_version")  # metadata only: always dropped
     return {key: value for key, value in config.items() if key in PEFT_0_15_KEYS or value != defaults.get(key, value)}
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 from torch import nn
 
@@ -26,7 +27,8 @@ class RankAllocation:
 
     theta: the combined sensitivity (METHOD.md eq. 14) behind each rank; metrics: the per-matrix
     metrics (eqs. 8-10); config: how the ranks were allocated; mode: "diag" or "obs" statistics;
-    calibration: what the statistics were computed on (tokens, batches, seconds, files).
+    calibration: what the statistics were computed on (tokens, batches, seconds, files, the SHA-256 of the
+    calibration tokens and of the model config); version: the sensilora version that allocated.
     """
 
     ranks: dict[str, int]
@@ -37,6 +39,7 @@ class RankAllocation:
     mode: str = "diag"
     calibration: dict = field(default_factory=dict)
     model_name: str | None = None
+    version: str = field(default_factory=lambda: version("sensilora"))
 
     @property
     def avg_rank(self) -> int:
@@ -53,6 +56,7 @@ class RankAllocation:
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
+            "sensilora_version": self.version,
             "model": self.model_name,
             "mode": self.mode,
             "config": self.config.to_dict(),
@@ -105,6 +109,7 @@ class RankAllocation:
                 mode=mode,
                 calibration=calibration,
                 model_name=data.get("model"),
+                version=data.get("sensilora_version", "0.1.0"),
             )
         except SensiloraError:
             raise

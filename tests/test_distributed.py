@@ -1,0 +1,94 @@
+"""Data-parallel calibration with two gloo processes on the CPU, and merging statistics files: both equal one
+process calibrating on all the batches, up to fp32 summation order."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from sensilora import SensiloraError, SensitivityStats, calibrate
+from sensilora.cli import main
+from sensilora.distributed import merge_statistics
+
+from tests.models import random_batches, tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = """
+import sys, torch, torch.distributed as dist
+from sensilora import calibrate
+from tests.models import random_batches, tiny_llama
+rank, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+batches = random_batches(batches=4, seed=7)[rank::2]  # each rank its own shard
+stats = calibrate(tiny_llama(), batches, mode=mode, progress=False)
+stats.save(f"{out}/rank{rank}.safetensors")
+dist.destroy_process_group()
+"""
+
+
+def fp32_tolerance(stats: SensitivityStats) -> float:
+    """Relative error of summing N fp32 terms in another order: about N * 2^-24 in the worst case."""
+    return max(stats.inputs[k].num_tokens for k in stats.inputs) * 2.0**-24 * 4
+
+
+@pytest.mark.parametrize("mode", ["diag", "obs"])
+def test_two_gloo_processes_equal_one(tmp_path, mode):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SENSILORA_BACKEND")}
+    env["OMP_NUM_THREADS"] = "1"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(WORKER), str(r), mode, str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+    single = calibrate(tiny_llama(), random_batches(batches=4, seed=7), mode=mode, progress=False)
+    for rank in (0, 1):
+        got = SensitivityStats.load(tmp_path / f"rank{rank}.safetensors")
+        assert got.info["batches"] == 4 and got.info["tokens"] == single.info["tokens"]
+        for name in single.module_names:
+            torch.testing.assert_close(
+                got.hessian_diag(name), single.hessian_diag(name), rtol=fp32_tolerance(single), atol=0
+            )
+            if mode == "obs":
+                torch.testing.assert_close(got.inverse_hessian_diag(name), single.inverse_hessian_diag(name),
+                                           rtol=1e-4, atol=1e-7)  # fmt: skip
+
+
+def test_merge_equals_one_run_and_refuses_mismatches(tmp_path, capsys):
+    model, batches = tiny_llama(), random_batches(batches=4, seed=3)
+    first, second = calibrate(model, batches[:1], progress=False), calibrate(model, batches[1:], progress=False)
+    single = calibrate(model, batches, progress=False)
+    merged = merge_statistics(first, second)
+    for name in single.module_names:
+        torch.testing.assert_close(merged.hessian_diag(name), single.hessian_diag(name), rtol=1e-5, atol=0)
+    first.save(tmp_path / "a.safetensors")
+    second.save(tmp_path / "b.safetensors")
+    assert (
+        main(
+            [
+                "merge",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "b.safetensors"),
+                "-o",
+                str(tmp_path / "c.safetensors"),
+            ]
+        )
+        == 0
+    )
+    assert SensitivityStats.load(tmp_path / "c.safetensors").info["tokens"] == single.info["tokens"]
+    with pytest.raises(SensiloraError, match="different models or target modules"):
+        merge_statistics(first, calibrate(tiny_llama(layers=3), batches[:1], progress=False))
+    with pytest.raises(SensiloraError, match="cannot be merged exactly"):
+        obs = calibrate(model, batches[:1], mode="obs", progress=False)
+        merge_statistics(obs, obs)
