@@ -92,3 +92,35 @@ def test_merge_equals_one_run_and_refuses_mismatches(tmp_path, capsys):
     with pytest.raises(SensiloraError, match="cannot be merged exactly"):
         obs = calibrate(model, batches[:1], mode="obs", progress=False)
         merge_statistics(obs, obs)
+
+
+def test_cli_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. And the earth was without form. " * 60)
+    common = ["allocate", "--model", str(tiny_model_dir), "--calibration", str(text), "--samples", "8",
+              "--seq-len", "32", "--batch-size", "2", "--min-tokens", "1", "--quiet"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SENSILORA_BACKEND")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "sensilora",
+    ]
+    two = subprocess.run([*run, *common, "--output", str(tmp_path / "two.json"), "--plot", str(tmp_path / "two.png")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # only rank 0 reports and writes
+    assert main([*common, "--output", str(tmp_path / "one.json"), "--plot", str(tmp_path / "one.png")]) == 0
+    import json
+
+    one_data, two_data = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert {n: m["rank"] for n, m in two_data["modules"].items()} == {
+        n: m["rank"] for n, m in one_data["modules"].items()
+    }
+    assert two_data["calibration"]["tokens"] == one_data["calibration"]["tokens"]

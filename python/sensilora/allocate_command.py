@@ -8,6 +8,7 @@ import sys
 from . import allocate, calibrate
 from .allocation import assign_ranks, per_metric_ranks
 from .data import calibration_batches, default_calibration_file, file_sha256, read_texts
+from .distributed import join_torchrun
 from .errors import SensiloraError
 from .io import check_output_paths, commit_outputs
 from .models import load_model
@@ -92,6 +93,13 @@ def new_statistics(args, config):
     batches = calibration_batches(
         tokenizer, texts, args.samples, args.seq_len, args.batch_size, args.seed, minimum=args.min_tokens
     )
+    if args.world > 1:  # under torchrun: each rank calibrates its own slice; the sums are all-reduced
+        if len(batches) < args.world:
+            raise SensiloraError(
+                f"{len(batches)} calibration batches cannot feed {args.world} ranks: "
+                "raise --samples or lower --batch-size"
+            )
+        batches = batches[args.rank :: args.world]
     stats = calibrate(
         model, batches, mode=args.mode, target_modules=args.target_modules, statistic=args.statistic,
         exclude_first=args.exclude_first, progress=not args.quiet, model_name=name,
@@ -124,8 +132,13 @@ def run_allocate(args) -> int:
     config = allocation_config(args)
     check_output_paths({"--output": args.output, "--plot": args.plot, "--stats": args.stats})
     check_device(args.device)
+    args.rank, args.world, args.device = join_torchrun(args.device)
+    if args.rank != 0:  # only rank 0 reports and writes
+        args.quiet = True
     stats, model, name = saved_statistics(args, config) if args.from_stats else new_statistics(args, config)
     allocation = allocate(stats, config, model=model, progress=not args.quiet)
+    if args.rank != 0:
+        return 0
     panels = per_metric_ranks(allocation.metrics, allocation.shapes, config)
     panels[f"combined ({config.method}, {config.metrics}, {config.weighting})"] = allocation.ranks
     title = f"Sensitivity-LoRA ranks: {name}, {stats.mode} mode, avg rank {config.avg_rank}"

@@ -22,6 +22,22 @@ def process_group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def join_torchrun(device: str) -> tuple[int, int, str]:
+    """Under torchrun (``WORLD_SIZE`` > 1 in the environment) initialise the default process group (NCCL for
+    CUDA devices, gloo otherwise) once; returns (rank, world size, this rank's device)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def reduce_statistics(collector, seen_batches: int) -> int:
     """All-reduce every accumulator of ``collector`` (a calibration._Collector) and the batch count across
     the process group; returns the total number of batches. A no-op outside a process group."""
