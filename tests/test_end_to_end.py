@@ -25,7 +25,7 @@ def test_tiny_models_end_to_end(builder, mode):
     model = builder()
     stats = calibrate(model, random_batches(), mode=mode, progress=False)
     allocation = allocate(stats, avg_rank=4, model=model)
-    assert sum(allocation.ranks.values()) == 4 * len(allocation.ranks)
+    assert 0.9 * allocation.uniform_parameters <= allocation.trainable_parameters <= allocation.uniform_parameters
     peft_model = get_peft_model(model, allocation)
     assert adapter_ranks(peft_model) == allocation.ranks
     out = peft_model(**random_batches(batches=1)[0])
@@ -39,18 +39,21 @@ def test_smollm2_real_model_end_to_end(smollm2):
     batches = calibration_batches(tokenizer, texts, num_samples=4, seq_len=64, batch_size=2)
     stats = calibrate(model, batches, progress=False, model_name=name)
     assert len(stats.module_names) == 30 * 7 and len(stats.inputs) == 30 * 4
-    allocation = allocate(stats, avg_rank=8)
+    allocation = allocate(stats, avg_rank=8, budget="ranks")
     assert sum(allocation.ranks.values()) == 8 * 210
+    by_params = allocate(stats, avg_rank=8)  # the default budget: uniform LoRA's parameters
+    assert 0.99 * by_params.uniform_parameters <= by_params.trainable_parameters <= by_params.uniform_parameters
     assert len(set(allocation.ranks.values())) > 5  # genuinely non-uniform
     stats_obs = calibrate(model, batches[:1], mode="obs", target_modules=r"model\.layers\.(0|29)\..*", progress=False)
-    allocation_obs = allocate(stats_obs, avg_rank=8, model=model)
+    allocation_obs = allocate(stats_obs, avg_rank=8, model=model, budget="ranks")
     assert sum(allocation_obs.ranks.values()) == 8 * 14
 
 
 @pytest.mark.slow
 def test_cli_main_job_and_compare(tmp_path, capsys):
     first, plot = tmp_path / "kjv.json", tmp_path / "kjv.png"
-    assert main(["allocate", "--samples", "4", "--seq-len", "64", "--output", str(first), "--plot", str(plot)]) == 0
+    args = ["allocate", "--samples", "8", "--seq-len", "256", "--budget", "ranks", "--output", str(first)]
+    assert main([*args, "--plot", str(plot)]) == 0
     printed = capsys.readouterr().out
     assert "rank sum: 1680" in printed and "uniform LoRA" in printed and "model.layers.29.mlp.down_proj" in printed
     data = json.loads(first.read_text())
@@ -58,26 +61,9 @@ def test_cli_main_job_and_compare(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     second = tmp_path / "other.json"
     text = tmp_path / "other.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    assert (
-        main(
-            [
-                "allocate",
-                "--quiet",
-                "--samples",
-                "4",
-                "--seq-len",
-                "64",
-                "--calibration",
-                str(text),
-                "--output",
-                str(second),
-                "--plot",
-                str(tmp_path / "other.png"),
-            ]
-        )
-        == 0
-    )
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    other = ["allocate", "--quiet", "--samples", "8", "--seq-len", "256", "--calibration", str(text)]
+    assert main([*other, "--budget", "ranks", "--output", str(second), "--plot", str(tmp_path / "other.png")]) == 0
     capsys.readouterr()
     assert main(["compare", str(first), str(second), "--json"]) == 0
     comparison = json.loads(capsys.readouterr().out)

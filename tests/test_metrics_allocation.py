@@ -133,6 +133,6 @@ def test_allocate_errors_and_params_budget():
     allocation = allocate(stats, avg_rank=4, budget="params")
     assert allocation.trainable_parameters <= allocation.uniform_parameters
     assert allocation.trainable_parameters > 0.95 * allocation.uniform_parameters
-    capped = allocate(stats, avg_rank=4, max_rank=6)
+    capped = allocate(stats, avg_rank=4, max_rank=6, budget="ranks")
     assert max(capped.ranks.values()) <= 6 and sum(capped.ranks.values()) == 4 * len(capped.ranks)
     assert math.isfinite(sum(allocation.theta.values()))

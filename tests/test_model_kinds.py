@@ -49,7 +49,7 @@ def test_encoder_decoder_models_calibrate_both_stacks(builder):
     names = stats.module_names
     assert any(".encoder." in f".{n}" for n in names) and any(".decoder." in f".{n}" for n in names)
     assert all(torch.isfinite(stats.hessian_diag(n)).all() for n in names)
-    allocation = allocate(stats, avg_rank=2)
+    allocation = allocate(stats, avg_rank=2, budget="ranks")
     assert sum(allocation.ranks.values()) == 2 * len(names)
 
 

@@ -38,11 +38,11 @@ def summary_lines(allocation) -> list[str]:
     ranks = allocation.ranks.values()
     ours, uniform = allocation.trainable_parameters, allocation.uniform_parameters
     return [
-        f"matrices: {len(allocation.ranks)}   rank sum: {sum(ranks)} "
-        f"(avg_rank {allocation.avg_rank} x {len(allocation.ranks)}"
-        f" = {allocation.avg_rank * len(allocation.ranks)})   min/max rank: {min(ranks)}/{max(ranks)}",
+        f"matrices: {len(allocation.ranks)}   rank sum: {sum(ranks)} (uniform LoRA: {allocation.avg_rank} x "
+        f"{len(allocation.ranks)} = {allocation.avg_rank * len(allocation.ranks)})   "
+        f"min/max rank: {min(ranks)}/{max(ranks)}",
         f"trainable LoRA parameters: sensilora {ours:,} vs uniform LoRA r={allocation.avg_rank} {uniform:,} "
-        f"({ours / uniform:.3f}x)",
+        f"({ours / uniform:.3f}x; budget: {allocation.config.budget})",
     ]
 
 

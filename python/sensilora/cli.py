@@ -28,7 +28,7 @@ def _allocate_parser(sub) -> None:
     p.add_argument("--method", choices=["sra", "pra"], default="sra", help="ranks proportional to theta, or offsets")
     p.add_argument("--metrics", choices=["both", "global", "local"], default="both", help="metrics combined")
     p.add_argument("--weighting", choices=["cv", "equal"], default="cv", help="std/mean^2 or 0.5/mean weights")
-    p.add_argument("--budget", choices=["ranks", "params"], default="ranks", help="keep the rank sum or the params")
+    p.add_argument("--budget", choices=["params", "ranks"], default="params", help="uniform LoRA's params, or rank sum")
     p.add_argument("--k-frac", type=float, default=0.5, help="top-k fraction of a matrix's sensitivities (eq. 9)")
     p.add_argument("--alpha", type=float, default=0.85, help="energy the effective rank must hold (eq. 10)")
     p.add_argument("--min-rank", type=int, default=1, help="smallest rank any matrix gets")

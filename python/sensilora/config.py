@@ -33,6 +33,11 @@ def _check_positive_int(label: str, value: object, allow_none: bool = False) -> 
         raise SensiloraError(f"{label} must be a positive integer, got {value!r}")
 
 
+def default_budget(method: str) -> str:
+    """SRA spends uniform LoRA's trainable parameters; PRA's offsets keep the paper's rank sum."""
+    return "ranks" if method == "pra" else "params"
+
+
 @dataclass(frozen=True)
 class AllocationConfig:
     """How ranks are allocated (METHOD.md sections 3-4).
@@ -43,8 +48,9 @@ class AllocationConfig:
     weighting: "cv" (std/mean^2, eqs. 11 and 13) or "equal" (0.5/mean, the paper's ablation).
     k_frac, alpha: the top-k fraction (eq. 9) and the effective-rank energy (eq. 10).
     min_rank, max_rank: bounds on every rank (max_rank None: min(d_out, d_in)).
-    budget: "ranks" (sum of ranks = avg_rank x #matrices) or "params" (trainable parameters of uniform
-    LoRA at avg_rank, not exceeded). pra_groups: PRA's number of groups.
+    budget: "params" (uniform LoRA's trainable parameters at avg_rank, not exceeded; SRA's default) or
+    "ranks" (the paper: sum of ranks = avg_rank x #matrices, whatever parameters that costs; PRA's only).
+    pra_groups: PRA's number of groups.
     aggregation: "paper" (eqs. 11-14 on the metrics as they are) or "rank" (each metric replaced by its
     normalised rank among the matrices first, so no outlier rules theta; METHOD.md section 3b).
     temperature: theta ** temperature before allocating (1: as combined; 0: uniform; in between: tempered).
@@ -60,7 +66,7 @@ class AllocationConfig:
     alpha: float = 0.85
     min_rank: int = 1
     max_rank: int | None = None
-    budget: str = "ranks"
+    budget: str | None = None
     pra_groups: int = 3
     aggregation: str = "paper"
     temperature: float = 1.0
@@ -68,6 +74,8 @@ class AllocationConfig:
     rank_multiple: int = 1
 
     def __post_init__(self) -> None:
+        if self.budget is None:  # frozen: the resolved default is stored as if it had been given
+            object.__setattr__(self, "budget", default_budget(self.method))
         _check_positive_int("avg_rank", self.avg_rank)
         check_choice("method", self.method, METHODS)
         check_choice("metrics", self.metrics, METRIC_SETS)
@@ -112,6 +120,8 @@ class AllocationConfig:
             raise SensiloraError(
                 f"unknown allocation option(s) {unknown}; known: {[f.name for f in dataclasses.fields(self)]}"
             )
+        if "method" in changes and "budget" not in changes and self.budget == default_budget(self.method):
+            changes["budget"] = None  # follow the new method's default budget
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
