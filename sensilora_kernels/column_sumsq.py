@@ -41,7 +41,7 @@ def _column_sumsq_kernel(
             other=0.0,
         ).to(tl.float32)
         partial += values * values
-    tl.atomic_add(acc_ptr + cols, tl.sum(partial, axis=0), mask=col_ok)
+    tl.atomic_add(acc_ptr + cols, tl.sum(partial, axis=0), mask=col_ok, sem="relaxed")  # read after the kernel
 
 
 def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:

@@ -55,9 +55,10 @@ def _gram_kernel(
         else:
             acc += tl.dot(tl.trans(x_i), x_j)
     ok = (cols_i[:, None] < d) & (cols_j[None, :] < d)
-    tl.atomic_add(_row_pointers(gram_ptr, cols_i[:, None], d) + cols_j[None, :], acc, mask=ok)
+    # relaxed atomics: nothing reads the gram before the kernel ends (acq_rel would fence every one)
+    tl.atomic_add(_row_pointers(gram_ptr, cols_i[:, None], d) + cols_j[None, :], acc, mask=ok, sem="relaxed")
     if tile_i != tile_j:  # mirror the off-diagonal tile into the upper triangle
-        tl.atomic_add(_row_pointers(gram_ptr, cols_j[None, :], d) + cols_i[:, None], acc, mask=ok)
+        tl.atomic_add(_row_pointers(gram_ptr, cols_j[None, :], d) + cols_i[:, None], acc, mask=ok, sem="relaxed")
 
 
 @triton.jit

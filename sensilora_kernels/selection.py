@@ -62,7 +62,7 @@ def _radix_histogram_kernel(
             col = index % d_in
             w = tl.load(weight_ptr + row * stride_row + col * stride_col, mask=ok, other=0.0).to(tl.float32)
             inverse = tl.load(inverse_ptr + col, mask=ok, other=1.0)
-            values = w * w / inverse
+            values = tl.math.div_rn(w * w, inverse)  # IEEE division, as the reference and CUDA divide
         else:
             values = tl.load(values_ptr + index, mask=ok, other=0.0)
         if HAS_COUNTS:
@@ -79,11 +79,11 @@ def _radix_histogram_kernel(
         chunk_count, chunk_sum = _bucket_totals(in_bucket, ok & (high == prefix1), counts, weighted)
         count1 += chunk_count
         sum1 += chunk_sum
-    base = segment * 2 * 256 + buckets
-    tl.atomic_add(hist_count_ptr + base, count0, mask=count0 != 0)
-    tl.atomic_add(hist_sum_ptr + base, sum0, mask=count0 != 0)
-    tl.atomic_add(hist_count_ptr + base + 256, count1, mask=count1 != 0)
-    tl.atomic_add(hist_sum_ptr + base + 256, sum1, mask=count1 != 0)
+    base = segment * 2 * 256 + buckets  # relaxed atomics: the histograms are read only after the kernel
+    tl.atomic_add(hist_count_ptr + base, count0, mask=count0 != 0, sem="relaxed")
+    tl.atomic_add(hist_sum_ptr + base, sum0, mask=count0 != 0, sem="relaxed")
+    tl.atomic_add(hist_count_ptr + base + 256, count1, mask=count1 != 0, sem="relaxed")
+    tl.atomic_add(hist_sum_ptr + base + 256, sum1, mask=count1 != 0, sem="relaxed")
 
 
 def _chunk(device: torch.device) -> int:

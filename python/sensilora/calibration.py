@@ -21,8 +21,10 @@ from .stats import MODES, InputStats, SensitivityStats
 from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape
 
 Batch = Mapping[str, torch.Tensor]
-# Hessians of one size are inverted together, this many at a time (bounds the extra memory).
-INVERSE_CHUNK = 8
+# Hessians of one size are inverted together up to this many bytes of fp32 d x d matrices at a time: the
+# inversion's temporaries (a copy, the factor, its inverse) are a few chunks, whatever the model's size
+# (LLaMA-3.1-8B: two 14336 x 14336 grams, or 32 of 4096 x 4096, a chunk).
+INVERSE_CHUNK_BYTES = 2**31
 STATISTICS = ("hessian", "fisher")
 
 
@@ -121,13 +123,18 @@ class _Collector:
         )
 
 
-def forward_kwargs(model: nn.Module) -> dict[str, Any]:
-    """Extra keyword arguments for a statistics-only forward: no KV cache where the model takes one."""
+def forward_kwargs(model: nn.Module, logits: bool = False) -> dict[str, Any]:
+    """Extra keyword arguments for a statistics-only forward: no KV cache, and (unless ``logits``, which the
+    loss-aware statistic needs) logits for the last position only, where the model takes these options:
+    the LM head of a small model is a large share of its forward (SmolLM2: 49152 x 576 per token)."""
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {"use_cache": False} if "use_cache" in parameters else {}
+    extra = {"use_cache": False} if "use_cache" in parameters else {}
+    if not logits and "logits_to_keep" in parameters:
+        extra["logits_to_keep"] = 1
+    return extra
 
 
 def _finish(collector: _Collector, damp: float) -> dict[str, InputStats]:
@@ -144,15 +151,20 @@ def _finish(collector: _Collector, damp: float) -> dict[str, InputStats]:
         by_size: dict[tuple, list[_Accumulator]] = {}
         for accumulator in collector.accumulators.values():
             by_size.setdefault((accumulator.gram.shape[0], accumulator.gram.device), []).append(accumulator)
-        for group in by_size.values():
-            for start in range(0, len(group), INVERSE_CHUNK):
-                chunk = group[start : start + INVERSE_CHUNK]
-                hessians = torch.stack([a.gram * (2.0 / a.num_tokens) for a in chunk])
+        for (size, _), group in by_size.items():
+            per_chunk = max(1, INVERSE_CHUNK_BYTES // (size * size * 4))
+            for start in range(0, len(group), per_chunk):
+                chunk = group[start : start + per_chunk]
+                for a in chunk:
+                    a.gram.mul_(2.0 / a.num_tokens)  # H = (2/N) X^T X, in place
+                hessians = torch.stack([a.gram for a in chunk])
+                for a in chunk:  # only the stacked copy is left: each gram is freed as its inverse is taken
+                    a.gram = None
                 inverse, damps = ops.inverse_diagonal(hessians, damp)
+                del hessians
                 for a, inv, used in zip(chunk, inverse, damps.tolist()):
                     results[a.key].inverse_hessian_diag = inv.clone()
                     results[a.key].damp = used
-                    a.gram = None
     return results
 
 
@@ -202,7 +214,7 @@ def calibrate(
             for name, module in targets.items()
         ]
         passes = torch.no_grad()
-    extra = forward_kwargs(model)
+    extra = forward_kwargs(model, logits=statistic == "fisher")
     device = next(model.parameters()).device
     total = len(batches) if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)) else None
     started = time.perf_counter()

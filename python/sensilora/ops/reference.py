@@ -61,20 +61,23 @@ def damped_inverse_diagonal(
         raise SensiloraError(f"inverse_diagonal: damp must be in (0, {max_damp}], got {damp}")
     single = hessian.dim() == 2
     batch = hessian.reshape(-1, hessian.shape[-2], hessian.shape[-1]).to(torch.float32, copy=True)
-    size = batch.shape[-1]
-    diagonal = batch.diagonal(dim1=-2, dim2=-1)
+    diagonal = batch.diagonal(dim1=-2, dim2=-1)  # a view: the damping is added in place, no d x d temporaries
     diagonal[diagonal == 0] = 1.0
     mean_diag = diagonal.mean(dim=-1)
     damps = torch.full((batch.shape[0],), float(damp), dtype=torch.float32, device=batch.device)
+    shifts = damps * mean_diag
+    diagonal.add_(shifts[:, None])
     result = torch.empty(batch.shape[:2], dtype=torch.float32, device=batch.device)
-    eye = torch.eye(size, dtype=torch.float32, device=batch.device)
     pending = torch.arange(batch.shape[0], device=batch.device)
     while pending.numel():
-        shift = (damps[pending] * mean_diag[pending])[:, None, None] * eye
-        factor, info = torch.linalg.cholesky_ex(batch[pending] + shift)
+        everyone = pending.numel() == batch.shape[0]
+        factor, info = torch.linalg.cholesky_ex(batch if everyone else batch[pending])
         ok = info == 0
-        if ok.any():
+        if bool(ok.all()):
+            result[pending] = diagonal_from_factor(factor)
+        elif ok.any():
             result[pending[ok]] = diagonal_from_factor(factor[ok])
+        del factor
         pending = pending[~ok]
         if pending.numel():
             damps[pending] *= DAMP_GROWTH
@@ -84,6 +87,9 @@ def damped_inverse_diagonal(
                     f"damp={max_damp}; its statistics are degenerate (too few tokens or non-finite "
                     "activations): calibrate on more text or check the model's activations"
                 )
+            grown = damps[pending] * mean_diag[pending]
+            diagonal[pending] += (grown - shifts[pending])[:, None]
+            shifts[pending] = grown
     if single:
         return result[0], damps[0]
     return result, damps
