@@ -52,7 +52,8 @@ def test_smollm2_real_model_end_to_end(smollm2):
 @pytest.mark.slow
 def test_cli_main_job_and_compare(tmp_path, capsys):
     first, plot = tmp_path / "kjv.json", tmp_path / "kjv.png"
-    args = ["allocate", "--samples", "8", "--seq-len", "256", "--budget", "ranks", "--output", str(first)]
+    args = ["allocate", "--samples", "8", "--seq-len", "256", "--budget", "ranks", "--full-table"]
+    args += ["--output", str(first)]
     assert main([*args, "--plot", str(plot)]) == 0
     printed = capsys.readouterr().out
     assert "rank sum: 1680" in printed and "uniform LoRA" in printed and "model.layers.29.mlp.down_proj" in printed

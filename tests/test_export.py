@@ -74,3 +74,15 @@ def test_ranks_files_record_provenance_and_compare_warns():
     assert compare_allocations(first, same)["warnings"] == []
     notes = compare_allocations(first, second)["warnings"]
     assert any("calibration tokens differ" in n for n in notes) and any("max_rank" in n for n in notes)
+
+
+def test_report_page_and_compact_summary(tmp_path, capsys):
+    allocation = allocate(calibrate(tiny_llama(layers=3), random_batches(), progress=False), avg_rank=4)
+    allocation.save(tmp_path / "r.json")
+    assert main(["report", str(tmp_path / "r.json"), "-o", str(tmp_path / "report.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "module type" in printed and "mlp.down_proj" in printed and "mean rank per layer: 0:" in printed
+    from matplotlib.image import imread
+
+    image = imread(tmp_path / "report.png")
+    assert image.shape[0] >= 1000 and image.shape[1] >= 1300 and image[..., :3].std() > 0.05  # a drawn page

@@ -13,6 +13,7 @@ from .errors import SensiloraError
 from .io import check_output_paths, commit_outputs
 from .models import load_model
 from .plots import render_rank_maps
+from .report import summary_table
 from .stats import SensitivityStats
 from .targets import find_targets, linear_shape
 
@@ -143,8 +144,10 @@ def run_allocate(args) -> int:
     panels[f"combined ({config.method}, {config.metrics}, {config.weighting})"] = allocation.ranks
     title = f"Sensitivity-LoRA ranks: {name}, {stats.mode} mode, avg rank {config.avg_rank}"
     png = render_rank_maps(panels, title=title)
-    if not args.quiet:
+    if args.full_table:
         print_table(allocation)
+    elif not args.quiet:
+        print(summary_table(allocation))
     # everything is computed and rendered; only now is anything written, all files or none
     text = allocation.to_json()
     outputs = {

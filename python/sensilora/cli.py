@@ -51,7 +51,8 @@ def _allocate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="order in which calibration documents are drawn")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/JSON records and datasets")
     p.add_argument("--min-tokens", type=int, default=MIN_CALIBRATION_TOKENS, help="refuse less calibration text")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-module table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary table")
+    p.add_argument("--full-table", action="store_true", help="print every module's metrics and rank")
 
 
 def _compare_parser(sub) -> None:
@@ -90,6 +91,26 @@ def run_export(args) -> int:
         model, _, _ = load_model(args.model, progress=False)
         export_peft(allocation, model, args.out, **options)
     print(f"wrote {args.out} ({args.to}; {len(allocation.ranks)} modules, avg rank {allocation.avg_rank})")
+    return 0
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="one PNG page: ranks and metrics per layer, the budget by module type")
+    p.add_argument("ranks", help="a ranks JSON written by sensilora allocate")
+    p.add_argument("-o", "--output", default="sensilora-out/report.png", help="the PNG to write")
+
+
+def run_report(args) -> int:
+    from .io import check_output_paths, commit_outputs
+    from .report import render_report, summary_table
+    from .result import RankAllocation
+
+    check_output_paths({"--output": args.output})
+    allocation = RankAllocation.load(args.ranks)
+    png = render_report(allocation)
+    commit_outputs({args.output: lambda tmp: tmp.write_bytes(png)})
+    print(summary_table(allocation))
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -171,7 +192,14 @@ def run_env(args) -> int:
     return 0
 
 
-COMMANDS = {"allocate": run_allocate, "compare": run_compare, "env": run_env, "export": run_export, "merge": run_merge}
+COMMANDS = {
+    "allocate": run_allocate,
+    "compare": run_compare,
+    "env": run_env,
+    "export": run_export,
+    "merge": run_merge,
+    "report": run_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     _compare_parser(sub)
     _export_parser(sub)
     _merge_parser(sub)
+    _report_parser(sub)
     sub.add_parser("env", help="versions, and which kernel serves each op on each device, and why")
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,118 @@
+"""A report a person would rather look at than read (``sensilora report``), and the compact summary that
+``sensilora allocate`` prints: where the rank budget went, by module type and by layer."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from .plots import rank_grid
+from .result import RankAllocation
+from .targets import layer_and_kind
+
+METRIC_FIELDS = (("S_global (trace, eq. 8)", "global_sensitivity"), ("S_topk (eq. 9)", "topk"),
+                 ("S_eff (eq. 10)", "effective_rank"))  # fmt: skip
+
+
+def budget_by_kind(allocation: RankAllocation) -> dict[str, dict[str, float]]:
+    """Per module type: matrices, mean rank, and its share of the trainable parameters (uniform LoRA's beside)."""
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: {"matrices": 0, "rank_sum": 0, "params": 0, "uniform": 0})
+    for name, rank in allocation.ranks.items():
+        row = rows[layer_and_kind(name)[1]]
+        cost = sum(allocation.shapes[name])
+        row["matrices"] += 1
+        row["rank_sum"] += rank
+        row["params"] += rank * cost
+        row["uniform"] += allocation.avg_rank * cost
+    total, uniform = allocation.trainable_parameters, allocation.uniform_parameters
+    return {
+        kind: {
+            "matrices": r["matrices"],
+            "mean_rank": r["rank_sum"] / r["matrices"],
+            "share": r["params"] / total,
+            "uniform_share": r["uniform"] / uniform,
+        }  # fmt: skip
+        for kind, r in rows.items()
+    }
+
+
+def summary_table(allocation: RankAllocation) -> str:
+    """The compact form: one line per module type, then mean rank per layer on one line."""
+    lines = [f"{'module type':<28} {'matrices':>8} {'mean rank':>9} {'share of params':>15} {'uniform LoRA':>12}"]
+    for kind, row in budget_by_kind(allocation).items():
+        lines.append(f"{kind:<28} {row['matrices']:>8d} {row['mean_rank']:>9.2f} {row['share']:>15.1%} "
+                     f"{row['uniform_share']:>12.1%}")  # fmt: skip
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for name, rank in allocation.ranks.items():
+        layer = layer_and_kind(name)[0]
+        if layer is not None:
+            by_layer[layer].append(rank)
+    if by_layer:
+        means = " ".join(f"{layer}:{np.mean(r):.1f}" for layer, r in sorted(by_layer.items()))
+        lines.append(f"mean rank per layer: {means}")
+    return "\n".join(lines)
+
+
+def _heatmap(axis, values: dict[str, float], title: str, log: bool) -> object:
+    grid, layers, kinds = rank_grid(values)
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    norm = (
+        LogNorm(vmin=positive.min(), vmax=max(positive.max(), positive.min() * 1.01)) if log and positive.size else None
+    )
+    image = axis.imshow(grid, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+    axis.set_title(title, fontsize=9, loc="left")
+    axis.set_yticks(range(len(kinds)), kinds, fontsize=6)
+    step = max(1, len(layers) // 16)
+    axis.set_xticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)], fontsize=6)
+    axis.set_xlabel("layer", fontsize=7)
+    return image
+
+
+def render_report(allocation: RankAllocation) -> bytes:
+    """PNG bytes of one page: heatmaps (layer x module type) of the ranks and of each metric, the budget
+    per module type against uniform LoRA's, the top modules by each metric, and the run's key figures."""
+    figure = Figure(figsize=(14, 11), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(4, 2, width_ratios=(3, 2))
+    panels = [("LoRA rank", allocation.ranks, True)]
+    panels += [
+        (label, {n: getattr(m, field) for n, m in allocation.metrics.items()}, True) for label, field in METRIC_FIELDS
+    ]
+    for row, (title, values, log) in enumerate(panels):
+        axis = figure.add_subplot(grid[row, 0])
+        figure.colorbar(_heatmap(axis, values, title, log), ax=axis, shrink=0.9)
+    shares = budget_by_kind(allocation)
+    bars = figure.add_subplot(grid[0:2, 1])
+    kinds = list(shares)
+    positions = np.arange(len(kinds))
+    bars.barh(positions - 0.2, [shares[k]["share"] for k in kinds], height=0.4, label="Sensitivity-LoRA")
+    bars.barh(positions + 0.2, [shares[k]["uniform_share"] for k in kinds], height=0.4, label="uniform LoRA")
+    bars.set_yticks(positions, kinds, fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlabel("share of the trainable parameters")
+    bars.legend(fontsize=8)
+    bars.set_title("where the budget went", fontsize=9, loc="left")
+    text = figure.add_subplot(grid[2:, 1])
+    text.axis("off")
+    lines = [
+        f"model: {allocation.model_name}   mode: {allocation.mode}   avg rank: {allocation.avg_rank}",
+        f"trainable parameters: {allocation.trainable_parameters:,} (uniform LoRA {allocation.uniform_parameters:,})",
+        f"ranks: {min(allocation.ranks.values())}..{max(allocation.ranks.values())}   "
+        f"calibration tokens: {allocation.calibration.get('tokens', '?')}",
+        f"config: {', '.join(f'{k}={v}' for k, v in allocation.config.to_dict().items())}",
+        "",
+    ]
+    for label, field in (("theta", None), *METRIC_FIELDS):
+        source = allocation.theta if field is None else {n: getattr(m, field) for n, m in allocation.metrics.items()}
+        top = sorted(source, key=lambda n: -source[n])[:4]
+        lines.append(f"top by {label}: " + ", ".join(f"{n} (r={allocation.ranks[n]})" for n in top))
+    text.text(0, 1, "\n".join(lines), va="top", fontsize=7, family="monospace", wrap=True)
+    figure.suptitle(f"Sensitivity-LoRA allocation report: {allocation.model_name}", fontsize=12)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
