@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from sensilora import SensiloraError, SensitivityStats, calibrate
+from sensilora import SensiloraError, SensitivityStats, allocate, calibrate
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.models import random_batches, tiny_bert, tiny_gpt2, tiny_llama
@@ -205,3 +205,7 @@ def test_shapes_come_from_in_and_out_features():
     model.forward = lambda input_ids: model.blocks[0](input_ids.float()[..., None].expand(-1, -1, 6))
     stats = calibrate(model, [torch.randint(0, 9, (2, 4))], progress=False)
     assert stats.module_shapes == {"blocks.0": (10, 6)}
+    assert allocate(stats, avg_rank=2).ranks == {"blocks.0": 2}  # diag mode needs only the activations
+    obs = calibrate(model, [torch.randint(0, 9, (2, 4))], mode="obs", progress=False)
+    with pytest.raises(SensiloraError, match="stores its weight quantised .* use mode='diag'"):
+        allocate(obs, avg_rank=2, model=model)

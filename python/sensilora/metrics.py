@@ -58,6 +58,11 @@ def _obs_metrics(stats: SensitivityStats, model: nn.Module, k_frac: float, alpha
                 "pass the calibrated model"
             )
         weight = linear_weight(module).detach()
+        if not torch.is_floating_point(weight) or tuple(weight.shape) != tuple(stats.module_shapes[name]):
+            raise SensiloraError(
+                f"module {name!r} stores its weight quantised ({weight.dtype}, shape {tuple(weight.shape)}): obs mode "
+                "needs the dense weights; use mode='diag' (it needs only activations) or load the model unquantised"
+            )
         inverse = stats.inverse_hessian_diag(name).to(weight.device)
         total, topk, rank = ops.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
         result[name] = ModuleMetrics(float(total[0]), float(topk[0]), int(rank[0]))
