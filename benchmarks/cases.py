@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from sensilora import allocate, calibrate
 from sensilora.calibration import forward_kwargs
 from sensilora.ops import OPS, reference
 
-from benchmarks.common import synchronize, time_it
+from benchmarks.common import measure, synchronize, time_it
 
 
 def naive_hessian_diagonal(x: torch.Tensor) -> torch.Tensor:
@@ -151,8 +152,10 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
     return rows
 
 
-def end_to_end(model, batches, device: torch.device, label: str, tokens: int):
-    """Bare forward, calibrate diag/obs, then metrics + allocation: wall time, overhead, peak memory."""
+def end_to_end(model, batches, device: torch.device, label: str, tokens: int, pairs: int = 3):
+    """Bare forward against calibrate (diag, obs), timed in interleaved pairs after a warm-up of each (first
+    calls compile and fill caches), so that drift hits both alike; the overhead is the median of the pairs'
+    ratios. Then metrics + allocation. Peak memory on CUDA."""
     extra = forward_kwargs(model)  # the bare forward runs exactly as calibrate's does
 
     def bare():
@@ -160,50 +163,37 @@ def end_to_end(model, batches, device: torch.device, label: str, tokens: int):
             for batch in batches:
                 model(**batch, **extra)
 
-    def peak(fn):
+    def seconds_and_peak(fn):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = time_it(fn, device, repeats=1, warmup=0)
+        seconds = measure(fn, device, repeats=1, warmup=0)["p50"]
         return seconds, (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
 
-    bare()  # warm-up
-    bare_s, bare_mem = peak(bare)
-    rows = [
-        {
-            "case": "end_to_end",
-            "model": label,
-            "tokens": tokens,
-            "stage": "bare forward",
-            "seconds": bare_s,
-            "tokens/s": tokens / bare_s,
-            "overhead": 0.0,
-            "peak_GiB": bare_mem,
-        }
-    ]
+    base = {"case": "end_to_end", "model": label, "tokens": tokens}
+    bare()
+    rows, bare_times = [], []
     for mode in ("diag", "obs"):
         holder = {}
-        seconds, memory = peak(lambda: holder.setdefault("stats", calibrate(model, batches, mode=mode, progress=False)))
-        rows.append(
-            {
-                "case": "end_to_end",
-                "model": label,
-                "tokens": tokens,
-                "stage": f"calibrate {mode}",
-                "seconds": seconds,
-                "tokens/s": tokens / seconds,
-                "overhead": seconds / bare_s - 1,
-                "peak_GiB": memory,
-            }
-        )
+
+        def calibrated():
+            holder["stats"] = calibrate(model, batches, mode=mode, progress=False)
+
+        calibrated()  # warm-up
+        ratios, times, memory = [], [], None
+        for _ in range(pairs):
+            bare_s, bare_memory = seconds_and_peak(bare)
+            seconds, memory = seconds_and_peak(calibrated)
+            bare_times.append((bare_s, bare_memory))
+            times.append(seconds)
+            ratios.append(seconds / bare_s - 1)
+        seconds = float(np.median(times))
+        rows.append({**base, "stage": f"calibrate {mode}", "seconds": seconds, "tokens/s": tokens / seconds,
+                     "overhead": float(np.median(ratios)), "overhead_min": min(ratios), "overhead_max": max(ratios),
+                     "peak_GiB": memory})  # fmt: skip
         stats = holder["stats"]
-        seconds = time_it(lambda: allocate(stats, avg_rank=8, model=model), device, repeats=1, warmup=0)
-        rows.append(
-            {
-                "case": "end_to_end",
-                "model": label,
-                "tokens": tokens,
-                "stage": f"metrics+allocation {mode}",
-                "seconds": seconds,
-            }
-        )
-    return rows
+        timing = measure(lambda: allocate(stats, avg_rank=8, model=model), device, repeats=1, warmup=0)
+        rows.append({**base, "stage": f"metrics+allocation {mode}", "seconds": timing["p50"]})
+    bare_s = float(np.median([t for t, _ in bare_times]))
+    bare_row = {**base, "stage": "bare forward", "seconds": bare_s, "tokens/s": tokens / bare_s, "overhead": 0.0,
+                "peak_GiB": bare_times[0][1]}  # fmt: skip
+    return [bare_row, *rows]

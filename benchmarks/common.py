@@ -23,18 +23,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (device synchronised around each call)."""
+def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
+    """p20 / p50 / p80 seconds of ``fn`` over ``repeats`` calls after ``warmup`` (JIT compiles and caches
+    land there). On CUDA each call is timed by CUDA events (no Python launch gaps counted between them,
+    one synchronisation at the end); on the CPU by ``perf_counter``."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    p20, p50, p80 = (
+        float(q)
+        for q in torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    )
+    return {"p20": p20, "p50": p50, "p80": p80}
+
+
+def time_it(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` (see ``measure``)."""
+    return measure(fn, device, repeats, warmup)["p50"]
 
 
 def environment(device: torch.device) -> dict:

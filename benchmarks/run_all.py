@@ -67,48 +67,65 @@ def overhead_plot(rows: list[dict], path: Path, device_name: str) -> None:
     write_with_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
+def sections(device: torch.device, quick: bool, tiny: bool):
+    """(name, function returning rows) in the order they run: each is written out as soon as it ends."""
+    if tiny:  # the whole pipeline at toy sizes: checks the script, measures nothing worth reporting
+        from tests.models import random_batches, tiny_llama
+
+        yield "naive", lambda: naive_vs_sensilora(device, columns=(64,), tokens=128)
+        yield "per-op", lambda: per_op(device, columns=(64,), batch=1, seq=128, dtype=torch.float32)
+        model = tiny_llama().to(device)
+        yield "end-to-end", lambda: end_to_end(model, random_batches(), device, "tiny LLaMA (random)", 54)
+    elif device.type == "cuda":
+        yield "naive", lambda: naive_vs_sensilora(device)
+        yield "per-op", lambda: per_op(device)
+        model = llama8b(device)
+        for sequences in (32,) if quick else (32, 128):
+            ids = torch.randint(0, 128256, (sequences, 2048), device=device)
+            batches = [{"input_ids": ids[i : i + 8], "attention_mask": torch.ones_like(ids[i : i + 8])}
+                       for i in range(0, sequences, 8)]  # fmt: skip
+            label = "LLaMA-3.1-8B shape (random bf16)"
+            yield (
+                f"end-to-end {sequences}",
+                lambda b=batches, n=sequences: end_to_end(model, b, device, label, n * 2048),
+            )
+    else:
+        columns = (256, 512, 1024) if quick else (256, 512, 1024, 2048, 4096)
+        yield "naive", lambda: naive_vs_sensilora(device, columns=columns, tokens=2048)
+        yield "per-op", lambda: per_op(device, columns=(576, 1536), batch=1, seq=2048, dtype=torch.float32)
+        from sensilora.models import load_model
+
+        model, tokenizer, _ = load_model(progress=False)
+        for sequences, seq_len in ((2, 256), (4, 256)) if quick else ((2, 256), (4, 256), (8, 256), (16, 256)):
+            batches = smollm2_batches(tokenizer, sequences, seq_len)
+            yield (
+                f"end-to-end {sequences}",
+                lambda b=batches, n=sequences * seq_len: end_to_end(model, b, device, "SmolLM2-135M (fp32)", n),
+            )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: checks the script end to end in seconds")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-    rows = []
-    if device.type == "cuda":
-        rows += naive_vs_sensilora(device)
-        rows += per_op(device)
-        model = llama8b(device)
-        for sequences in (32,) if args.quick else (32, 128):
-            ids = torch.randint(0, 128256, (sequences, 2048), device=device)
-            batches = [
-                {"input_ids": ids[i : i + 8], "attention_mask": torch.ones_like(ids[i : i + 8])}
-                for i in range(0, sequences, 8)
-            ]
-            rows += end_to_end(model, batches, device, "LLaMA-3.1-8B shape (random bf16)", sequences * 2048)
-    else:
-        columns = (256, 512, 1024) if args.quick else (256, 512, 1024, 2048, 4096)
-        rows += naive_vs_sensilora(device, columns=columns, tokens=2048)
-        rows += per_op(device, columns=(576, 1536), batch=1, seq=2048, dtype=torch.float32)
-        from sensilora.models import load_model
-
-        model, tokenizer, _ = load_model()
-        for sequences, seq_len in ((2, 256), (4, 256)) if args.quick else ((2, 256), (4, 256), (8, 256), (16, 256)):
-            rows += end_to_end(
-                model,
-                smollm2_batches(tokenizer, sequences, seq_len),
-                device,
-                "SmolLM2-135M (fp32)",
-                sequences * seq_len,
-            )
     stem = "cpu" if device.type == "cpu" else re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
-    json_path, csv_path = write_results(stem, env, rows)
-    overhead_plot(rows, RESULTS / f"{stem}_overhead.png", env["device"])
+    stem += "_tiny" if args.tiny else ""
+    rows = []
+    for name, run in sections(device, args.quick, args.tiny):
+        rows += run()
+        json_path, csv_path = write_results(stem, env, rows, args.results)  # every section lands as it ends
+        print(f"[{name}] done; {len(rows)} rows in {json_path}", flush=True)
+    overhead_plot(rows, args.results / f"{stem}_overhead.png", env["device"])
     for case in dict.fromkeys(r["case"] for r in rows):
         subset = [r for r in rows if r["case"] == case]
         columns = [c for c in dict.fromkeys(k for r in subset for k in r) if c != "case"]
         print(f"\n### {case}\n" + markdown_table(subset, columns))
-    print(f"\nwrote {json_path}, {csv_path} and {RESULTS / (stem + '_overhead.png')}")
+    print(f"\nwrote {json_path}, {csv_path} and {args.results / (stem + '_overhead.png')}")
     return 0
 
 

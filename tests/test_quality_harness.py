@@ -34,3 +34,21 @@ def test_quality_smoke(tmp_path):
     assert all(0.0 <= row["mean"] <= 1.0 for row in nlu)
     assert data["environment"]["decision"]["default"] in run_quality.PRIMARY
     assert (tmp_path / "quality_smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_gpu_run_script_end_to_end_at_tiny_sizes(tmp_path):
+    """The one-command GPU script, on this machine at toy sizes: every step runs and the results land."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SENSILORA_BACKEND")}
+    result = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--tiny", f"--results={tmp_path}"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    rows = json.loads((tmp_path / "cpu_tiny.json").read_text())["rows"]
+    assert {row["case"] for row in rows} >= {"naive_hessian", "column_sumsq", "end_to_end"}
+    log = (tmp_path / "gpu_run_tiny.log").read_text()
+    assert log.count("== exit 0") == 3 and "CUDA_HOME=" in log
