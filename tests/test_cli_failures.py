@@ -233,3 +233,12 @@ def test_sigint_during_calibration_in_a_real_process(tiny_model_dir, tmp_path):
     assert process.returncode == 130, seen + rest
     assert "sensilora allocate: interrupted; nothing was written" in rest and "Traceback" not in rest
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_names_fail_at_once_offline(tiny_model_dir, tmp_path, capsys):
+    """No network here (nor in CI): hub ids and hub dataset names fail with one line that says what to do."""
+    run_failing(allocate_args("HuggingFaceTB/SmolLM2-135M", tmp_path), capsys, "pass its local directory")
+    args = allocate_args(tiny_model_dir, tmp_path, "--calibration", "wikitext:wikitext-2-raw-v1:train:text")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("pip install datasets" in err or "pass the local path" in err), err

