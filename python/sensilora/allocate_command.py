@@ -87,7 +87,8 @@ def new_statistics(args, config):
     """Calibrate: text read and model loaded (its shapes checked against the config) before any pass."""
     files = args.calibration or [default_calibration_file()]
     texts = [text for path in files for text in read_texts(path, args.text_field)]
-    model, tokenizer, name = load_model(args.model, args.device, args.dtype, progress=not args.quiet)
+    home = "cpu" if args.sequential else args.device  # sequential: only one layer at a time on the device
+    model, tokenizer, name = load_model(args.model, home, args.dtype, progress=not args.quiet)
     # everything that depends only on the model's shapes, before the calibration passes
     shapes = {n: linear_shape(m) for n, m in find_targets(model, args.target_modules).items()}
     assign_ranks(dict.fromkeys(shapes, 1.0), shapes, config)
@@ -103,7 +104,8 @@ def new_statistics(args, config):
         batches = batches[args.rank :: args.world]
     stats = calibrate(
         model, batches, mode=args.mode, target_modules=args.target_modules, statistic=args.statistic,
-        exclude_first=args.exclude_first, progress=not args.quiet, model_name=name,
+        exclude_first=args.exclude_first, sequential=args.sequential, device=args.device, progress=not args.quiet,
+        model_name=name,
     )  # fmt: skip
     stats.info.update(
         calibration_files={str(f): file_sha256(f) for f in files}, samples=args.samples, seq_len=args.seq_len,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import math
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,8 +13,10 @@ from tqdm.auto import tqdm
 
 from . import fisher, ops
 from .batches import DataFingerprint, iterate_batches, model_config_hash, model_inputs, sequence_start_mask
+from .collector import Accumulator, Collector
 from .distributed import reduce_statistics
 from .errors import SensiloraError
+from .sequential import decoder_layers, run_sequentially
 from .stats import MODES, InputStats, SensitivityStats
 from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape
 
@@ -28,99 +28,8 @@ INVERSE_CHUNK_BYTES = 2**31
 STATISTICS = ("hessian", "fisher")
 
 
-class _Accumulator:
-    """Running fp32 sums for one distinct input tensor (shared by the modules that read it)."""
-
-    def __init__(self, key: str, d_in: int, device: torch.device, mode: str):
-        self.key = key
-        self.mode = mode
-        self.sumsq = torch.zeros(d_in, dtype=torch.float32, device=device) if mode == "diag" else None
-        self.gram = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if mode == "obs" else None
-        self.num_tokens = 0
-        self.last_input: weakref.ref | None = None
-
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None, num_tokens: int) -> None:
-        if self.mode == "diag":
-            ops.column_sumsq_(self.sumsq, x, mask)
-        else:
-            ops.gram_(self.gram, x, mask)
-        self.num_tokens += num_tokens
-        self.last_input = weakref.ref(x)
-
-    def column_sums(self) -> torch.Tensor:
-        return self.sumsq if self.mode == "diag" else self.gram.diagonal()
-
-
-class _Collector:
-    """State shared by the hooks of one calibration run."""
-
-    def __init__(self, mode: str, shapes: dict[str, tuple[int, int]]):
-        self.mode = mode
-        self.shapes = shapes
-        self.by_module: dict[str, _Accumulator] = {}
-        self.accumulators: dict[str, _Accumulator] = {}
-        self.mask: torch.Tensor | None = None
-        self.real_tokens = 0
-        self._mask_on: dict[torch.device, torch.Tensor] = {}
-
-    def start_batch(self, mask: torch.Tensor | None, real_tokens: int) -> None:
-        self.mask = mask
-        self.real_tokens = real_tokens
-        self._mask_on = {}
-
-    def _mask_for(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-        lead = tuple(x.shape[:-1])
-        if self.mask is None:
-            return None, math.prod(lead)
-        # The input's token axes must be the mask's (batch, seq), or those flattened batch-major: an equal
-        # element count is not enough (a sequence-first (seq, batch, d) input would be masked transposed).
-        if lead != tuple(self.mask.shape) and lead != (self.mask.numel(),):
-            raise SensiloraError(
-                f"module {name!r} received inputs with token axes {lead} but the batch's attention_mask has shape "
-                f"{tuple(self.mask.shape)}; sensilora needs batch-first inputs with one row per token (sequence-first, "
-                "packed or variable-length inputs are not supported): pass padded batch-first batches with their "
-                "attention_mask"
-            )
-        if x.device not in self._mask_on:
-            self._mask_on[x.device] = self.mask.to(x.device)
-        return self._mask_on[x.device].reshape(lead), self.real_tokens
-
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        accumulator = self.by_module.get(name)
-        if accumulator is None:  # first batch: share with a module that read this very tensor
-            shared = next(
-                (a for a in self.accumulators.values() if a.last_input is not None and a.last_input() is x), None
-            )
-            if shared is not None:
-                self.by_module[name] = shared
-                return
-            accumulator = _Accumulator(name, self.shapes[name][1], x.device, self.mode)
-            self.accumulators[name] = self.by_module[name] = accumulator
-        elif accumulator.key != name:
-            if accumulator.last_input is None or accumulator.last_input() is not x:
-                raise SensiloraError(
-                    f"module {name!r} shared its input with {accumulator.key!r} in the first batch but not "
-                    "later; calibrate this model with target_modules naming only one of them"
-                )
-            return
-        if not torch.is_floating_point(x):
-            raise SensiloraError(f"module {name!r} received a {x.dtype} input; expected floating point activations")
-        mask, tokens = self._mask_for(name, x)
-        accumulator.add(x, mask, tokens)
-
-    def check_finite(self, batch_index: int) -> None:
-        accumulators = list(self.accumulators.values())
-        device = accumulators[0].column_sums().device
-        totals = torch.stack([a.column_sums().sum().to(device) for a in accumulators])  # one sync per batch
-        if bool(torch.isfinite(totals).all()):
-            return
-        bad = next(a for a, t in zip(accumulators, totals.tolist()) if not math.isfinite(t))
-        readers = [n for n, a in self.by_module.items() if a is bad]
-        raise SensiloraError(
-            f"non-finite (NaN/Inf) activations entering module(s) {readers} in calibration batch {batch_index}; "
-            "the model overflows in this dtype on this text (or a weight outside the target modules is NaN/Inf): "
-            "calibrate in float32/bfloat16 or drop that batch"
-        )
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def forward_kwargs(model: nn.Module, logits: bool = False) -> dict[str, Any]:
@@ -137,7 +46,7 @@ def forward_kwargs(model: nn.Module, logits: bool = False) -> dict[str, Any]:
     return extra
 
 
-def _finish(collector: _Collector, damp: float) -> dict[str, InputStats]:
+def _finish(collector: Collector, damp: float) -> dict[str, InputStats]:
     """Scale sums by 2/N; in obs mode also invert the damped Hessians, equal sizes batched."""
     results: dict[str, InputStats] = {}
     for key, accumulator in collector.accumulators.items():
@@ -148,7 +57,7 @@ def _finish(collector: _Collector, damp: float) -> dict[str, InputStats]:
             hessian_diag=(accumulator.column_sums() * scale).clone(), num_tokens=accumulator.num_tokens
         )
     if collector.mode == "obs":
-        by_size: dict[tuple, list[_Accumulator]] = {}
+        by_size: dict[tuple, list[Accumulator]] = {}
         for accumulator in collector.accumulators.values():
             by_size.setdefault((accumulator.gram.shape[0], accumulator.gram.device), []).append(accumulator)
         for (size, _), group in by_size.items():
@@ -177,6 +86,8 @@ def calibrate(
     statistic: str = "hessian",
     exclude_first: int = 0,
     damp: float = 0.01,
+    sequential: bool = False,
+    device: str | torch.device | None = None,
     progress: bool = True,
     model_name: str | None = None,
 ) -> SensitivityStats:
@@ -189,6 +100,8 @@ def calibrate(
     Hessian proxy, forward passes only, no autograd graph) or ``"fisher"`` (diag mode: squared activations
     weighted per token by the squared output-gradient norm of the model's loss; one backward pass a batch).
     exclude_first: leave out the first k real tokens of every sequence (0: every token, exact).
+    sequential: run the decoder layers one at a time on ``device`` (default: CUDA if present), the model
+    staying where it is: for models larger than the device (see ``sequential.run_sequentially``).
     Sums are fp32 whatever the model dtype; hooks are removed and train/eval and requires_grad flags
     restored even on error.
     """
@@ -198,12 +111,14 @@ def calibrate(
         raise SensiloraError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if statistic == "fisher" and mode != "diag":
         raise SensiloraError("statistic='fisher' is a diagonal statistic: use it with mode='diag'")
+    if sequential and statistic == "fisher":
+        raise SensiloraError("statistic='fisher' needs a backward pass through the whole model: use sequential=False")
     if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
         raise SensiloraError(f"exclude_first must be a non-negative integer, got {exclude_first!r}")
     ops.load_backends()
     targets = find_targets(model, target_modules)
     check_weights_finite(targets)
-    collector = _Collector(mode, {name: linear_shape(module) for name, module in targets.items()})
+    collector = Collector(mode, {name: linear_shape(module) for name, module in targets.items()})
     training_flags = {module: module.training for module in model.modules()}
     if statistic == "fisher":
         handles = fisher.output_gradient_hooks(targets, collector.observe)
@@ -215,38 +130,51 @@ def calibrate(
         ]
         passes = torch.no_grad()
     extra = forward_kwargs(model, logits=statistic == "fisher")
-    device = next(model.parameters()).device
+    model_device = next(model.parameters()).device
     total = len(batches) if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)) else None
     started = time.perf_counter()
     seen_batches = 0
     fingerprint = DataFingerprint()
+
+    def prepare(batch):  # -> (statistics mask or None, real tokens, forward inputs) or None for all padding
+        fingerprint.add(batch)
+        mask = batch.get("attention_mask")
+        if exclude_first:
+            mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
+            mask = sequence_start_mask(mask.bool(), exclude_first)
+        if mask is not None:
+            mask = mask.bool()
+            real = int(mask.sum())
+            if real == 0:
+                return None
+        else:
+            real = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        batch = (
+            fisher.with_labels(model, batch)
+            if statistic == "fisher"
+            else {k: v for k, v in batch.items() if k != "labels"}
+        )
+        return mask, real, model_inputs(model, batch)
+
     try:
         model.eval()
         with passes:
-            for index, batch in enumerate(
-                tqdm(iterate_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)
-            ):
+            stream = tqdm(iterate_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)
+            if sequential:
+                ready = [item for item in map(prepare, stream) if item is not None]
+                seen_batches = len(ready)
+                _, layers = decoder_layers(model, targets)
+                run_sequentially(
+                    model, layers, [inputs for _, _, inputs in ready], torch.device(device or _default_device()),
+                    lambda i: collector.start_batch(*ready[i][:2]), collector.check_finite, extra,
+                )  # fmt: skip
+            for index, batch in enumerate(() if sequential else stream):
                 seen_batches += 1
-                fingerprint.add(batch)
-                mask = batch.get("attention_mask")
-                if exclude_first:
-                    mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
-                    mask = sequence_start_mask(mask.bool(), exclude_first)
-                if mask is not None:
-                    mask = mask.bool()
-                    real = int(mask.sum())
-                    if real == 0:
-                        continue
-                else:
-                    real = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-                collector.start_batch(mask, real)
-                if statistic == "fisher":
-                    batch = fisher.with_labels(model, batch)
-                else:
-                    batch = {k: v for k, v in batch.items() if k != "labels"}
-                inputs = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(model, batch).items()
-                }
+                item = prepare(batch)
+                if item is None:
+                    continue
+                collector.start_batch(*item[:2])
+                inputs = {k: v.to(model_device) if isinstance(v, torch.Tensor) else v for k, v in item[2].items()}
                 if statistic == "fisher":
                     fisher.backward_pass(model, inputs, extra)
                 else:

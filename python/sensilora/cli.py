@@ -47,6 +47,9 @@ def _allocate_parser(sub) -> None:
         "--from-stats", help="allocate from saved statistics instead of calibrating (obs mode: also --model)"
     )
     p.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--sequential", action="store_true", help="keep the model on the CPU, one layer at a time on --device"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="order in which calibration documents are drawn")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/JSON records and datasets")

@@ -39,7 +39,7 @@ def join_torchrun(device: str) -> tuple[int, int, str]:
 
 
 def reduce_statistics(collector, seen_batches: int) -> int:
-    """All-reduce every accumulator of ``collector`` (a calibration._Collector) and the batch count across
+    """All-reduce every accumulator of ``collector`` (a collector.Collector) and the batch count across
     the process group; returns the total number of batches. A no-op outside a process group."""
     if process_group_size() == 1:
         return seen_batches
