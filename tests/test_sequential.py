@@ -3,8 +3,8 @@ clearly what it cannot do."""
 
 import pytest
 import torch
-
 from sensilora import SensiloraError, calibrate
+
 from tests.models import random_batches, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
 
 

@@ -52,7 +52,7 @@ CONFIGS = {
         "nlu_steps": 120, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_checkpoints": (40, 80, 120),
         "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 30,
         "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (10, 20, 30),
-        "nlg_methods": ("lora", "paper", "rank", "fisher", "shuffled"), "calibration_samples": 32,
+        "nlg_methods": ("lora", "paper", "rank", "fisher"), "calibration_samples": 32,
     },
     "smoke": {
         "seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 4,

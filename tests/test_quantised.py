@@ -1,0 +1,40 @@
+"""bitsandbytes 4-bit layers (QLoRA's base): calibrated from their activations, shapes from in/out features,
+wrapped by get_peft_model with every rank; obs mode, which needs dense weights, refuses them by name."""
+
+import pytest
+import torch
+from sensilora import SensiloraError, allocate, calibrate, get_peft_model
+
+from tests.models import random_batches, tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def quantised_llama():
+    """tiny_llama with every MLP up_proj replaced by a 4-bit (NF4) layer holding the same weights."""
+    model = tiny_llama()
+    for layer in model.model.layers:
+        dense = layer.mlp.up_proj
+        packed = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=torch.float32)
+        packed.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        layer.mlp.up_proj = packed.to("cpu")  # quantises here
+    return model
+
+
+def test_4bit_layers_calibrate_allocate_and_wrap():
+    model = quantised_llama()
+    packed = model.model.layers[0].mlp.up_proj
+    assert packed.weight.dtype == torch.uint8  # really quantised
+    stats = calibrate(model, random_batches(), progress=False)
+    assert stats.module_shapes["model.layers.0.mlp.up_proj"] == (48, 32)
+    allocation = allocate(stats, avg_rank=4)
+    peft_model = get_peft_model(model, allocation)  # verify_ranks inside: every rank applied
+    out = peft_model(**random_batches(batches=1)[0])
+    assert torch.isfinite(out.logits).all()
+
+
+def test_obs_mode_refuses_4bit_weights_by_name():
+    model = quantised_llama()
+    stats = calibrate(model, random_batches(), mode="obs", progress=False)
+    with pytest.raises(SensiloraError, match=r"'model\.layers\.0\.mlp\.up_proj' stores its weight quantised"):
+        allocate(stats, avg_rank=4, model=model)
