@@ -92,54 +92,32 @@ def _chunk(device: torch.device) -> int:
     return CHUNK if device.type == "cuda" else BLOCK
 
 
+def _launch(sources, geometry, table, hist_count, hist_sum, has_counts, saliency, block, chunk, device) -> None:
+    """One histogram pass. sources: (values, counts, weight, inverse) pointers (unused ones stand in for
+    any tensor); geometry: (d_in, stride_row, stride_col) of the weight; table: (segment, start, offsets,
+    prefix, shift)."""
+    segment = table[0]
+    _radix_histogram_kernel[(segment.numel(),)](
+        *sources, *table[:4], hist_count, hist_sum, table[4], *geometry,
+        HAS_COUNTS=has_counts, SALIENCY=saliency, BLOCK=block, CHUNK=min(block, chunk or _chunk(device)),
+    )  # fmt: skip
+
+
 def _triton_histogram(
     values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block, chunk=None
 ) -> None:
-    _radix_histogram_kernel[(segment.numel(),)](
-        values,
-        counts if counts is not None else values,
-        values,
-        values,
-        segment,
-        start,
-        offsets,
-        prefix,
-        hist_count,
-        hist_sum,
-        shift,
-        1,
-        0,
-        0,
-        HAS_COUNTS=counts is not None,
-        SALIENCY=False,
-        BLOCK=block,
-        CHUNK=min(block, chunk or _chunk(values.device)),
-    )
+    sources = (values, counts if counts is not None else values, values, values)
+    table = (segment, start, offsets, prefix, shift)
+    _launch(sources, (1, 0, 0), table, hist_count, hist_sum, counts is not None, False, block, chunk, values.device)
 
 
 def _triton_saliency_histogram(
     weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block, chunk=None
 ) -> None:
-    _radix_histogram_kernel[(segment.numel(),)](
-        inverse,
-        inverse,
-        weight,
-        inverse,
-        segment,
-        start,
-        offsets,
-        prefix,
-        hist_count,
-        hist_sum,
-        shift,
-        weight.shape[1],
-        weight.stride(0),
-        weight.stride(1),
-        HAS_COUNTS=False,
-        SALIENCY=True,
-        BLOCK=block,
-        CHUNK=min(block, chunk or _chunk(weight.device)),
-    )
+    geometry = (weight.shape[1], weight.stride(0), weight.stride(1))
+    table = (segment, start, offsets, prefix, shift)
+    _launch((inverse, inverse, weight, inverse), geometry, table, hist_count, hist_sum, False, True, block, chunk,
+            weight.device)  # fmt: skip
 
 
 topk_mean_and_effective_rank = make_selection(_triton_histogram, BLOCK)
