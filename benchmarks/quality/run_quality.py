@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from sensilora.data import calibration_batches
 from sensilora.models import load_model
+from sensilora.targets import find_targets
 from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS, environment, write_results
@@ -152,8 +153,7 @@ def nlu_task(config, device, log):
     calibration = [{k: v[i : i + 8] for k, v in train_set.items()} for i in range(0, size, 8)][
         : config["calibration_samples"] // 2
     ]
-    context = M.TaskContext(base, [], 4, "SEQ_CLS", config["nlu_steps"])
-    context.targets = sorted(n for n in sensilora_targets(base))
+    context = M.TaskContext(base, sorted(find_targets(base)), 4, "SEQ_CLS", config["nlu_steps"])
     M.prepare(context, config["nlu_methods"], calibration, calibration)
     lr_search = {}
     for lr in config["nlu_lrs"]:
@@ -164,12 +164,6 @@ def nlu_task(config, device, log):
     results = run_methods(context, config["nlu_methods"], config["seeds"], epoch, lr, accuracy_on(test_set),
                           config["nlu_checkpoints"], "NLU runs (MiniLM-L6, KJV genres)", log)  # fmt: skip
     return results, context, {"lr_search_dev_accuracy": lr_search, "lr": lr}
-
-
-def sensilora_targets(model):
-    from sensilora.targets import find_targets
-
-    return find_targets(model)
 
 
 def nlg_task(config, device, log):
@@ -205,7 +199,7 @@ def nlg_task(config, device, log):
         with_labels(b)
         for b in calibration_batches(tokenizer, train_docs, config["calibration_samples"], length, 8, seed=3)
     ]
-    context = M.TaskContext(model, sorted(sensilora_targets(model)), 8, "CAUSAL_LM", config["nlg_steps"])
+    context = M.TaskContext(model, sorted(find_targets(model)), 8, "CAUSAL_LM", config["nlg_steps"])
     M.prepare(context, config["nlg_methods"], calibration, calibration)
     results = run_methods(context, config["nlg_methods"], config["seeds"], epoch, config["nlg_lr"], evaluate,
                           config["nlg_checkpoints"], "NLG runs (SmolLM2-135M, BBC text)", log)  # fmt: skip

@@ -6,7 +6,9 @@ from __future__ import annotations
 import sys
 
 from . import allocate, calibrate
-from .allocation import assign_ranks, per_metric_ranks
+from .allocation import check_budget_fits, per_metric_ranks
+from .calibration import check_calibration_options
+from .config import AllocationConfig
 from .data import calibration_batches, default_calibration_file, file_sha256, read_texts
 from .distributed import join_torchrun
 from .errors import SensiloraError
@@ -49,12 +51,7 @@ def summary_lines(allocation) -> list[str]:
 
 def allocation_config(args):
     """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
-    from .config import AllocationConfig
-
-    if args.exclude_first < 0:
-        raise SensiloraError(f"--exclude-first must be 0 or more, got {args.exclude_first}")
-    if args.statistic == "fisher" and args.mode != "diag":
-        raise SensiloraError("--statistic fisher is a diagonal statistic: use it with --mode diag")
+    check_calibration_options(args.mode, args.statistic, args.exclude_first, args.sequential)
     return AllocationConfig(
         avg_rank=args.avg_rank, method=args.method, metrics=args.metrics, weighting=args.weighting, k_frac=args.k_frac,
         alpha=args.alpha, min_rank=args.min_rank, max_rank=args.max_rank, budget=args.budget,
@@ -91,7 +88,7 @@ def new_statistics(args, config):
     model, tokenizer, name = load_model(args.model, home, args.dtype, progress=not args.quiet)
     # everything that depends only on the model's shapes, before the calibration passes
     shapes = {n: linear_shape(m) for n, m in find_targets(model, args.target_modules).items()}
-    assign_ranks(dict.fromkeys(shapes, 1.0), shapes, config)
+    check_budget_fits(shapes, config)
     batches = calibration_batches(
         tokenizer, texts, args.samples, args.seq_len, args.batch_size, args.seed, minimum=args.min_tokens
     )
@@ -117,7 +114,7 @@ def new_statistics(args, config):
 def saved_statistics(args, config):
     """``--from-stats``: diag statistics need no model; obs statistics need its weights (--model)."""
     stats = SensitivityStats.load(args.from_stats)
-    assign_ranks(dict.fromkeys(stats.module_shapes, 1.0), stats.module_shapes, config)
+    check_budget_fits(stats.module_shapes, config)
     model = None
     if stats.mode == "obs":
         if args.model is None:

@@ -210,6 +210,12 @@ def assign_ranks(
     return pra_ranks(theta, shapes, config.avg_rank, config.pra_groups, config.min_rank, config.max_rank)
 
 
+def check_budget_fits(shapes: dict[str, tuple[int, int]], config: AllocationConfig) -> None:
+    """Raise now, before any statistics exist, if ``config`` cannot be met on matrices of these shapes
+    (a dry run of the allocation on uniform theta: the bounds and the budget depend only on the shapes)."""
+    assign_ranks(dict.fromkeys(shapes, 1.0), shapes, config)
+
+
 METRIC_PANELS = (("global (trace)", "global_sensitivity"), ("top-k mean", "topk"), ("effective rank", "effective_rank"))
 
 

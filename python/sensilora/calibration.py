@@ -77,6 +77,20 @@ def _finish(collector: Collector, damp: float) -> dict[str, InputStats]:
     return results
 
 
+def check_calibration_options(mode: str, statistic: str, exclude_first: int, sequential: bool) -> None:
+    """The checks of ``calibrate``'s options that need neither model nor data (the CLI runs them before loading)."""
+    if mode not in MODES:
+        raise SensiloraError(f"mode must be one of {MODES}, got {mode!r}")
+    if statistic not in STATISTICS:
+        raise SensiloraError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if statistic == "fisher" and mode != "diag":
+        raise SensiloraError("statistic='fisher' is a diagonal statistic: use it with mode='diag'")
+    if sequential and statistic == "fisher":
+        raise SensiloraError("statistic='fisher' needs a backward pass through the whole model: use sequential=False")
+    if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
+        raise SensiloraError(f"exclude_first must be a non-negative integer, got {exclude_first!r}")
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any] | torch.Tensor | Mapping,
@@ -105,16 +119,7 @@ def calibrate(
     Sums are fp32 whatever the model dtype; hooks are removed and train/eval and requires_grad flags
     restored even on error.
     """
-    if mode not in MODES:
-        raise SensiloraError(f"mode must be one of {MODES}, got {mode!r}")
-    if statistic not in STATISTICS:
-        raise SensiloraError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    if statistic == "fisher" and mode != "diag":
-        raise SensiloraError("statistic='fisher' is a diagonal statistic: use it with mode='diag'")
-    if sequential and statistic == "fisher":
-        raise SensiloraError("statistic='fisher' needs a backward pass through the whole model: use sequential=False")
-    if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
-        raise SensiloraError(f"exclude_first must be a non-negative integer, got {exclude_first!r}")
+    check_calibration_options(mode, statistic, exclude_first, sequential)
     ops.load_backends()
     targets = find_targets(model, target_modules)
     check_weights_finite(targets)
@@ -161,8 +166,9 @@ def calibrate(
         with passes:
             stream = tqdm(iterate_batches(batches), total=total, desc=f"calibrating ({mode})", disable=not progress)
             if sequential:
-                ready = [item for item in map(prepare, stream) if item is not None]
-                seen_batches = len(ready)
+                prepared = list(map(prepare, stream))
+                seen_batches = len(prepared)  # all-padding batches count as seen, as in the ordinary mode
+                ready = [item for item in prepared if item is not None]
                 _, layers = decoder_layers(model, targets)
                 run_sequentially(
                     model, layers, [inputs for _, _, inputs in ready], torch.device(device or _default_device()),

@@ -30,6 +30,11 @@ class Accumulator:
         self.num_tokens += num_tokens
         self.last_input = weakref.ref(x)
 
+    @property
+    def sums(self) -> torch.Tensor:
+        """The running sum: (d_in,) squared columns in diag mode, (d_in, d_in) X^T X in obs mode."""
+        return self.sumsq if self.mode == "diag" else self.gram
+
     def column_sums(self) -> torch.Tensor:
         return self.sumsq if self.mode == "diag" else self.gram.diagonal()
 

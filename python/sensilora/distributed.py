@@ -64,7 +64,7 @@ def reduce_statistics(collector, seen_batches: int) -> int:
         raise SensiloraError("the ranks calibrated different modules (target_modules or models differ between ranks)")
     for key in keys:
         accumulator = accumulators[key]
-        dist.all_reduce(accumulator.sumsq if accumulator.mode == "diag" else accumulator.gram, op=dist.ReduceOp.SUM)
+        dist.all_reduce(accumulator.sums, op=dist.ReduceOp.SUM)
         tokens = torch.tensor([accumulator.num_tokens], device=device, dtype=torch.int64)
         dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
         accumulator.num_tokens = int(tokens)

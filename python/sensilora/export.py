@@ -66,6 +66,7 @@ def export_peft(allocation: RankAllocation, model: nn.Module, out_dir: str | os.
     renamed into place), check every rank as peft will read it back, and return the directory."""
     out_dir = Path(out_dir)
     _empty_target(out_dir)
+    allocation = allocation.for_model(model)  # the names the adapter will carry
     peft_model = get_peft_model(model, allocation, **lora_kwargs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -74,8 +75,8 @@ def export_peft(allocation: RankAllocation, model: nn.Module, out_dir: str | os.
         config_path = staging / "adapter_config.json"
         config = portable_adapter_config(json.loads(config_path.read_text(encoding="utf-8")))
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        got = ranks_from_adapter_config(config, list(allocation.for_model(model).ranks))
-        wanted = allocation.for_model(model).ranks
+        wanted = allocation.ranks
+        got = ranks_from_adapter_config(config, list(wanted))
         if got != wanted:
             wrong = {n: (got[n], r) for n, r in wanted.items() if got[n] != r}
             raise SensiloraError(
