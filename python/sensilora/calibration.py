@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fisher, ops
-from .batches import DataFingerprint, iterate_batches, model_config_hash, model_inputs, sequence_start_mask
+from .batches import DataFingerprint, iterate_batches, model_config_hash, model_inputs, sequence_start_mask, to_device
 from .collector import Accumulator, Collector
 from .distributed import reduce_statistics
 from .errors import SensiloraError
@@ -180,7 +180,7 @@ def calibrate(
                 if item is None:
                     continue
                 collector.start_batch(*item[:2])
-                inputs = {k: v.to(model_device) if isinstance(v, torch.Tensor) else v for k, v in item[2].items()}
+                inputs = to_device(item[2], model_device)
                 if statistic == "fisher":
                     fisher.backward_pass(model, inputs, extra)
                 else:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .batches import to_device
 from .errors import SensiloraError
 
 
@@ -38,16 +39,6 @@ def decoder_layers(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str
         f"sequential calibration needs every target inside one list of numbered layers; {type(model).__name__} has "
         "targets outside it (or no such list): calibrate without sequential, or restrict target_modules to the layers"
     )
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def _move(tensors: list[tuple[nn.Module, str]], devices: list[torch.device]) -> None:
@@ -82,7 +73,7 @@ def run_sequentially(
     captured: list[tuple[tuple, dict]] = []
 
     def capture(_module, args, kwargs):
-        captured.append((_to(args, device), _to(kwargs, device)))
+        captured.append((to_device(args, device), to_device(kwargs, device)))
         raise _Captured
 
     _move(outside, [device] * len(outside))
@@ -90,7 +81,7 @@ def run_sequentially(
     try:
         for batch in batches:
             try:
-                model(**_to(batch, device), **extra)
+                model(**to_device(batch, device), **extra)
             except _Captured:
                 pass
         handle.remove()
