@@ -5,6 +5,8 @@ from statistics computed once per task (on the task's training split). EVA (peft
 redistribution and initialisation) is computed once per task too. ``shuffled`` is the control: the paper's
 multiset of ranks permuted among matrices of the same shape (a new permutation per seed), which keeps the
 shape of the rank distribution and the parameter count but drops what theta knows about each matrix.
+AdaLoRA and HyperAdaLoRA (``hyperadalora.py``) allocate during training under one schedule and end at
+uniform LoRA's average rank.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sensilora
 import torch
 from sensilora.lora import pattern_key
 
+from benchmarks.quality.hyperadalora import HyperAdaLoraModel, adapter_parameters
+
 # name -> (calibrate keyword arguments, AllocationConfig overrides)
 SENSILORA_VARIANTS = {
     "paper": ({}, {}),
@@ -27,8 +31,7 @@ SENSILORA_VARIANTS = {
     "sink-excluded": ({"exclude_first": 1}, {}),
     "fisher": ({"statistic": "fisher"}, {}),
 }
-OTHERS = ("lora", "shuffled", "eva", "eva-ranks", "adalora")
-ALL_METHODS = ("lora", *SENSILORA_VARIANTS, "shuffled", "eva", "eva-ranks", "adalora")
+ALL_METHODS = ("lora", *SENSILORA_VARIANTS, "shuffled", "eva", "eva-ranks", "adalora", "hyperadalora")
 
 
 @dataclass
@@ -76,6 +79,18 @@ def prepare(context: TaskContext, methods, calibration_batches, eva_batches) -> 
         context.eva_seconds = time.perf_counter() - start
 
 
+def adalora_config(context: TaskContext):
+    """AdaLoRA's schedule, shared by HyperAdaLoRA: ranks start at 1.5 x avg, the budget stays fixed for the
+    first 10 % of the steps, is pruned (cubic schedule) to avg rank until 75 %, then fixed."""
+    import peft
+
+    return peft.AdaLoraConfig(
+        init_r=int(1.5 * context.avg_rank), target_r=context.avg_rank, lora_alpha=2 * context.avg_rank,
+        target_modules=context.targets, task_type=context.task_type, total_step=context.steps,
+        tinit=context.steps // 10, tfinal=context.steps // 4, deltaT=1,
+    )  # fmt: skip
+
+
 def eva_config(context: TaskContext, init):
     import peft
 
@@ -112,14 +127,12 @@ def build(method: str, context: TaskContext, seed: int):
             r=context.avg_rank, lora_alpha=alpha, target_modules=context.targets, task_type=context.task_type
         )
         return peft.get_peft_model(model, config), None
-    if method == "adalora":  # a schedule AdaLoRA can use: budget fixed for the first 10 %, pruned until 75 %
-        config = peft.AdaLoraConfig(
-            init_r=int(1.5 * context.avg_rank), target_r=context.avg_rank, lora_alpha=alpha,
-            target_modules=context.targets, task_type=context.task_type, total_step=context.steps,
-            tinit=context.steps // 10, tfinal=context.steps // 4, deltaT=1,
-        )  # fmt: skip
-        peft_model = peft.get_peft_model(model, config)
-        return peft_model, lambda step: peft_model.base_model.update_and_allocate(step)
+    if method in ("adalora", "hyperadalora"):
+        peft_model = peft.get_peft_model(model, adalora_config(context))
+        if method == "adalora":
+            return peft_model, lambda step: peft_model.base_model.update_and_allocate(step)
+        hyper = HyperAdaLoraModel(peft_model)
+        return hyper, hyper.after_step
     if method == "eva":
         peft_model = peft.get_peft_model(model, eva_config(context, init="eva"))
         peft.initialize_lora_eva_weights(
@@ -143,3 +156,10 @@ def build(method: str, context: TaskContext, seed: int):
 
 def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """The adapter as it ends (after any pruning) and, for HyperAdaLoRA, the hypernetwork generating it."""
+    if isinstance(model, HyperAdaLoraModel):
+        return {"adapter": adapter_parameters(model.peft_model), "hypernetwork": model.hypernetwork_parameters()}
+    return {"adapter": adapter_parameters(model), "hypernetwork": 0}

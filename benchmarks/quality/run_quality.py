@@ -3,6 +3,7 @@
     python -m benchmarks.quality.run_quality            # the CPU configuration (about 90 min on 2 cores)
     python -m benchmarks.quality.run_quality --gpu      # a larger configuration for a GPU
     python -m benchmarks.quality.run_quality --smoke    # seconds: checks the harness (used by the tests)
+    python -m benchmarks.quality.run_quality --compare hyperadalora   # issue 15's comparison (hyper_compare)
 
 Tasks. NLU: MiniLM-L6 classifies KJV verses by the genre of their book (8 classes; fixed stratified
 train/dev/test), avg rank 4, accuracy on test; the learning rate is chosen once, for uniform LoRA, on dev
@@ -39,6 +40,7 @@ from sensilora.targets import find_targets
 from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS, environment, write_results
+from benchmarks.quality import hyper_compare
 from benchmarks.quality import methods as M
 from benchmarks.quality.paired import holm, paired_difference
 from benchmarks.quality.report import plot, report
@@ -53,7 +55,8 @@ CONFIGS = {
         "nlu_steps": 120, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_checkpoints": (40, 80, 120),
         "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 30,
         "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (10, 20, 30),
-        "nlg_methods": ("lora", "paper", "rank", "fisher"), "calibration_samples": 32,
+        "nlg_methods": ("lora", "paper", "rank", "fisher", "eva", "adalora", "hyperadalora"),
+        "calibration_samples": 32,
     },
     "smoke": {
         "seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 4,
@@ -101,6 +104,8 @@ def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label
     for seed, method in tqdm([(s, m) for s in range(seeds) for m in methods], desc=label):
         done = log.get(label, method, seed)
         if done is not None:
+            if not done.parameters:  # logged before counts were recorded: a fixed-rank method's are seed-free
+                done.parameters = M.parameter_counts(M.build(method, context, seed)[0])
             results.append(done)
             continue
         torch.manual_seed(seed)  # same head initialisation and dropout stream for every method of a seed
@@ -109,7 +114,8 @@ def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label
         model, hook = M.build(method, context, seed)
         step_s, peak, curve = train(model, epoch, context.steps, lr, seed, hook, evaluate(model), checkpoints)
         final = curve[max(curve)]
-        results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve))
+        counts = M.parameter_counts(model)
+        results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve, counts))
         log.add(label, results[-1])
     return results
 
@@ -220,6 +226,8 @@ def summarise(task: str, metric: str, higher: bool, results: list[RunResult], co
         row = {
             "task": task, "method": method, "metric": metric, "seeds": len(runs),
             "trainable_params": runs[0].trainable_parameters, "mean": float(values.mean()),
+            "adapter_params": runs[0].parameters.get("adapter"),
+            "hypernetwork_params": runs[0].parameters.get("hypernetwork"),
             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
             **{f"vs_lora_{k}": v for k, v in paired_difference(values, baseline, higher).items() if k != "n"},
             "max_rank": max(allocation.ranks.values()) if allocation else None,
@@ -260,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="the larger GPU configuration")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks the harness")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--compare", choices=["hyperadalora"],
+                        help="only the methods of a named comparison, with its own contrasts and plot")  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -267,18 +277,28 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"
     config = CONFIGS[name]
+    if args.compare:
+        config = {**config, "nlu_methods": hyper_compare.METHODS, "nlg_methods": hyper_compare.METHODS}
     device = torch.device("cuda" if args.gpu else "cpu")
     started = time.perf_counter()
     log = RunLog(None if args.smoke else args.results / f"quality_{name}.runs.jsonl")
-    rows, notes = [], {}
+    rows, notes, raw = [], {}, {}
     for key in args.tasks:
         task, run, metric, higher = TASKS[key]
         results, context, task_notes = run(config, device, log)
         rows += summarise(task, metric, higher, results, context)
-        notes[task] = task_notes
-    decision = decide(rows)
+        notes[task], raw[task] = task_notes, (results, metric, higher)
     env = {**environment(device), "config": name, "minutes": round((time.perf_counter() - started) / 60, 1)}
-    env.update({"decision": decision, "notes": notes, "primary": list(PRIMARY), "settings": config})
+    env.update({"notes": notes, "settings": config})
+    if args.compare:
+        stem = f"quality_{name}_{args.compare}"
+        env["contrasts"] = hyper_compare.contrasts(raw)
+        write_results(stem, env, rows, args.results)
+        hyper_compare.plot_convergence(rows, args.results / f"{stem}.png")
+        print(hyper_compare.table(rows, env["contrasts"]))
+        return 0
+    decision = decide(rows)
+    env.update({"decision": decision, "primary": list(PRIMARY)})
     stem = f"quality_{name}"
     write_results(stem, env, rows, args.results)
     plot(rows, args.results / f"{stem}.png")

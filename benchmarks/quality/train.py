@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ class RunResult:
     step_seconds: float
     peak_memory_gib: float | None
     curve: dict  # {step: metrics} at the checkpoints
+    parameters: dict = field(default_factory=dict)  # {"adapter": final adapter, "hypernetwork": ...}
 
 
 def reset_peak_rss() -> bool:

@@ -1,0 +1,103 @@
+"""HyperAdaLoRA against AdaLoRA, Sensitivity-LoRA's default, uniform LoRA and EVA (issue 15), under the
+evaluation protocol of run_quality: same seeds, same data order per seed, paired differences.
+
+    python -m benchmarks.quality.run_quality --compare hyperadalora
+
+Contrasts named before the run (paired t-tests over seeds, Holm over the six):
+- C1 speed: HyperAdaLoRA - AdaLoRA at the first checkpoint, per task (the paper claims faster convergence);
+- C2 quality: HyperAdaLoRA - AdaLoRA at the last step, per task (the paper claims no loss of quality);
+- C3 ours: Sensitivity-LoRA's default (paper) - HyperAdaLoRA at the last step, per task.
+Descriptive: each method's metric at every checkpoint against the step and against the mean wall-clock
+seconds of training to reach it; trainable, hypernetwork and final adapter parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sensilora.io import write_with_atomic
+
+from benchmarks.quality.paired import holm, paired_difference
+
+METHODS = ("lora", "paper", "eva", "adalora", "hyperadalora")
+CONTRASTS = (  # name, method, baseline, checkpoint ("first" or "last")
+    ("C1 speed", "hyperadalora", "adalora", "first"),
+    ("C2 quality", "hyperadalora", "adalora", "last"),
+    ("C3 ours", "paper", "hyperadalora", "last"),
+)
+
+
+def _values(results, method: str, step: int, metric: str) -> np.ndarray:
+    runs = sorted((r for r in results if r.method == method), key=lambda r: r.seed)
+    return np.array([r.curve[step][metric] for r in runs])
+
+
+def contrasts(task_results: dict) -> list[dict]:
+    """The named contrasts on every task: {task: (results, metric, higher)} -> rows with Holm p-values."""
+    rows = []
+    for task, (results, metric, higher) in task_results.items():
+        steps = sorted(next(iter(results)).curve)
+        for name, method, baseline, which in CONTRASTS:
+            step = steps[0] if which == "first" else steps[-1]
+            difference = paired_difference(
+                _values(results, method, step, metric), _values(results, baseline, step, metric), higher
+            )
+            rows.append({"task": task, "contrast": name, "method": method, "baseline": baseline, "step": step,
+                         "metric": metric, **difference})  # fmt: skip
+    adjusted = holm({f"{r['task']}/{r['contrast']}": r["p"] for r in rows})
+    for row in rows:
+        row["p_holm"] = adjusted[f"{row['task']}/{row['contrast']}"]
+    return rows
+
+
+def table(summary_rows: list[dict], contrast_rows: list[dict]) -> str:
+    """Markdown: per task, each method's parameters, metric at every checkpoint with its wall-clock time,
+    then the named contrasts."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in summary_rows):
+        subset = [r for r in summary_rows if r["task"] == task and r["method"] in METHODS]
+        steps = list(subset[0]["curve"])
+        metric = subset[0]["metric"]
+        header = " | ".join(f"step {s}" for s in steps)
+        lines += [f"\n### {task}: {metric} (mean over seeds) at each checkpoint, [mean seconds of training]\n",
+                  f"| method | optimised params | of which hypernetwork | final adapter params | {header} | s/step |",
+                  "|---|---|---|---|" + "---|" * len(steps) + "---|"]  # fmt: skip
+        for r in subset:
+            cells = " | ".join(f"{r['curve'][s]:.4g} [{r['curve_seconds'][s]:.0f} s]" for s in steps)
+            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r.get('hypernetwork_params') or 0:,} "
+                         f"| {_count(r.get('adapter_params'))} | {cells} | {r['step_s']:.3f} |")  # fmt: skip
+    lines += ["\n| task | contrast | difference (better > 0) [95 % CI] | p | Holm p |", "|---|---|---|---|---|"]
+    for c in contrast_rows:
+        lines.append(f"| {c['task']} | {c['contrast']}: {c['method']} - {c['baseline']} at step {c['step']} "
+                     f"| {c['improvement']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['p']:.2g} "
+                     f"| {c['p_holm']:.2g} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _count(value) -> str:
+    return "" if value is None else f"{value:,}"
+
+
+def plot_convergence(summary_rows: list[dict], path: Path) -> None:
+    """Per task: mean metric against training step (top) and against training seconds (bottom)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(r["task"] for r in summary_rows))
+    figure = Figure(figsize=(5.5 * len(tasks), 7.0), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, len(tasks), squeeze=False)
+    for column, task in enumerate(tasks):
+        for r in (r for r in summary_rows if r["task"] == task and r["method"] in METHODS):
+            steps = [int(s) for s in r["curve"]]
+            values = list(r["curve"].values())
+            axes[0][column].plot(steps, values, marker="o", label=r["method"])
+            axes[1][column].plot(list(r["curve_seconds"].values()), values, marker="o", label=r["method"])
+        for row, label in ((0, "training step"), (1, "training seconds (mean over seeds)")):
+            axes[row][column].set_xlabel(label)
+            axes[row][column].set_ylabel(f"mean {r['metric']}")
+            axes[row][column].legend(fontsize=8)
+        axes[0][column].set_title(f"{task}: {r['metric']} ({'higher' if r['metric'] == 'accuracy' else 'lower'} "
+                                  "is better)", fontsize=10)  # fmt: skip
+    write_with_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
