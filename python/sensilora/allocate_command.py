@@ -51,7 +51,9 @@ def summary_lines(allocation) -> list[str]:
 
 def allocation_config(args):
     """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
-    check_calibration_options(args.mode, args.statistic, args.exclude_first, args.sequential)
+    check_calibration_options(
+        args.mode, args.statistic, args.exclude_first, args.sequential, args.checkpoint, args.checkpoint_every
+    )
     return AllocationConfig(
         avg_rank=args.avg_rank, method=args.method, metrics=args.metrics, weighting=args.weighting, k_frac=args.k_frac,
         alpha=args.alpha, min_rank=args.min_rank, max_rank=args.max_rank, budget=args.budget,
@@ -102,7 +104,8 @@ def new_statistics(args, config):
     stats = calibrate(
         model, batches, mode=args.mode, target_modules=args.target_modules, statistic=args.statistic,
         exclude_first=args.exclude_first, sequential=args.sequential, device=args.device, progress=not args.quiet,
-        model_name=name,
+        model_name=name, checkpoint_every=args.checkpoint_every,
+        checkpoint=f"{args.checkpoint}.rank{args.rank}" if args.checkpoint and args.world > 1 else args.checkpoint,
     )  # fmt: skip
     stats.info.update(
         calibration_files={str(f): file_sha256(f) for f in files}, samples=args.samples, seq_len=args.seq_len,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -13,8 +14,9 @@ from tqdm.auto import tqdm
 
 from . import fisher, ops
 from .batches import DataFingerprint, iterate_batches, model_config_hash, model_inputs, sequence_start_mask, to_device
+from .checkpoint import CalibrationCheckpoint, check_resumed_data
 from .collector import Accumulator, Collector
-from .distributed import reduce_statistics
+from .distributed import distributed_rank, process_group_size, reduce_statistics
 from .errors import SensiloraError
 from .sequential import decoder_layers, run_sequentially
 from .stats import MODES, InputStats, SensitivityStats
@@ -77,7 +79,9 @@ def _finish(collector: Collector, damp: float) -> dict[str, InputStats]:
     return results
 
 
-def check_calibration_options(mode: str, statistic: str, exclude_first: int, sequential: bool) -> None:
+def check_calibration_options(
+    mode: str, statistic: str, exclude_first: int, sequential: bool, checkpoint: object = None, checkpoint_every=50
+) -> None:
     """The checks of ``calibrate``'s options that need neither model nor data (the CLI runs them before loading)."""
     if mode not in MODES:
         raise SensiloraError(f"mode must be one of {MODES}, got {mode!r}")
@@ -89,6 +93,10 @@ def check_calibration_options(mode: str, statistic: str, exclude_first: int, seq
         raise SensiloraError("statistic='fisher' needs a backward pass through the whole model: use sequential=False")
     if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
         raise SensiloraError(f"exclude_first must be a non-negative integer, got {exclude_first!r}")
+    if checkpoint is not None and sequential:
+        raise SensiloraError("checkpoints save sums between batches; sequential mode runs layer by layer: drop one")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise SensiloraError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}")
 
 
 def calibrate(
@@ -104,6 +112,8 @@ def calibrate(
     device: str | torch.device | None = None,
     progress: bool = True,
     model_name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
 ) -> SensitivityStats:
     """Run the calibration passes and return the per-module statistics (METHOD.md section 1).
 
@@ -116,10 +126,12 @@ def calibrate(
     exclude_first: leave out the first k real tokens of every sequence (0: every token, exact).
     sequential: run the decoder layers one at a time on ``device`` (default: CUDA if present), the model
     staying where it is: for models larger than the device (see ``sequential.run_sequentially``).
+    checkpoint: a file to save the running sums in every ``checkpoint_every`` batches and to resume from
+    when it exists (same batches, same settings; ``checkpoint.py``); removed when calibration finishes.
     Sums are fp32 whatever the model dtype; hooks are removed and train/eval and requires_grad flags
     restored even on error.
     """
-    check_calibration_options(mode, statistic, exclude_first, sequential)
+    check_calibration_options(mode, statistic, exclude_first, sequential, checkpoint, checkpoint_every)
     ops.load_backends()
     targets = find_targets(model, target_modules)
     check_weights_finite(targets)
@@ -140,6 +152,14 @@ def calibrate(
     started = time.perf_counter()
     seen_batches = 0
     fingerprint = DataFingerprint()
+    saver, resume_at, resume_fingerprint = None, 0, None
+    if checkpoint is not None:
+        saver = CalibrationCheckpoint(checkpoint, checkpoint_every, {
+            "mode": mode, "statistic": statistic, "exclude_first": exclude_first, "targets": sorted(targets),
+            "model_config_sha256": model_config_hash(model), "world": [distributed_rank(), process_group_size()],
+        })  # fmt: skip
+        devices = {name: module.weight.device for name, module in targets.items()}
+        resume_at, resume_fingerprint = saver.restore(collector, devices)
 
     def prepare(batch):  # -> (statistics mask or None, real tokens, forward inputs) or None for all padding
         fingerprint.add(batch)
@@ -176,6 +196,11 @@ def calibrate(
                 )  # fmt: skip
             for index, batch in enumerate(() if sequential else stream):
                 seen_batches += 1
+                if seen_batches <= resume_at:  # summed before the checkpoint: hashed to prove it is the same data
+                    fingerprint.add(batch)
+                    if seen_batches == resume_at:
+                        check_resumed_data(fingerprint, resume_fingerprint, checkpoint)
+                    continue
                 item = prepare(batch)
                 if item is None:
                     continue
@@ -190,11 +215,18 @@ def calibrate(
                         "no target module ran during the forward pass; check target_modules and the batch keys"
                     )
                 collector.check_finite(index)
+                if saver is not None and saver.due(seen_batches):
+                    saver.save(collector, seen_batches, fingerprint.hexdigest())
     finally:
         for handle in handles:
             handle.remove()
         for module, flag in training_flags.items():
             module.training = flag
+    if seen_batches < resume_at:
+        raise SensiloraError(
+            f"the calibration data has {seen_batches} batches but checkpoint {checkpoint} already summed {resume_at}: "
+            "resume with the same data, or delete the checkpoint to start afresh"
+        )
     seen_batches = reduce_statistics(collector, seen_batches)  # across the process group, if there is one
     if seen_batches == 0:
         raise SensiloraError("the calibration set is empty: give at least one batch of text")
@@ -208,6 +240,8 @@ def calibrate(
             f"target modules never ran during calibration: {missing[:5]}; exclude them with target_modules"
         )
     inputs = _finish(collector, damp)
+    if saver is not None:
+        saver.remove()
     elapsed = time.perf_counter() - started
     first = next(iter(collector.accumulators.values()))
     return SensitivityStats(

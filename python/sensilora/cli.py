@@ -50,6 +50,10 @@ def _allocate_parser(sub) -> None:
     p.add_argument(
         "--sequential", action="store_true", help="keep the model on the CPU, one layer at a time on --device"
     )
+    p.add_argument(
+        "--checkpoint", help="save the running sums here every --checkpoint-every batches; resume if it exists"
+    )
+    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between calibration checkpoints")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="order in which calibration documents are drawn")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/JSON records and datasets")

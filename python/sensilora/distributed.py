@@ -22,6 +22,11 @@ def process_group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def distributed_rank() -> int:
+    """This process's rank in the initialised default process group, 0 without one."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def join_torchrun(device: str) -> tuple[int, int, str]:
     """Under torchrun (``WORLD_SIZE`` > 1 in the environment) initialise the default process group (NCCL for
     CUDA devices, gloo otherwise) once; returns (rank, world size, this rank's device)."""
