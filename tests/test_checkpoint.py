@@ -2,10 +2,10 @@
 the uninterrupted result bit for bit, counts no batch twice, and refuses other data or settings."""
 
 import pytest
-import torch
-
 import sensilora
+import torch
 from sensilora.errors import SensiloraError
+
 from tests.models import random_batches, tiny_llama
 
 
@@ -69,8 +69,9 @@ def test_cli_checkpoint_is_used_and_removed(tiny_model_dir, tmp_path, capsys):
     from sensilora.cli import main
 
     out, checkpoint = tmp_path / "out", tmp_path / "calibration.ckpt"
+    outputs = ["--output", str(out / "r.json"), "--plot", str(out / "r.png")]
     common = ["allocate", "--model", str(tiny_model_dir), "--samples", "4", "--batch-size", "1", "--seq-len", "16",
-              "--quiet", "--min-tokens", "1", "--output", str(out / "r.json"), "--plot", str(out / "r.png")]  # fmt: skip
+              "--quiet", "--min-tokens", "1", *outputs]  # fmt: skip
     assert main([*common, "--checkpoint", str(checkpoint), "--checkpoint-every", "1"]) == 0
     assert (out / "r.json").exists() and not checkpoint.exists()
     assert main([*common, "--checkpoint", str(checkpoint), "--checkpoint-every", "0"]) == 2

@@ -52,8 +52,9 @@ def summary_lines(allocation) -> list[str]:
 def allocation_config(args):
     """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
     check_calibration_options(
-        args.mode, args.statistic, args.exclude_first, args.sequential, args.checkpoint, args.checkpoint_every
-    )
+        args.mode, args.statistic, args.exclude_first, args.sequential, args.checkpoint, args.checkpoint_every,
+        args.device,
+    )  # fmt: skip
     return AllocationConfig(
         avg_rank=args.avg_rank, method=args.method, metrics=args.metrics, weighting=args.weighting, k_frac=args.k_frac,
         alpha=args.alpha, min_rank=args.min_rank, max_rank=args.max_rank, budget=args.budget,
@@ -63,13 +64,18 @@ def allocation_config(args):
 
 
 def check_device(name: str) -> str:
-    """Refuse a device string torch does not know, or a device this machine does not have, before loading."""
+    """Refuse a device string torch does not know, or a device this machine does not have, before loading
+    (``auto``: accelerate places the model)."""
     import torch
 
+    if name == "auto":
+        return name
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise SensiloraError(f"--device {name!r} is not a torch device ({error}); use cpu, cuda or cuda:N") from None
+        raise SensiloraError(
+            f"--device {name!r} is not a torch device ({error}); use cpu, cuda, cuda:N or auto"
+        ) from None
     backend = getattr(torch, device.type, None)
     if device.type != "cpu" and not (
         backend is not None and hasattr(backend, "is_available") and backend.is_available()

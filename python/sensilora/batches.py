@@ -95,3 +95,18 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     return value
+
+
+def input_device(model) -> torch.device:
+    """Where a forward's inputs go: for a model dispatched by accelerate (``hf_device_map``), its first
+    accelerator in the map, else the CPU (offloaded weights are on ``meta`` until their hook loads them);
+    otherwise the device of the model's first parameter."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        placed = [d for d in device_map.values() if str(d) not in ("cpu", "disk")]
+        return (
+            torch.device(f"cuda:{placed[0]}" if isinstance(placed[0], int) else placed[0])
+            if placed
+            else torch.device("cpu")
+        )
+    return next(model.parameters()).device

@@ -13,7 +13,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fisher, ops
-from .batches import DataFingerprint, iterate_batches, model_config_hash, model_inputs, sequence_start_mask, to_device
+from .batches import (
+    DataFingerprint,
+    input_device,
+    iterate_batches,
+    model_config_hash,
+    model_inputs,
+    sequence_start_mask,
+    to_device,
+)
 from .checkpoint import CalibrationCheckpoint, check_resumed_data
 from .collector import Accumulator, Collector
 from .distributed import distributed_rank, process_group_size, reduce_statistics
@@ -80,7 +88,13 @@ def _finish(collector: Collector, damp: float) -> dict[str, InputStats]:
 
 
 def check_calibration_options(
-    mode: str, statistic: str, exclude_first: int, sequential: bool, checkpoint: object = None, checkpoint_every=50
+    mode: str,
+    statistic: str,
+    exclude_first: int,
+    sequential: bool,
+    checkpoint: object = None,
+    checkpoint_every=50,
+    device: object = None,
 ) -> None:
     """The checks of ``calibrate``'s options that need neither model nor data (the CLI runs them before loading)."""
     if mode not in MODES:
@@ -93,6 +107,8 @@ def check_calibration_options(
         raise SensiloraError("statistic='fisher' needs a backward pass through the whole model: use sequential=False")
     if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
         raise SensiloraError(f"exclude_first must be a non-negative integer, got {exclude_first!r}")
+    if sequential and str(device) == "auto":
+        raise SensiloraError("sequential mode moves one layer at a time to one device: give --device cuda (or cpu)")
     if checkpoint is not None and sequential:
         raise SensiloraError("checkpoints save sums between batches; sequential mode runs layer by layer: drop one")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -131,7 +147,7 @@ def calibrate(
     Sums are fp32 whatever the model dtype; hooks are removed and train/eval and requires_grad flags
     restored even on error.
     """
-    check_calibration_options(mode, statistic, exclude_first, sequential, checkpoint, checkpoint_every)
+    check_calibration_options(mode, statistic, exclude_first, sequential, checkpoint, checkpoint_every, device)
     ops.load_backends()
     targets = find_targets(model, target_modules)
     check_weights_finite(targets)
@@ -147,7 +163,7 @@ def calibrate(
         ]
         passes = torch.no_grad()
     extra = forward_kwargs(model, logits=statistic == "fisher")
-    model_device = next(model.parameters()).device
+    model_device = input_device(model)
     total = len(batches) if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)) else None
     started = time.perf_counter()
     seen_batches = 0
@@ -158,7 +174,7 @@ def calibrate(
             "mode": mode, "statistic": statistic, "exclude_first": exclude_first, "targets": sorted(targets),
             "model_config_sha256": model_config_hash(model), "world": [distributed_rank(), process_group_size()],
         })  # fmt: skip
-        devices = {name: module.weight.device for name, module in targets.items()}
+        devices = {n: m.weight.device if m.weight.device.type != "meta" else model_device for n, m in targets.items()}
         resume_at, resume_fingerprint = saver.restore(collector, devices)
 
     def prepare(batch):  # -> (statistics mask or None, real tokens, forward inputs) or None for all padding

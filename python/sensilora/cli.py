@@ -46,7 +46,7 @@ def _allocate_parser(sub) -> None:
     p.add_argument(
         "--from-stats", help="allocate from saved statistics instead of calibrating (obs mode: also --model)"
     )
-    p.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; auto: spread by accelerate")
     p.add_argument(
         "--sequential", action="store_true", help="keep the model on the CPU, one layer at a time on --device"
     )

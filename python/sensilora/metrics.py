@@ -12,7 +12,7 @@ from . import ops
 from .config import check_fractions
 from .errors import SensiloraError
 from .stats import SensitivityStats
-from .targets import linear_shape, linear_weight
+from .targets import linear_shape, linear_weight, weights_loaded
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,16 @@ def _obs_metrics(stats: SensitivityStats, model: nn.Module, k_frac: float, alpha
                 f"model has no module {name!r} of shape {stats.module_shapes[name]} (d_out, d_in); "
                 "pass the calibrated model"
             )
-        weight = linear_weight(module).detach()
-        if not torch.is_floating_point(weight) or tuple(weight.shape) != tuple(stats.module_shapes[name]):
-            raise SensiloraError(
-                f"module {name!r} stores its weight quantised ({weight.dtype}, shape {tuple(weight.shape)}): obs mode "
-                "needs the dense weights; use mode='diag' (it needs only activations) or load the model unquantised"
-            )
-        inverse = stats.inverse_hessian_diag(name).to(weight.device)
-        total, topk, rank = ops.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
+        with weights_loaded(module):  # accelerate-offloaded weights: loaded for this module only
+            weight = linear_weight(module).detach()
+            if not torch.is_floating_point(weight) or tuple(weight.shape) != tuple(stats.module_shapes[name]):
+                raise SensiloraError(
+                    f"module {name!r} stores its weight quantised ({weight.dtype}, shape {tuple(weight.shape)}): "
+                    "obs mode needs the dense weights; use mode='diag' (it needs only activations) or load the model "
+                    "unquantised"
+                )
+            inverse = stats.inverse_hessian_diag(name).to(weight.device)
+            total, topk, rank = ops.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
         result[name] = ModuleMetrics(float(total[0]), float(topk[0]), int(rank[0]))
     return result
 

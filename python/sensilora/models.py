@@ -57,7 +57,8 @@ def model_kind(config: dict) -> str:
 
 def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32", progress: bool = True):
     """``(model, tokenizer, name)`` from a local directory (a GGUF inside is used when there is no
-    config.json); the model class follows the architecture (``model_kind``)."""
+    config.json); the model class follows the architecture (``model_kind``). ``device="auto"``: spread over
+    the GPUs, the CPU and, past them, a temporary offload folder by accelerate (``device_map="auto"``)."""
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -68,6 +69,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
         raise SensiloraError(f"model path {directory} is not a directory; give a local Hugging Face model directory")
     if dtype not in DTYPES:
         raise SensiloraError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    placement = {"device_map": "auto", "offload_folder": offload_folder()} if device == "auto" else {}
     kwargs, kind = {}, "causal-lm"
     if (directory / "config.json").is_file():
         try:
@@ -85,7 +87,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
         transformers.utils.logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = model_class.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
+        model = model_class.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs, **placement)
     except Exception as error:  # transformers and safetensors raise many types for a damaged directory
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SensiloraError(f"cannot load a model from {directory}: {type(error).__name__}: {message}") from error
@@ -95,4 +97,21 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     name = kwargs.get("gguf_file") or directory.name
-    return model.to(device), tokenizer, name
+    return (model if placement else model.to(device)), tokenizer, name
+
+
+def offload_folder() -> str:
+    """A temporary folder for weights accelerate offloads to disk, removed when the process exits; refuses
+    at once when accelerate is missing."""
+    import atexit
+    import importlib.util
+    import shutil
+    import tempfile
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise SensiloraError(
+            "device 'auto' spreads the model with accelerate, which is not installed: pip install accelerate"
+        )
+    folder = tempfile.mkdtemp(prefix="sensilora-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

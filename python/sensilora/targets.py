@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Iterable
 
@@ -85,14 +86,28 @@ def layer_and_kind(name: str) -> tuple[int | None, str]:
 
 def check_weights_finite(targets: dict[str, nn.Module]) -> None:
     """Refuse target modules whose (floating point) weights hold NaN/Inf, by name, before any forward pass:
-    they would poison the statistics silently in diag mode and break the inverse in obs mode."""
+    they would poison the statistics silently in diag mode and break the inverse in obs mode. Weights
+    offloaded by accelerate (``meta`` until their forward) are left to the per-batch activation check."""
     bad = [
         name
         for name, module in targets.items()
-        if torch.is_floating_point(module.weight) and not bool(torch.isfinite(module.weight).all())
+        if torch.is_floating_point(module.weight)
+        and module.weight.device.type != "meta"
+        and not bool(torch.isfinite(module.weight).all())
     ]
     if bad:
         raise SensiloraError(
             f"the weights of {len(bad)} target module(s) hold NaN/Inf, e.g. {bad[:3]}: the checkpoint is damaged; "
             "reload or re-download the model"
         )
+
+
+def weights_loaded(module: nn.Module):
+    """A context in which ``module``'s own weights are real tensors: for a module whose weights accelerate
+    offloaded (``device_map`` with CPU/disk offload: ``meta`` outside its forward), accelerate's
+    ``align_module_device`` loads them for the duration; any other module as it is."""
+    if getattr(module, "_hf_hook", None) is None:
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
