@@ -3,9 +3,10 @@
 ``register()`` (the ``sensilora.backends`` entry point; also run by ``import sensilora_kernels``) loads
 the backends that can load here, picks one per op from ``PREFERENCE`` (or the one that
 ``SENSILORA_BACKEND`` forces) and registers it for the CUDA dispatch key, so CUDA tensors reach it with
-no Python routing per call; CPU tensors keep the torch reference. Under ``TRITON_INTERPRET=1`` a
-forced ``triton`` is registered for the CPU key too (how the tests run Triton without a GPU).
-The CUDA backend loads without Triton, and Triton without the CUDA extension.
+no Python routing per call; for the CPU key ``CPU_PREFERENCE`` does the same (the torch-only ``cpu``
+backend's selections), every other op on CPU tensors keeps the torch reference. Under
+``TRITON_INTERPRET=1`` a forced ``triton`` is registered for the CPU key too (how the tests run Triton
+without a GPU). The CUDA backend loads without Triton, and Triton without the CUDA extension.
 """
 
 from __future__ import annotations
@@ -40,9 +41,31 @@ PREFERENCE: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+# CPU tensors: the ops a CPU backend serves better than the torch reference (which stays the tests' oracle).
+CPU_PREFERENCE: dict[str, tuple[tuple[str, ...], str]] = {
+    "topk_mean_and_effective_rank": (
+        ("cpu",),
+        "two bincount passes and a sort of one 16-bit bucket instead of sorting every value",
+    ),
+    "saliency_topk_mean_and_effective_rank": (
+        ("cpu",),
+        "the reference sorts every saliency (1.3e8 for SmolLM2-135M obs); the cpu backend buckets them",
+    ),
+}
+
+
+def runs_on(backend: str, device: str) -> bool:
+    """Whether ``backend``'s kernels take ``device`` tensors (Triton on the CPU only under the interpreter)."""
+    if device == "cuda":
+        return backend in ("triton", "cuda")
+    return backend == "cpu" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def available_kernels() -> tuple[dict[str, dict[str, Callable]], list[str]]:
     """({backend: {op: kernel}} for the backends that load here, notes on the ones that do not)."""
-    kernels, notes = {}, []
+    from . import cpu
+
+    kernels, notes = {"cpu": cpu.KERNELS}, []
     try:
         from . import triton_backend
     except ImportError as error:
@@ -61,11 +84,13 @@ def available_kernels() -> tuple[dict[str, dict[str, Callable]], list[str]]:
     return kernels, notes
 
 
-def choose(op: str, kernels: dict[str, dict[str, Callable]], forced: str | None) -> tuple[str, str] | None:
-    """(backend, reason) for ``op`` on CUDA tensors, or None when the torch reference serves it."""
-    order, why = PREFERENCE[op]
+def choose(
+    op: str, kernels: dict[str, dict[str, Callable]], forced: str | None, device: str = "cuda"
+) -> tuple[str, str] | None:
+    """(backend, reason) for ``op`` on ``device`` tensors, or None when the torch reference serves it."""
+    order, why = (PREFERENCE if device == "cuda" else CPU_PREFERENCE).get(op, ((), ""))
     if forced is not None:
-        if op in kernels.get(forced, {}):
+        if op in kernels.get(forced, {}) and runs_on(forced, device):
             return forced, f"forced by SENSILORA_BACKEND={forced}"
         return None
     for name in order:
@@ -78,18 +103,13 @@ def _register_into(library: torch.library.Library, forced: str | None, devices: 
     kernels, notes = available_kernels()
     report: dict = {"kernels": {}, "notes": notes}
     for op in OP_NAMES:
-        choice = choose(op, kernels, forced)
-        if choice is None:
-            continue
         for device in devices:
+            choice = choose(op, kernels, forced, device)
+            if choice is None:
+                continue
             torch.library.register_kernel(f"sensilora::{op}", device, kernels[choice[0]][op], lib=library)
             report["kernels"].setdefault(op, {})[device] = choice
     return report
-
-
-def _devices(forced: str | None) -> tuple[str, ...]:
-    interpreted = forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-    return ("cuda", "cpu") if interpreted else ("cuda",)
 
 
 _STATE: dict = {}
@@ -104,7 +124,7 @@ def register() -> dict:
             _STATE["report"] = {"kernels": {}, "notes": ["SENSILORA_BACKEND=torch: no kernel registered"]}
         else:
             _STATE["library"] = torch.library.Library("sensilora", "IMPL")
-            _STATE["report"] = _register_into(_STATE["library"], forced, _devices(forced))
+            _STATE["report"] = _register_into(_STATE["library"], forced, ("cuda", "cpu"))
     return _STATE["report"]
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from sensilora import allocate, calibrate, ops
 from sensilora.errors import BackendUnavailableError
+from sensilora.ops import reference
 
 from tests.models import random_batches, tiny_gpt2, tiny_llama
 
@@ -21,7 +22,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from sensilora_kernels import gram  # noqa: E402  (conftest set TRITON_INTERPRET before this import)
-from sensilora_kernels.registry import PREFERENCE, choose, use_backend  # noqa: E402
+from sensilora_kernels.registry import CPU_PREFERENCE, PREFERENCE, choose, use_backend  # noqa: E402
 
 ALL_OPS = {name: object() for name in ops.OP_NAMES}
 
@@ -47,14 +48,28 @@ def test_the_kernel_is_chosen_by_the_table_or_forced():
     assert choose("gram_", {}, None) is None
 
 
-def test_cuda_tensors_reach_the_registered_kernels_cpu_tensors_the_reference():
+def test_cuda_tensors_reach_the_registered_kernels_cpu_tensors_the_cpu_table():
     ops.load_backends()
     for op in ops.OP_NAMES:
         assert has_kernel(op, "CUDA"), op
-        assert not has_kernel(op, "CPU"), op
+        assert has_kernel(op, "CPU") == (op in CPU_PREFERENCE), op  # the others: the torch reference
     rows = {(row["op"], row["device"]): row for row in ops.backend_report()}
     assert rows[("gram_", "cuda")]["backend"] == "triton"
     assert rows[("gram_", "cpu")]["backend"] == "torch"
+    assert rows[("saliency_topk_mean_and_effective_rank", "cpu")]["backend"] == "cpu"
+    values, offsets = torch.rand(1000), torch.tensor([0, 400, 1000])
+    torch.testing.assert_close(  # what the dispatcher runs on CPU tensors equals the sorted reference
+        ops.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85),
+        reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85), rtol=1e-12, atol=0,
+    )  # fmt: skip
+
+
+def test_cpu_choices_never_take_gpu_backends():
+    everything = {"triton": ALL_OPS, "cuda": ALL_OPS, "cpu": ALL_OPS}
+    assert choose("topk_mean_and_effective_rank", everything, None, "cpu")[0] == "cpu"
+    assert choose("gram_", everything, None, "cpu") is None
+    assert choose("topk_mean_and_effective_rank", everything, "cuda", "cpu") is None
+    assert choose("topk_mean_and_effective_rank", everything, "cpu", "cuda") is None
 
 
 def test_use_backend_is_scoped():

@@ -24,7 +24,7 @@ from ..errors import BackendUnavailableError
 from .declarations import NAMESPACE, OP_NAMES
 
 GROUP = "sensilora.backends"
-BACKEND_NAMES = ("torch", "triton", "cuda")
+BACKEND_NAMES = ("torch", "triton", "cuda", "cpu")
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -41,7 +41,7 @@ _STATUS = PluginStatus()
 
 
 def forced_backend() -> str | None:
-    """``SENSILORA_BACKEND`` (torch|triton|cuda), or None for the automatic choice."""
+    """``SENSILORA_BACKEND`` (torch|triton|cuda|cpu), or None for the automatic choice."""
     value = os.environ.get("SENSILORA_BACKEND", "").strip().lower()
     if not value or value == "auto":
         return None
