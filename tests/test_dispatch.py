@@ -85,6 +85,7 @@ def test_invalid_forced_backend_is_refused(monkeypatch):
         ops.forced_backend()
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("builder,mode", [(tiny_llama, "diag"), (tiny_llama, "obs"), (tiny_gpt2, "obs")])
 def test_calibration_through_triton_gives_the_same_allocation(builder, mode):
     model = builder()
@@ -104,6 +105,7 @@ def _row_pointers_probe(out_ptr, base_ptr, rows_ptr, d, N: tl.constexpr):
     tl.store(out_ptr + index, pointers.to(tl.int64) - base_ptr.to(tl.int64))  # byte offsets
 
 
+@pytest.mark.interpreter
 def test_gram_row_offsets_are_64_bit_past_46341_columns():
     rows = torch.tensor([0, 46340, 46341, 59999], dtype=torch.int32)
     out = torch.zeros(4, dtype=torch.int64)
