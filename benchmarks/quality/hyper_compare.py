@@ -6,7 +6,10 @@ evaluation protocol of run_quality: same seeds, same data order per seed, paired
 Contrasts named before the run (paired t-tests over seeds, Holm over the six):
 - C1 speed: HyperAdaLoRA - AdaLoRA at the first checkpoint, per task (the paper claims faster convergence);
 - C2 quality: HyperAdaLoRA - AdaLoRA at the last step, per task (the paper claims no loss of quality);
-- C3 ours: Sensitivity-LoRA's default (paper) - HyperAdaLoRA at the last step, per task.
+- C3 ours: Sensitivity-LoRA's default (paper) - HyperAdaLoRA at the last step, per task;
+- C4, C5: C1 and C2 with AdaLoRA and HyperAdaLoRA each at its own learning rate, chosen on dev (seed 0)
+  from ``nlu_lrs_own`` by LoRA's rule (NLU only; NLG has no dev split). Added, before their runs, once
+  the first runs showed Λ (which starts at 0) still near 0 after 120 steps at LoRA's learning rate.
 Descriptive: each method's metric at every checkpoint against the step and against the mean wall-clock
 seconds of training to reach it; trainable, hypernetwork and final adapter parameters.
 """
@@ -21,10 +24,13 @@ from sensilora.io import write_with_atomic
 from benchmarks.quality.paired import holm, paired_difference
 
 METHODS = ("lora", "paper", "eva", "adalora", "hyperadalora")
-CONTRASTS = (  # name, method, baseline, checkpoint ("first" or "last")
+NLU_METHODS = (*METHODS, "adalora@own-lr", "hyperadalora@own-lr")  # NLU has a dev split to choose them on
+CONTRASTS = (  # name, method, baseline, checkpoint ("first" or "last"); a task lacking a method skips it
     ("C1 speed", "hyperadalora", "adalora", "first"),
     ("C2 quality", "hyperadalora", "adalora", "last"),
     ("C3 ours", "paper", "hyperadalora", "last"),
+    ("C4 speed, own lr", "hyperadalora@own-lr", "adalora@own-lr", "first"),
+    ("C5 quality, own lr", "hyperadalora@own-lr", "adalora@own-lr", "last"),
 )
 
 
@@ -38,7 +44,10 @@ def contrasts(task_results: dict) -> list[dict]:
     rows = []
     for task, (results, metric, higher) in task_results.items():
         steps = sorted(next(iter(results)).curve)
+        present = {r.method for r in results}
         for name, method, baseline, which in CONTRASTS:
+            if not {method, baseline} <= present:
+                continue
             step = steps[0] if which == "first" else steps[-1]
             difference = paired_difference(
                 _values(results, method, step, metric), _values(results, baseline, step, metric), higher
@@ -56,7 +65,7 @@ def table(summary_rows: list[dict], contrast_rows: list[dict]) -> str:
     then the named contrasts."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in summary_rows):
-        subset = [r for r in summary_rows if r["task"] == task and r["method"] in METHODS]
+        subset = [r for r in summary_rows if r["task"] == task and r["method"] in NLU_METHODS]
         steps = list(subset[0]["curve"])
         metric = subset[0]["metric"]
         header = " | ".join(f"step {s}" for s in steps)
@@ -89,7 +98,7 @@ def plot_convergence(summary_rows: list[dict], path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, len(tasks), squeeze=False)
     for column, task in enumerate(tasks):
-        for r in (r for r in summary_rows if r["task"] == task and r["method"] in METHODS):
+        for r in (r for r in summary_rows if r["task"] == task and r["method"] in NLU_METHODS):
             steps = [int(s) for s in r["curve"]]
             values = list(r["curve"].values())
             axes[0][column].plot(steps, values, marker="o", label=r["method"])

@@ -32,6 +32,9 @@ SENSILORA_VARIANTS = {
     "fisher": ({"statistic": "fisher"}, {}),
 }
 ALL_METHODS = ("lora", *SENSILORA_VARIANTS, "shuffled", "eva", "eva-ranks", "adalora", "hyperadalora")
+# A method name with this suffix is that method trained at its own learning rate, chosen on dev like LoRA's
+# (NLU only): the SVD form starts with Λ = 0 and may want another step size than LoRA.
+OWN_LR = "@own-lr"
 
 
 @dataclass
@@ -120,6 +123,7 @@ def build(method: str, context: TaskContext, seed: int):
     """A fresh copy of the base model wrapped for ``method``; returns (peft model, per-step hook or None)."""
     import peft
 
+    method = method.removesuffix(OWN_LR)
     model = copy.deepcopy(context.base)
     alpha = 2 * context.avg_rank
     if method == "lora":

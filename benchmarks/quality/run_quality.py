@@ -52,7 +52,8 @@ DEFAULT_RULE = "Holm p < 0.05 win on >= 1 task, no task with its interval wholly
 CONFIGS = {
     "cpu": {
         "seeds": 5, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48, "nlu_batch": 16,
-        "nlu_steps": 120, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_checkpoints": (40, 80, 120),
+        "nlu_steps": 120, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_lrs_own": (2e-3, 5e-3, 1e-2, 2e-2),
+        "nlu_checkpoints": (40, 80, 120),
         "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 30,
         "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (10, 20, 30),
         "nlg_methods": ("lora", "paper", "rank", "fisher", "eva", "adalora", "hyperadalora"),
@@ -60,13 +61,15 @@ CONFIGS = {
     },
     "smoke": {
         "seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 4,
-        "nlu_lrs": (1e-3,), "nlu_checkpoints": (2, 4), "nlu_methods": M.ALL_METHODS, "nlg_docs": 8,
+        "nlu_lrs": (1e-3,), "nlu_lrs_own": (1e-3, 1e-2), "nlu_checkpoints": (2, 4), "nlu_methods": M.ALL_METHODS,
+        "nlg_docs": 8,
         "nlg_len": 16, "nlg_batch": 2, "nlg_steps": 2, "nlg_lr": 1e-3, "nlg_eval_windows": 2,
         "nlg_checkpoints": (2,), "nlg_methods": ("lora", "paper", "fisher", "shuffled"), "calibration_samples": 4,
     },
     "gpu": {
         "seeds": 5, "nlu_train": 600, "nlu_dev": 100, "nlu_test": 300, "nlu_len": 64, "nlu_batch": 32,
-        "nlu_steps": 1200, "nlu_lrs": (2e-4, 5e-4, 1e-3, 2e-3), "nlu_checkpoints": (300, 600, 900, 1200),
+        "nlu_steps": 1200, "nlu_lrs": (2e-4, 5e-4, 1e-3, 2e-3), "nlu_lrs_own": (1e-3, 2e-3, 5e-3, 1e-2),
+        "nlu_checkpoints": (300, 600, 900, 1200),
         "nlu_methods": M.ALL_METHODS, "nlg_docs": 1780, "nlg_len": 256, "nlg_batch": 16, "nlg_steps": 600,
         "nlg_lr": 5e-4, "nlg_eval_windows": 256, "nlg_checkpoints": (150, 300, 450, 600),
         "nlg_methods": M.ALL_METHODS, "calibration_samples": 128,
@@ -161,15 +164,30 @@ def nlu_task(config, device, log):
     ]
     context = M.TaskContext(base, sorted(find_targets(base)), 4, "SEQ_CLS", config["nlu_steps"])
     M.prepare(context, config["nlu_methods"], calibration, calibration)
-    lr_search = {}
-    for lr in config["nlu_lrs"]:
-        checkpoint = (config["nlu_steps"],)
-        dev = run_methods(context, ["lora"], 1, epoch, lr, accuracy_on(dev_set), checkpoint, f"NLU lr {lr}", log)
-        lr_search[lr] = dev[0].metrics["accuracy"]
-    lr = max(lr_search, key=lambda value: (lr_search[value], -value))
-    results = run_methods(context, config["nlu_methods"], config["seeds"], epoch, lr, accuracy_on(test_set),
-                          config["nlu_checkpoints"], "NLU runs (MiniLM-L6, KJV genres)", log)  # fmt: skip
-    return results, context, {"lr_search_dev_accuracy": lr_search, "lr": lr}
+
+    def best_lr(method: str, grid) -> tuple[float, dict]:  # on dev, seed 0: highest accuracy, then smallest lr
+        search = {}
+        for value in grid:
+            label = f"NLU lr {value}" + ("" if method == "lora" else f" {method}")
+            dev = run_methods(
+                context, [method], 1, epoch, value, accuracy_on(dev_set), (config["nlu_steps"],), label, log
+            )
+            search[value] = dev[0].metrics["accuracy"]
+        return max(search, key=lambda value: (search[value], -value)), search
+
+    lr, lr_search = best_lr("lora", config["nlu_lrs"])
+    own = {
+        m: best_lr(m.removesuffix(M.OWN_LR), config["nlu_lrs_own"])
+        for m in config["nlu_methods"]
+        if m.endswith(M.OWN_LR)
+    }
+    results = []
+    for group_lr, group in [(lr, [m for m in config["nlu_methods"] if m not in own])] + [(own[m][0], [m]) for m in own]:
+        results += run_methods(context, group, config["seeds"], epoch, group_lr, accuracy_on(test_set),
+                               config["nlu_checkpoints"], "NLU runs (MiniLM-L6, KJV genres)", log)  # fmt: skip
+    notes = {"lr_search_dev_accuracy": lr_search, "lr": lr}
+    notes.update({f"{m} lr_search_dev_accuracy": search for m, (_, search) in own.items()})
+    return results, context, {**notes, **{f"{m} lr": chosen for m, (chosen, _) in own.items()}}
 
 
 def nlg_task(config, device, log):
@@ -278,7 +296,7 @@ def main(argv=None) -> int:
     name = "gpu" if args.gpu else "smoke" if args.smoke else "cpu"
     config = CONFIGS[name]
     if args.compare:
-        config = {**config, "nlu_methods": hyper_compare.METHODS, "nlg_methods": hyper_compare.METHODS}
+        config = {**config, "nlu_methods": hyper_compare.NLU_METHODS, "nlg_methods": hyper_compare.METHODS}
     device = torch.device("cuda" if args.gpu else "cpu")
     started = time.perf_counter()
     log = RunLog(None if args.smoke else args.results / f"quality_{name}.runs.jsonl")
