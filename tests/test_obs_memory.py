@@ -1,0 +1,40 @@
+"""obs mode's finish (scale, damp, invert) in bounded memory: a live-tensor trace of the CPU allocator
+(torch.profiler, op-granular) shows its extra memory set by the chunk size, not by the number of grams."""
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sensilora import calibration
+from sensilora.collector import Collector
+
+
+def finish_peak_bytes(grams: int, d: int, chunk_bytes: int, monkeypatch) -> int:
+    """Peak of the bytes allocated minus freed while ``_finish`` runs over ``grams`` d x d accumulators."""
+    shapes = {f"m{i}": (d, d) for i in range(grams)}
+    collector = Collector("obs", shapes)
+    generator = torch.Generator().manual_seed(0)
+    for name in shapes:
+        collector.observe(name, torch.randn(2, 3 * d, d, generator=generator))
+    monkeypatch.setattr(calibration, "INVERSE_CHUNK_BYTES", chunk_bytes)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as trace:
+        calibration._finish(collector, 0.01)
+    changes = sorted(  # frees outside ops are "[memory]" events; an op's own allocations its self usage
+        (event.time_range.start, event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage)
+        for event in trace.events()
+    )
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def test_finish_extra_memory_follows_the_chunk_not_the_model(monkeypatch):
+    d = 96
+    gram = d * d * 4
+    chunk = 2 * gram  # two grams inverted at a time
+    small, large = (finish_peak_bytes(n, d, chunk, monkeypatch) for n in (4, 16))
+    assert large <= 1.25 * small + gram  # four times the grams, about the same extra memory
+    assert large <= 4 * chunk  # the stacked chunk, its factor and inverse: a few chunks (METHOD.md, obs mode)
+    unchunked = finish_peak_bytes(16, d, 2**40, monkeypatch)
+    assert unchunked > 2 * large  # without chunking the extra grows with the number of grams
