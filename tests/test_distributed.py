@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import sensilora
 import torch
 from sensilora import SensiloraError, SensitivityStats, calibrate
 from sensilora.cli import main
@@ -89,9 +90,33 @@ def test_merge_equals_one_run_and_refuses_mismatches(tmp_path, capsys):
     assert SensitivityStats.load(tmp_path / "c.safetensors").info["tokens"] == single.info["tokens"]
     with pytest.raises(SensiloraError, match="different models or target modules"):
         merge_statistics(first, calibrate(tiny_llama(layers=3), batches[:1], progress=False))
-    with pytest.raises(SensiloraError, match="cannot be merged exactly"):
+    with pytest.raises(SensiloraError, match="merge only with their Hessians"):
         obs = calibrate(model, batches[:1], mode="obs", progress=False)
         merge_statistics(obs, obs)
+
+
+def test_obs_statistics_with_their_hessians_merge_like_one_run(tmp_path):
+    model, batches = tiny_llama(), random_batches(batches=4, seed=3)
+    parts = [calibrate(model, part, mode="obs", keep_grams=True, progress=False) for part in (batches[:1], batches[1:])]
+    for index, part in enumerate(parts):  # the Hessians travel in the statistics file
+        part.save(tmp_path / f"{index}.safetensors")
+    loaded = [SensitivityStats.load(tmp_path / f"{index}.safetensors") for index in range(2)]
+    assert all(
+        s.hessian is not None and s.hessian.shape == (s.hessian_diag.numel(),) * 2 for s in loaded[0].inputs.values()
+    )
+    merged = merge_statistics(*loaded)
+    single = calibrate(model, batches, mode="obs", progress=False)
+    for name in single.module_names:
+        torch.testing.assert_close(merged.hessian_diag(name), single.hessian_diag(name), rtol=1e-5, atol=0)
+        torch.testing.assert_close(merged.inverse_hessian_diag(name), single.inverse_hessian_diag(name),
+                                   rtol=1e-4, atol=1e-7)  # fmt: skip
+    assert single.inputs[next(iter(single.inputs))].hessian is None  # kept only when asked
+    assert (
+        sensilora.allocate(merged, avg_rank=4, model=model).ranks
+        == sensilora.allocate(single, avg_rank=4, model=model).ranks
+    )
+    with pytest.raises(SensiloraError, match="keep_grams keeps obs mode"):
+        calibrate(model, batches, keep_grams=True, progress=False)
 
 
 def test_cli_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):

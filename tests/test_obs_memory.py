@@ -2,10 +2,9 @@
 (torch.profiler, op-granular) shows its extra memory set by the chunk size, not by the number of grams."""
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
-from sensilora import calibration
+from sensilora import calibration, inverse
 from sensilora.collector import Collector
+from torch.profiler import ProfilerActivity, profile
 
 
 def finish_peak_bytes(grams: int, d: int, chunk_bytes: int, monkeypatch) -> int:
@@ -15,7 +14,7 @@ def finish_peak_bytes(grams: int, d: int, chunk_bytes: int, monkeypatch) -> int:
     generator = torch.Generator().manual_seed(0)
     for name in shapes:
         collector.observe(name, torch.randn(2, 3 * d, d, generator=generator))
-    monkeypatch.setattr(calibration, "INVERSE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(inverse, "INVERSE_CHUNK_BYTES", chunk_bytes)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as trace:
         calibration._finish(collector, 0.01)
     changes = sorted(  # frees outside ops are "[memory]" events; an op's own allocations its self usage

@@ -53,7 +53,7 @@ def allocation_config(args):
     """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
     check_calibration_options(
         args.mode, args.statistic, args.exclude_first, args.sequential, args.checkpoint, args.checkpoint_every,
-        args.device,
+        args.device, args.keep_grams,
     )  # fmt: skip
     return AllocationConfig(
         avg_rank=args.avg_rank, method=args.method, metrics=args.metrics, weighting=args.weighting, k_frac=args.k_frac,
@@ -110,7 +110,7 @@ def new_statistics(args, config):
     stats = calibrate(
         model, batches, mode=args.mode, target_modules=args.target_modules, statistic=args.statistic,
         exclude_first=args.exclude_first, sequential=args.sequential, device=args.device, progress=not args.quiet,
-        model_name=name, checkpoint_every=args.checkpoint_every,
+        model_name=name, checkpoint_every=args.checkpoint_every, keep_grams=args.keep_grams,
         checkpoint=f"{args.checkpoint}.rank{args.rank}" if args.checkpoint and args.world > 1 else args.checkpoint,
     )  # fmt: skip
     stats.info.update(

@@ -23,18 +23,15 @@ from .batches import (
     to_device,
 )
 from .checkpoint import CalibrationCheckpoint, check_resumed_data
-from .collector import Accumulator, Collector
+from .collector import Collector
 from .distributed import distributed_rank, process_group_size, reduce_statistics
 from .errors import SensiloraError
+from .inverse import inverse_diagonals
 from .sequential import decoder_layers, run_sequentially
 from .stats import MODES, InputStats, SensitivityStats
 from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape
 
 Batch = Mapping[str, torch.Tensor]
-# Hessians of one size are inverted together up to this many bytes of fp32 d x d matrices at a time: the
-# inversion's temporaries (a copy, the factor, its inverse) are a few chunks, whatever the model's size
-# (LLaMA-3.1-8B: two 14336 x 14336 grams, or 32 of 4096 x 4096, a chunk).
-INVERSE_CHUNK_BYTES = 2**31
 STATISTICS = ("hessian", "fisher")
 
 
@@ -56,8 +53,9 @@ def forward_kwargs(model: nn.Module, logits: bool = False) -> dict[str, Any]:
     return extra
 
 
-def _finish(collector: Collector, damp: float) -> dict[str, InputStats]:
-    """Scale sums by 2/N; in obs mode also invert the damped Hessians, equal sizes batched."""
+def _finish(collector: Collector, damp: float, keep_grams: bool = False) -> dict[str, InputStats]:
+    """Scale sums by 2/N; in obs mode also invert the damped Hessians (``inverse.inverse_diagonals``),
+    freeing each gram once inverted unless ``keep_grams`` keeps it (scaled) in the result for merging."""
     results: dict[str, InputStats] = {}
     for key, accumulator in collector.accumulators.items():
         if accumulator.num_tokens == 0:
@@ -67,23 +65,14 @@ def _finish(collector: Collector, damp: float) -> dict[str, InputStats]:
             hessian_diag=(accumulator.column_sums() * scale).clone(), num_tokens=accumulator.num_tokens
         )
     if collector.mode == "obs":
-        by_size: dict[tuple, list[Accumulator]] = {}
-        for accumulator in collector.accumulators.values():
-            by_size.setdefault((accumulator.gram.shape[0], accumulator.gram.device), []).append(accumulator)
-        for (size, _), group in by_size.items():
-            per_chunk = max(1, INVERSE_CHUNK_BYTES // (size * size * 4))
-            for start in range(0, len(group), per_chunk):
-                chunk = group[start : start + per_chunk]
-                for a in chunk:
-                    a.gram.mul_(2.0 / a.num_tokens)  # H = (2/N) X^T X, in place
-                hessians = torch.stack([a.gram for a in chunk])
-                for a in chunk:  # only the stacked copy is left: each gram is freed as its inverse is taken
-                    a.gram = None
-                inverse, damps = ops.inverse_diagonal(hessians, damp)
-                del hessians
-                for a, inv, used in zip(chunk, inverse, damps.tolist()):
-                    results[a.key].inverse_hessian_diag = inv.clone()
-                    results[a.key].damp = used
+        hessians = {}
+        for key, accumulator in collector.accumulators.items():
+            hessians[key] = accumulator.gram.mul_(2.0 / accumulator.num_tokens)  # H = (2/N) X^T X, in place
+            accumulator.gram = None  # the dict holds the last reference: freed once stacked for inversion
+            if keep_grams:
+                results[key].hessian = hessians[key]
+        for key, (diagonal, used) in inverse_diagonals(hessians, damp).items():
+            results[key].inverse_hessian_diag, results[key].damp = diagonal, used
     return results
 
 
@@ -95,6 +84,7 @@ def check_calibration_options(
     checkpoint: object = None,
     checkpoint_every=50,
     device: object = None,
+    keep_grams: bool = False,
 ) -> None:
     """The checks of ``calibrate``'s options that need neither model nor data (the CLI runs them before loading)."""
     if mode not in MODES:
@@ -109,6 +99,8 @@ def check_calibration_options(
         raise SensiloraError(f"exclude_first must be a non-negative integer, got {exclude_first!r}")
     if sequential and str(device) == "auto":
         raise SensiloraError("sequential mode moves one layer at a time to one device: give --device cuda (or cpu)")
+    if keep_grams and mode != "obs":
+        raise SensiloraError("keep_grams keeps obs mode's X^T X; diag statistics merge without it: use mode='obs'")
     if checkpoint is not None and sequential:
         raise SensiloraError("checkpoints save sums between batches; sequential mode runs layer by layer: drop one")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -130,6 +122,7 @@ def calibrate(
     model_name: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
+    keep_grams: bool = False,
 ) -> SensitivityStats:
     """Run the calibration passes and return the per-module statistics (METHOD.md section 1).
 
@@ -144,10 +137,14 @@ def calibrate(
     staying where it is: for models larger than the device (see ``sequential.run_sequentially``).
     checkpoint: a file to save the running sums in every ``checkpoint_every`` batches and to resume from
     when it exists (same batches, same settings; ``checkpoint.py``); removed when calibration finishes.
+    keep_grams: obs mode, keep each input's Hessian ``(2/N) X^T X`` (d_in x d_in fp32) in the result, so
+    that statistics of separate runs can be merged exactly (``merge_statistics``); costs their memory.
     Sums are fp32 whatever the model dtype; hooks are removed and train/eval and requires_grad flags
     restored even on error.
     """
-    check_calibration_options(mode, statistic, exclude_first, sequential, checkpoint, checkpoint_every, device)
+    check_calibration_options(
+        mode, statistic, exclude_first, sequential, checkpoint, checkpoint_every, device, keep_grams
+    )
     ops.load_backends()
     targets = find_targets(model, target_modules)
     check_weights_finite(targets)
@@ -255,7 +252,7 @@ def calibrate(
         raise SensiloraError(
             f"target modules never ran during calibration: {missing[:5]}; exclude them with target_modules"
         )
-    inputs = _finish(collector, damp)
+    inputs = _finish(collector, damp, keep_grams)
     if saver is not None:
         saver.remove()
     elapsed = time.perf_counter() - started

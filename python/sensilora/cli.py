@@ -43,6 +43,7 @@ def _allocate_parser(sub) -> None:
     p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
     p.add_argument("--plot", default="sensilora-out/ranks.png", help="PNG of per-layer ranks under each metric")
     p.add_argument("--stats", help="also save the calibration statistics (safetensors) here")
+    p.add_argument("--keep-grams", action="store_true", help="obs: keep X^T X in --stats, so that merge can combine it")
     p.add_argument(
         "--from-stats", help="allocate from saved statistics instead of calibrating (obs mode: also --model)"
     )
@@ -122,7 +123,7 @@ def run_report(args) -> int:
 
 
 def _merge_parser(sub) -> None:
-    p = sub.add_parser("merge", help="combine diag statistics files of separate runs, weighted by their token counts")
+    p = sub.add_parser("merge", help="combine statistics files of separate runs, weighted by their token counts")
     p.add_argument("inputs", nargs="+", help="statistics files written by allocate --stats")
     p.add_argument("-o", "--output", required=True, help="the merged statistics file")
 

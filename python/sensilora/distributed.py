@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import SensiloraError
+from .inverse import inverse_diagonals
 from .stats import InputStats, SensitivityStats
 
 
@@ -78,8 +79,9 @@ def reduce_statistics(collector, seen_batches: int) -> int:
 
 def merge_statistics(first: SensitivityStats, *others: SensitivityStats) -> SensitivityStats:
     """Statistics of separate calibration runs combined as if one run had seen all their tokens: each input's
-    ``(2/N) sum x^2`` re-weighted by its token count. diag mode only: obs files keep the inverse diagonal,
-    not the ``X^T X`` it came from, so they cannot be merged exactly."""
+    ``(2/N) sum x^2`` re-weighted by its token count. obs mode: the runs must have kept their Hessians
+    (``calibrate(..., keep_grams=True)``), which merge the same way before the damped inverse is taken anew
+    (damp: the first run's); obs files without them hold only the inverse diagonal and are refused."""
     runs = (first, *others)
     for other in others:
         if other.mode != first.mode:
@@ -95,21 +97,33 @@ def merge_statistics(first: SensitivityStats, *others: SensitivityStats) -> Sens
                     f"cannot merge statistics calibrated with different {setting} "
                     f"({first.info.get(setting)!r} vs {other.info.get(setting)!r})"
                 )
-    if first.mode != "diag":
+    if first.mode == "obs" and any(s.hessian is None for run in runs for s in run.inputs.values()):
         raise SensiloraError(
-            "obs-mode statistics hold the inverse-Hessian diagonal, not X^T X, and cannot be merged exactly; "
-            "merge diag statistics, or calibrate once on all the text"
+            "obs-mode statistics merge only with their Hessians: calibrate each part with keep_grams=True "
+            "(--keep-grams), or calibrate once on all the text"
         )
     inputs = {}
     for key in first.inputs:
         tokens = sum(run.inputs[key].num_tokens for run in runs)
         total = sum(run.inputs[key].hessian_diag.double() * run.inputs[key].num_tokens for run in runs)
         inputs[key] = InputStats(hessian_diag=(total / tokens).float(), num_tokens=tokens)
+        if first.mode == "obs":
+            weighted = sum(run.inputs[key].hessian.double() * run.inputs[key].num_tokens for run in runs)
+            inputs[key].hessian = (weighted / tokens).float()
+    if first.mode == "obs":
+        damp = first.info.get("damp", 0.01)
+        inverted = inverse_diagonals({key: stats.hessian for key, stats in inputs.items()}, damp)
+        for key, (diagonal, used) in inverted.items():
+            inputs[key].inverse_hessian_diag, inputs[key].damp = diagonal, used
     info = {
         "merged_from": [run.info for run in runs],
         "tokens": sum(run.info.get("tokens", 0) for run in runs),
         "batches": sum(run.info.get("batches", 0) for run in runs),
+        "statistic": first.info.get("statistic"),
+        "exclude_first": first.info.get("exclude_first"),
     }
+    if first.mode == "obs":
+        info["damp"] = first.info.get("damp", 0.01)
     return SensitivityStats(
         first.mode, dict(first.module_shapes), dict(first.module_inputs), inputs, first.model_name, info
     )

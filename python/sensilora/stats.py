@@ -23,13 +23,15 @@ class InputStats:
     """Statistics of one distinct input tensor (shared by e.g. q/k/v).
 
     hessian_diag: (d_in,) fp32, ``(2/N) sum_n x_n^2``. inverse_hessian_diag: (d_in,) fp32,
-    ``diag((H + lambda I)^-1)`` in obs mode, else None. num_tokens: N real tokens.
+    ``diag((H + lambda I)^-1)`` in obs mode, else None. num_tokens: N real tokens. hessian: (d_in, d_in)
+    fp32 ``H = (2/N) X^T X``, kept only by ``calibrate(mode="obs", keep_grams=True)`` (for merging).
     """
 
     hessian_diag: torch.Tensor
     num_tokens: int
     inverse_hessian_diag: torch.Tensor | None = None
     damp: float | None = None
+    hessian: torch.Tensor | None = None
 
 
 @dataclass
@@ -83,6 +85,8 @@ class SensitivityStats:
                 tensors[f"{index}.inverse_hessian_diag"] = (
                     stats.inverse_hessian_diag.detach().float().cpu().contiguous()
                 )
+            if stats.hessian is not None:
+                tensors[f"{index}.hessian"] = stats.hessian.detach().float().cpu().contiguous()
         header = {
             "format": FORMAT,
             "mode": self.mode,
@@ -117,6 +121,7 @@ class SensitivityStats:
                 num_tokens=int(entry["num_tokens"]),
                 inverse_hessian_diag=tensors.get(f"{index}.inverse_hessian_diag"),
                 damp=entry.get("damp"),
+                hessian=tensors.get(f"{index}.hessian"),
             )
             for index, entry in enumerate(header["inputs"])
         }
