@@ -4,6 +4,7 @@ statistics as the model loaded whole; the statistics stay on each module's execu
 import pytest
 import sensilora
 import torch
+from sensilora.errors import SensiloraError
 
 from tests.models import random_batches
 
@@ -35,6 +36,8 @@ def test_offloaded_model_calibrates_like_the_whole_model(tmp_path, mode):
         if mode == "obs":
             torch.testing.assert_close(got.inputs[key].inverse_hessian_diag, stats.inverse_hessian_diag,
                                        rtol=1e-4, atol=1e-6)  # fmt: skip
+    with pytest.raises(SensiloraError, match="calibrate it without sequential"):
+        sensilora.calibrate(spread, batches, mode=mode, sequential=True, device="cpu", progress=False)
     # obs saliencies read the offloaded weights (loaded module by module): the same ranks
     assert (
         sensilora.allocate(got, avg_rank=4, model=spread).ranks

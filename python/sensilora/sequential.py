@@ -25,6 +25,11 @@ class _Captured(Exception):
 
 def decoder_layers(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, nn.ModuleList]:
     """The ModuleList of numbered blocks holding every target module, by name, or a clear error."""
+    if any(parameter.device.type == "meta" for parameter in model.parameters()):
+        raise SensiloraError(
+            "sequential mode moves the layers itself, but accelerate offloaded this model's weights (device_map): "
+            "calibrate it without sequential (the offload already keeps one module's weights in memory at a time)"
+        )
     for name, module in model.named_modules():
         if (
             isinstance(module, nn.ModuleList)
