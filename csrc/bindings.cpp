@@ -43,7 +43,8 @@ void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::
   const c10::cuda::CUDAGuard guard(x.device());
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()), "multiprocessor count");
-  const int64_t column_blocks = (x.size(2) + 127) / 128;
+  const int64_t columns_per_block = 128 * (16 / x.element_size());  // 128 threads, 16 bytes each when vectorised
+  const int64_t column_blocks = (x.size(2) + columns_per_block - 1) / columns_per_block;
   const int64_t tokens = x.size(0) * x.size(1);
   const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4 * sms / std::max<int64_t>(column_blocks, 1), tokens / 64)));
   check_cuda(sensilora_column_sumsq(acc.data_ptr<float>(), x.data_ptr(), dtype_code(x, "column_sumsq_"), mask_ptr, x.size(0), x.size(1),

@@ -35,7 +35,8 @@ def library(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,splits", [((1, 1, 1), 1), ((3, 37, 70), 4), ((2, 5, 130), 3)])
+# (2, 9, 64) contiguous takes the 16-byte vector path (d and the strides multiples of 16 bytes' elements)
+@pytest.mark.parametrize("shape,splits", [((1, 1, 1), 1), ((3, 37, 70), 4), ((2, 5, 130), 3), ((2, 9, 64), 3)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_column_sumsq(library, dtype, shape, splits, layout, masked):

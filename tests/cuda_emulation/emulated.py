@@ -48,6 +48,7 @@ def build(directory: Path) -> ctypes.CDLL:
         "-pthread",
         "-Wall",
         "-Werror",
+        "-Wno-unknown-pragmas",  # CUDA's #pragma unroll means nothing to g++
         "-x",
         "c++",
         "-include",
