@@ -9,7 +9,10 @@ Contrasts named before the run (paired t-tests over seeds, Holm over the six):
 - C3 ours: Sensitivity-LoRA's default (paper) - HyperAdaLoRA at the last step, per task;
 - C4, C5: C1 and C2 with AdaLoRA and HyperAdaLoRA each at its own learning rate, chosen on dev (seed 0)
   from ``nlu_lrs_own`` by LoRA's rule (NLU only; NLG has no dev split). Added, before their runs, once
-  the first runs showed Λ (which starts at 0) still near 0 after 120 steps at LoRA's learning rate.
+  the first runs showed Λ (which starts at 0) still near 0 after 120 steps at LoRA's learning rate;
+- C6, C7: Sensitivity-LoRA's default against uniform LoRA and against HyperAdaLoRA, every method at its
+  own dev-selected rate (NLU), added before their runs once AdaLoRA's dev search (best at 2e-2, accuracy
+  0.42) showed that LoRA's own grid (best 2e-3, its top, 0.28) had stopped too low.
 Descriptive: each method's metric at every checkpoint against the step and against the mean wall-clock
 seconds of training to reach it; trainable, hypernetwork and final adapter parameters.
 """
@@ -24,13 +27,16 @@ from sensilora.io import write_with_atomic
 from benchmarks.quality.paired import holm, paired_difference
 
 METHODS = ("lora", "paper", "eva", "adalora", "hyperadalora")
-NLU_METHODS = (*METHODS, "adalora@own-lr", "hyperadalora@own-lr")  # NLU has a dev split to choose them on
+OWN_LR_METHODS = ("lora@own-lr", "paper@own-lr", "adalora@own-lr", "hyperadalora@own-lr")
+NLU_METHODS = (*METHODS, *OWN_LR_METHODS)  # NLU has a dev split to choose their learning rates on
 CONTRASTS = (  # name, method, baseline, checkpoint ("first" or "last"); a task lacking a method skips it
     ("C1 speed", "hyperadalora", "adalora", "first"),
     ("C2 quality", "hyperadalora", "adalora", "last"),
     ("C3 ours", "paper", "hyperadalora", "last"),
     ("C4 speed, own lr", "hyperadalora@own-lr", "adalora@own-lr", "first"),
     ("C5 quality, own lr", "hyperadalora@own-lr", "adalora@own-lr", "last"),
+    ("C6 ours vs LoRA, own lr", "paper@own-lr", "lora@own-lr", "last"),
+    ("C7 ours vs HyperAdaLoRA, own lr", "paper@own-lr", "hyperadalora@own-lr", "last"),
 )
 
 
