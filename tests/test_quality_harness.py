@@ -52,3 +52,18 @@ def test_gpu_run_script_end_to_end_at_tiny_sizes(tmp_path):
     assert {row["case"] for row in rows} >= {"naive_hessian", "column_sumsq", "end_to_end"}
     log = (tmp_path / "gpu_run_tiny.log").read_text()
     assert log.count("== exit 0") == 3 and "CUDA_HOME=" in log
+
+
+@pytest.mark.slow
+def test_hyperadalora_comparison_smoke(tmp_path):
+    from benchmarks.quality import hyper_compare, run_quality
+
+    assert run_quality.main(["--smoke", "--compare", "hyperadalora", "--tasks", "nlu", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "quality_smoke_hyperadalora.json").read_text())
+    assert [row["method"] for row in data["rows"]] == list(hyper_compare.NLU_METHODS)
+    hyper = next(row for row in data["rows"] if row["method"] == "hyperadalora")
+    assert hyper["hypernetwork_params"] > 0 and hyper["adapter_params"] > 0
+    assert {c["contrast"] for c in data["environment"]["contrasts"]} == {c[0] for c in hyper_compare.CONTRASTS}
+    timing = data["environment"]["notes"]["NLU"]["step_seconds_side_by_side"]
+    assert set(timing) == set(hyper_compare.METHODS) and all(seconds > 0 for seconds in timing.values())
+    assert (tmp_path / "quality_smoke_hyperadalora.png").read_bytes()[:4] == b"\x89PNG"

@@ -40,6 +40,44 @@ CONTRASTS = (  # name, method, baseline, checkpoint ("first" or "last"); a task 
 )
 
 
+def side_by_side_step_seconds(context, lr: float, rounds: int = 8, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, AdamW, the method's per-step hook) of each
+    method in METHODS, timed round-robin in this process on the same batches: ratios that machine load
+    cannot bias, unlike step times of runs made at different times. A method at its own learning rate
+    costs what the method costs."""
+    import time
+
+    import torch
+
+    from benchmarks.quality import methods as M
+
+    built = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        model, hook = M.build(method, context, 0)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        built[method] = (model, hook, optimizer)
+    batches = iter(context.epoch(torch.Generator().manual_seed(0)))
+    batch = next(batches)
+    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    for round_ in range(warmup + rounds):
+        for method, (model, hook, optimizer) in built.items():
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            if hook is not None:
+                hook(round_)
+            optimizer.zero_grad(set_to_none=True)
+            if round_ >= warmup:
+                times[method].append(time.perf_counter() - start)
+    return {method: float(np.median(values)) for method, values in times.items()}
+
+
+def _step_seconds(task_notes: dict, method: str) -> float | None:
+    return task_notes.get("step_seconds_side_by_side", {}).get(method.split("@")[0])
+
+
 def _values(results, method: str, step: int, metric: str) -> np.ndarray:
     runs = sorted((r for r in results if r.method == method), key=lambda r: r.seed)
     return np.array([r.curve[step][metric] for r in runs])
@@ -66,22 +104,26 @@ def contrasts(task_results: dict) -> list[dict]:
     return rows
 
 
-def table(summary_rows: list[dict], contrast_rows: list[dict]) -> str:
-    """Markdown: per task, each method's parameters, metric at every checkpoint with its wall-clock time,
-    then the named contrasts."""
+def table(summary_rows: list[dict], contrast_rows: list[dict], notes: dict) -> str:
+    """Markdown: per task, each method's parameters, metric at every checkpoint, its step time measured side
+    by side (and as a multiple of LoRA's), then the named contrasts."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in summary_rows):
         subset = [r for r in summary_rows if r["task"] == task and r["method"] in NLU_METHODS]
         steps = list(subset[0]["curve"])
         metric = subset[0]["metric"]
         header = " | ".join(f"step {s}" for s in steps)
-        lines += [f"\n### {task}: {metric} (mean over seeds) at each checkpoint, [mean seconds of training]\n",
-                  f"| method | optimised params | of which hypernetwork | final adapter params | {header} | s/step |",
+        lora_s = _step_seconds(notes.get(task, {}), "lora")
+        lines += [f"\n### {task}: {metric} (mean over seeds) at each checkpoint\n",
+                  f"| method | optimised params | of which hypernetwork | final adapter params | {header} "
+                  "| s/step side by side (x LoRA) |",
                   "|---|---|---|---|" + "---|" * len(steps) + "---|"]  # fmt: skip
         for r in subset:
-            cells = " | ".join(f"{r['curve'][s]:.4g} [{r['curve_seconds'][s]:.0f} s]" for s in steps)
+            cells = " | ".join(f"{r['curve'][s]:.4g}" for s in steps)
+            step_s = _step_seconds(notes.get(task, {}), r["method"])
+            timing = "" if step_s is None else f"{step_s:.3f} ({step_s / lora_s:.2f}x)"
             lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r.get('hypernetwork_params') or 0:,} "
-                         f"| {_count(r.get('adapter_params'))} | {cells} | {r['step_s']:.3f} |")  # fmt: skip
+                         f"| {_count(r.get('adapter_params'))} | {cells} | {timing} |")  # fmt: skip
     lines += ["\n| task | contrast | difference (better > 0) [95 % CI] | p | Holm p |", "|---|---|---|---|---|"]
     for c in contrast_rows:
         lines.append(f"| {c['task']} | {c['contrast']}: {c['method']} - {c['baseline']} at step {c['step']} "
@@ -94,8 +136,9 @@ def _count(value) -> str:
     return "" if value is None else f"{value:,}"
 
 
-def plot_convergence(summary_rows: list[dict], path: Path) -> None:
-    """Per task: mean metric against training step (top) and against training seconds (bottom)."""
+def plot_convergence(summary_rows: list[dict], path: Path, notes: dict) -> None:
+    """Per task: mean metric against training step (top) and against training seconds (bottom: the step
+    times the methods took side by side, times the step)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -108,8 +151,10 @@ def plot_convergence(summary_rows: list[dict], path: Path) -> None:
             steps = [int(s) for s in r["curve"]]
             values = list(r["curve"].values())
             axes[0][column].plot(steps, values, marker="o", label=r["method"])
-            axes[1][column].plot(list(r["curve_seconds"].values()), values, marker="o", label=r["method"])
-        for row, label in ((0, "training step"), (1, "training seconds (mean over seeds)")):
+            step_s = _step_seconds(notes.get(task, {}), r["method"])
+            if step_s is not None:
+                axes[1][column].plot([s * step_s for s in steps], values, marker="o", label=r["method"])
+        for row, label in ((0, "training step"), (1, "training seconds (step x its side-by-side step time)")):
             axes[row][column].set_xlabel(label)
             axes[row][column].set_ylabel(f"mean {r['metric']}")
             axes[row][column].legend(fontsize=8)

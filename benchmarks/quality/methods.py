@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import sensilora
@@ -50,6 +51,7 @@ class TaskContext:
     calibration_seconds: dict = field(default_factory=dict)  # variant -> seconds
     eva_state: dict | None = None
     eva_seconds: float = 0.0
+    epoch: Callable | None = None  # epoch(generator) -> the training batches in that generator's order
 
 
 def prepare(context: TaskContext, methods, calibration_batches, eva_batches) -> None:

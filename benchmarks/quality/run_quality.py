@@ -162,7 +162,7 @@ def nlu_task(config, device, log):
     calibration = [{k: v[i : i + 8] for k, v in train_set.items()} for i in range(0, size, 8)][
         : config["calibration_samples"] // 2
     ]
-    context = M.TaskContext(base, sorted(find_targets(base)), 4, "SEQ_CLS", config["nlu_steps"])
+    context = M.TaskContext(base, sorted(find_targets(base)), 4, "SEQ_CLS", config["nlu_steps"], epoch=epoch)
     M.prepare(context, config["nlu_methods"], calibration, calibration)
 
     def best_lr(method: str, grid) -> tuple[float, dict]:  # on dev, seed 0: highest accuracy, then smallest lr
@@ -228,7 +228,7 @@ def nlg_task(config, device, log):
         with_labels(b)
         for b in calibration_batches(tokenizer, train_docs, config["calibration_samples"], length, 8, seed=3)
     ]
-    context = M.TaskContext(model, sorted(find_targets(model)), 8, "CAUSAL_LM", config["nlg_steps"])
+    context = M.TaskContext(model, sorted(find_targets(model)), 8, "CAUSAL_LM", config["nlg_steps"], epoch=epoch)
     M.prepare(context, config["nlg_methods"], calibration, calibration)
     results = run_methods(context, config["nlg_methods"], config["seeds"], epoch, config["nlg_lr"], evaluate,
                           config["nlg_checkpoints"], "NLG runs (SmolLM2-135M, BBC text)", log)  # fmt: skip
@@ -311,14 +311,17 @@ def main(argv=None) -> int:
         results, context, task_notes = run(config, device, log)
         rows += summarise(task, metric, higher, results, context)
         notes[task], raw[task] = task_notes, (results, metric, higher)
+        if args.compare:  # step times of the methods measured side by side, in this process, interleaved
+            lr = task_notes["lr"]
+            notes[task]["step_seconds_side_by_side"] = hyper_compare.side_by_side_step_seconds(context, lr)
     env = {**environment(device), "config": name, "minutes": round((time.perf_counter() - started) / 60, 1)}
     env.update({"notes": notes, "settings": config})
     if args.compare:
         stem = f"quality_{name}_{args.compare}"
         env["contrasts"] = hyper_compare.contrasts(raw)
         write_results(stem, env, rows, args.results)
-        hyper_compare.plot_convergence(rows, args.results / f"{stem}.png")
-        print(hyper_compare.table(rows, env["contrasts"]))
+        hyper_compare.plot_convergence(rows, args.results / f"{stem}.png", notes)
+        print(hyper_compare.table(rows, env["contrasts"], notes))
         return 0
     decision = decide(rows)
     env.update({"decision": decision, "primary": list(PRIMARY)})
