@@ -56,7 +56,7 @@ CONFIGS = {
         "nlu_checkpoints": (40, 80, 120),
         "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 30,
         "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (10, 20, 30),
-        "nlg_methods": ("lora", "paper", "paper-obs", "rank", "fisher", "shuffled", "eva", "adalora", "hyperadalora"),
+        "nlg_methods": ("lora", "paper", "rank", "fisher", "eva", "adalora", "hyperadalora"),
         "calibration_samples": 32,
     },
     "smoke": {
