@@ -1,6 +1,6 @@
 """Does Sensitivity-LoRA beat uniform LoRA (and EVA) at the same trainable parameters? A paired evaluation.
 
-    python -m benchmarks.quality.run_quality            # the CPU configuration (about 90 min on 2 cores)
+    python -m benchmarks.quality.run_quality            # the CPU configuration (about 2.5 h on 2 cores from scratch)
     python -m benchmarks.quality.run_quality --gpu      # a larger configuration for a GPU
     python -m benchmarks.quality.run_quality --smoke    # seconds: checks the harness (used by the tests)
     python -m benchmarks.quality.run_quality --compare hyperadalora   # issue 15's comparison (hyper_compare)
