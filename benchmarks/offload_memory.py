@@ -1,11 +1,13 @@
-"""Peak memory of calibrating a model loaded whole against the same model offloaded to disk by accelerate
-(``device_map``), each in a fresh process, on the CPU: what "a model larger than memory" costs.
+"""Peak memory of calibrating a model loaded whole, layer by layer (``sequential``, its device the CPU), and
+offloaded to disk by accelerate (``device_map``), each in a fresh process, on the CPU: what "a model larger
+than memory" costs here.
 
     python -m benchmarks.offload_memory [--layers 16] [--hidden 1024] [--results DIR]
 
 A random-weight LLaMA-style model (timing and memory only, never quality) is saved once; each mode then
 loads it in its own process, calibrates the same batches (diag mode) and reports its peak resident set
-(VmHWM), the calibration seconds and the statistics, which must be equal. Results:
+(VmHWM), the calibration seconds and the statistics, which must equal the whole model's (fp32 summation order
+aside). Results:
 ``offload_memory_cpu.{json,csv}``.
 """
 
@@ -22,7 +24,12 @@ import torch
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results
 
-MODES = {"whole": None, "disk offload": {"": "disk"}}
+# mode -> (accelerate device_map or None, calibrate keyword arguments)
+MODES = {
+    "whole": (None, {}),
+    "sequential (device = cpu)": (None, {"sequential": True, "device": "cpu"}),
+    "disk offload": ({"": "disk"}, {}),
+}
 
 
 def child(directory: str, mode: str, out: str) -> None:
@@ -35,12 +42,12 @@ def child(directory: str, mode: str, out: str) -> None:
     from benchmarks.quality.train import peak_rss_gib
     from tests.models import random_batches
 
-    device_map = MODES[mode]
+    device_map, options = MODES[mode]
     extra = {} if device_map is None else {"device_map": device_map, "offload_folder": tempfile.mkdtemp()}
     model = LlamaForCausalLM.from_pretrained(directory, **extra)
     batches = random_batches(4, batch_size=2, seq_len=128, vocab=model.config.vocab_size)
     start = time.perf_counter()
-    stats = sensilora.calibrate(model, batches, progress=False)
+    stats = sensilora.calibrate(model, batches, progress=False, **options)
     seconds = time.perf_counter() - start
     stats.save(out)
     Path(out + ".json").write_text(json.dumps({"peak_rss_gib": peak_rss_gib(), "seconds": seconds}))
@@ -85,10 +92,14 @@ def main(argv=None) -> int:
             rows.append({"mode": mode, "parameters": parameters, "weights_gib": round(parameters * 4 / 2**30, 2),
                          "peak_rss_gib": round(measured["peak_rss_gib"], 2),
                          "calibration_s": round(measured["seconds"], 2)})  # fmt: skip
-    whole, offloaded = stats["whole"], stats["disk offload"]
-    equal = all(torch.equal(whole.inputs[k].hessian_diag, offloaded.inputs[k].hessian_diag) for k in whole.inputs)
+    whole = stats["whole"]
     for row in rows:
-        row["stats_equal_to_whole"] = equal
+        other = stats[row["mode"]]
+        row["stats_max_rel_diff"] = max(
+            float(((other.inputs[k].hessian_diag - v.hessian_diag).abs() / v.hessian_diag.abs().clamp_min(1e-30)).max())
+            for k, v in whole.inputs.items()
+        )
+    equal = all(row["stats_max_rel_diff"] < 1e-5 for row in rows)
     write_results("offload_memory_cpu", environment(torch.device("cpu")), rows, args.results)
     print(markdown_table(rows, list(rows[0])))
     return 0 if equal else 1
