@@ -35,6 +35,19 @@ def selection_case(lengths, seed, with_counts=True, ties=True):
     return values, torch.cumsum(torch.tensor([0] + lengths), 0), counts
 
 
+def saliency_case(d_out, d_in, transposed, dtype=torch.float32, ties=False):
+    """(weight (d_out, d_in), inverse diagonal (d_in,) fp32 > 0) for the fused obs selection; ``transposed``
+    gives the non-contiguous view a Conv1D-stored weight arrives as; ``ties`` repeats a row and zeroes a column."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(d_out, d_in, generator=generator).to(dtype)
+    if ties:
+        weight[3, :] = weight[0, :]
+        weight[:, 5] = 0.0
+    if transposed:
+        weight = weight.T.contiguous().T
+    return weight, torch.rand(d_in, generator=generator) + 0.05
+
+
 def assert_same_selection(got, expected):
     """(total, top-k mean, effective rank) of a selection kernel against the sorted reference: the fp64
     sums to 1e-12, the ranks exactly."""

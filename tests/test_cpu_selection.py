@@ -5,7 +5,7 @@ import torch
 from sensilora.ops import reference
 
 from sensilora_kernels import cpu
-from tests.kernel_cases import SELECTION_CASES, SELECTION_TARGETS, assert_same_selection, selection_case
+from tests.kernel_cases import SELECTION_CASES, SELECTION_TARGETS, assert_same_selection, saliency_case, selection_case
 
 
 @pytest.mark.parametrize("lengths,with_counts,ties", SELECTION_CASES)
@@ -31,10 +31,6 @@ def test_all_zero_segment_single_value_and_values_sharing_their_top_bits():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fused_saliency_selection(transposed):
-    generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(330, 190, generator=generator)
-    if transposed:  # Conv1D stores W transposed: the op receives a non-contiguous view
-        weight = weight.T.contiguous().T
-    inverse = torch.rand(190, generator=generator) + 0.05
+    weight, inverse = saliency_case(330, 190, transposed)
     got = cpu.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8)
     assert_same_selection(got, reference.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8))

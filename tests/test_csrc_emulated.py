@@ -18,6 +18,7 @@ from tests.kernel_cases import (
     assert_same_selection,
     make_input,
     make_mask,
+    saliency_case,
     selection_case,
 )
 
@@ -70,13 +71,7 @@ def test_selection_all_zeros_and_single_value(library):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fused_saliency_selection(library, block, dtype, transposed):
-    generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(61, 47, generator=generator).to(dtype)
-    weight[3, :] = weight[0, :]  # ties
-    weight[:, 5] = 0.0  # zeros
-    if transposed:  # Conv1D stores W transposed: the op receives a non-contiguous view
-        weight = weight.T.contiguous().T
-    inverse = torch.rand(47, generator=generator) + 0.05
+    weight, inverse = saliency_case(61, 47, transposed, dtype, ties=True)
     select = make_saliency_selection(emulated.saliency_histogram(library), block)
     for k_frac, alpha in SELECTION_TARGETS:
         got = select(weight, inverse, k_frac, alpha)

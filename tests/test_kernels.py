@@ -26,6 +26,7 @@ from tests.kernel_cases import (  # noqa: E402
     assert_same_selection,
     make_input,
     make_mask,
+    saliency_case,
     selection_case,
 )
 
@@ -101,11 +102,7 @@ def test_selection_all_zeros_and_single_value():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fused_saliency_selection(transposed):
-    generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(33, 19, generator=generator)
-    if transposed:  # Conv1D stores W transposed: the op receives a non-contiguous view
-        weight = weight.T.contiguous().T
-    inverse = torch.rand(19, generator=generator) + 0.05
+    weight, inverse = saliency_case(33, 19, transposed)
     got = selection.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
     expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
     assert_same_selection(got, expected)

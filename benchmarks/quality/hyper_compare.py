@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 from sensilora.io import write_with_atomic
 
+from benchmarks.quality import methods as M
 from benchmarks.quality.paired import holm, paired_difference
 
 METHODS = ("lora", "paper", "eva", "adalora", "hyperadalora")
-OWN_LR_METHODS = ("lora@own-lr", "paper@own-lr", "adalora@own-lr", "hyperadalora@own-lr")
+OWN_LR_METHODS = tuple(f"{method}{M.OWN_LR}" for method in ("lora", "paper", "adalora", "hyperadalora"))
 NLU_METHODS = (*METHODS, *OWN_LR_METHODS)  # NLU has a dev split to choose their learning rates on
 CONTRASTS = (  # name, method, baseline, checkpoint ("first" or "last"); a task lacking a method skips it
     ("C1 speed", "hyperadalora", "adalora", "first"),
@@ -48,8 +49,6 @@ def side_by_side_step_seconds(context, lr: float, rounds: int = 8, warmup: int =
     import time
 
     import torch
-
-    from benchmarks.quality import methods as M
 
     built = {}
     for method in METHODS:
@@ -75,7 +74,7 @@ def side_by_side_step_seconds(context, lr: float, rounds: int = 8, warmup: int =
 
 
 def _step_seconds(task_notes: dict, method: str) -> float | None:
-    return task_notes.get("step_seconds_side_by_side", {}).get(method.split("@")[0])
+    return task_notes.get("step_seconds_side_by_side", {}).get(method.removesuffix(M.OWN_LR))
 
 
 def _values(results, method: str, step: int, metric: str) -> np.ndarray:
