@@ -67,10 +67,17 @@ def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha
     for s in range(segments):
         part = slice(bounds[s], bounds[s + 1])
         part_counts = counts[part] if counts is not None else None
-        b = int(at_k[s])
-        above_count = int(cum_counts[s, b - 1]) if b else 0
-        above_sum = float(cum_sums[s, b - 1]) if b else 0.0
-        picked, multiplicity = _candidates(values[part], part_counts, high[part], HIGH_BUCKETS - 1 - b)
+        found: dict[int, tuple] = {}  # both targets often fall in one bucket: its values are sorted once
+
+        def bucket(position: int) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+            """(count and sum above the bucket at descending ``position``, its values desc, multiplicities)."""
+            if position not in found:
+                above = (int(cum_counts[s, position - 1]), float(cum_sums[s, position - 1])) if position else (0, 0.0)
+                picked = _candidates(values[part], part_counts, high[part], HIGH_BUCKETS - 1 - position)
+                found[position] = (*above, *picked)
+            return found[position]
+
+        above_count, above_sum, picked, multiplicity = bucket(int(at_k[s]))
         wanted = int(k[s]) - above_count  # how many of the k largest lie in this bucket
         inside = torch.cumsum(multiplicity, 0)
         group = int(torch.searchsorted(inside, wanted))
@@ -79,10 +86,7 @@ def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha
         means[s] = (above_sum + before_sum + (wanted - before_count) * float(picked[group])) / int(k[s])
         if float(total[s]) <= 0:
             continue  # an all-zero segment: effective rank 0
-        b = int(at_goal[s])
-        above_count = int(cum_counts[s, b - 1]) if b else 0
-        above_sum = float(cum_sums[s, b - 1]) if b else 0.0
-        picked, multiplicity = _candidates(values[part], part_counts, high[part], HIGH_BUCKETS - 1 - b)
+        above_count, above_sum, picked, multiplicity = bucket(int(at_goal[s]))
         inside_sums = torch.cumsum(picked * multiplicity, 0)
         last_positive = int((picked > 0).sum()) - 1
         group = min(int(torch.searchsorted(inside_sums, float(goal[s]) - above_sum)), last_positive)
