@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from sensilora.io import write_with_atomic
 
+from benchmarks import roofline
 from benchmarks.cases import end_to_end, naive_vs_sensilora, per_op
 from benchmarks.common import RESULTS, environment, markdown_table, write_results
 
@@ -69,6 +70,7 @@ def overhead_plot(rows: list[dict], path: Path, device_name: str) -> None:
 
 def sections(device: torch.device, quick: bool, tiny: bool):
     """(name, function returning rows) in the order they run: each is written out as soon as it ends."""
+    yield "H100 bounds", lambda: [{"case": f"H100 SXM bound: {r.pop('op')}", **r} for r in roofline.bounds()]
     if tiny:  # the whole pipeline at toy sizes: checks the script, measures nothing worth reporting
         from tests.models import random_batches, tiny_llama
 

@@ -17,8 +17,9 @@ int sensilora_column_sumsq(float* acc, const void* x, int dtype, const uint8_t* 
                            int64_t mask_stride_b, int64_t mask_stride_t, int token_splits, cudaStream_t stream);
 
 // One radix-select pass: for every block of block_elems values (block_segment/block_start from the
-// block table), add counts and fp64 sums of the values whose bits above shift+8 equal prefix[seg, target]
-// into hist_count/hist_sum[seg, target, (bits >> shift) & 255], for both targets (0 and 1).
+// block table), add counts and sums of the values whose bits above shift+8 equal prefix[seg, target]
+// into hist_count/hist_sum[seg, target, (bits >> shift) & 255], for both targets (0 and 1). A block's sums
+// are exact (64-bit fixed point), converted to fp64 once; its total multiplicity must stay below 2^39.
 int sensilora_radix_histogram(const float* values, const int64_t* counts, const int64_t* block_segment,
                               const int64_t* block_start, const int64_t* offsets, const int64_t* prefix,
                               int shift, int64_t num_blocks, int block_elems, unsigned long long* hist_count,

@@ -34,6 +34,11 @@ def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None 
 CUDA_SELECTION_BLOCK = 8192
 
 
+# A block's exact sums are 64-bit integers in units of at most 2^25 a value: its multiplicities must add up
+# to less than 2^39 (diag mode's multiplicities are d_out, far below).
+MAX_BLOCK_MULTIPLICITY = 1 << 39
+
+
 def _cuda_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
     torch.ops.sensilora_cuda.radix_histogram_(
         values, counts, segment, start, offsets, prefix, shift, block, hist_count, hist_sum
@@ -48,8 +53,23 @@ def _cuda_saliency_histogram(
     )
 
 
+_radix_selection = make_selection(_cuda_histogram, CUDA_SELECTION_BLOCK)
+
+
+def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha=0.85):
+    """Same contract as ``sensilora.ops.reference.topk_mean_and_effective_rank``; multiplicities (one
+    device sync to check them) must keep every block's total below ``MAX_BLOCK_MULTIPLICITY``."""
+    if counts is not None and counts.numel() and int(counts.max()) * CUDA_SELECTION_BLOCK >= MAX_BLOCK_MULTIPLICITY:
+        raise ValueError(
+            f"topk_mean_and_effective_rank (cuda): multiplicities up to {int(counts.max())} could overflow the "
+            f"exact 64-bit block sums; keep them below {MAX_BLOCK_MULTIPLICITY // CUDA_SELECTION_BLOCK} or use "
+            "SENSILORA_BACKEND=torch"
+        )
+    return _radix_selection(values, offsets, counts, k_frac, alpha)
+
+
 KERNELS = {
     "column_sumsq_": column_sumsq_,
-    "topk_mean_and_effective_rank": make_selection(_cuda_histogram, CUDA_SELECTION_BLOCK),
+    "topk_mean_and_effective_rank": topk_mean_and_effective_rank,
     "saliency_topk_mean_and_effective_rank": make_saliency_selection(_cuda_saliency_histogram, CUDA_SELECTION_BLOCK),
 }

@@ -1,11 +1,14 @@
 """Top-k means and effective ranks without sorting: exact radix selection on the fp32 bit patterns.
 
-Non-negative fp32 values order like their int32 bit patterns. Four passes over the data build, per
-segment and per target, 256-bucket histograms of counts and fp64 sums over the next 8 bits of the
-elements that still match the prefix chosen so far; a cumsum over the 256 buckets picks the bucket
-that holds the target. Target 0 is the k-th largest value (k = ceil(k_frac*m), METHOD.md eq. 9); target 1
-is the value at which the descending prefix sum reaches alpha * total (eq. 10). After the fourth pass the
-threshold ``t`` is exact, and ``sum(v > t) + (k - count(v > t)) * t`` is the top-k sum, ties included.
+Non-negative fp32 values order like their int32 bit patterns. 32 / bits passes over the data build, per
+segment and per target, 2^bits-bucket histograms of counts and fp64 sums over the next ``bits`` bits of
+the elements that still match the prefix chosen so far; a cumsum over the buckets picks the bucket that
+holds the target. The radix width is the backend's: 8 bits (4 passes) where a histogram costs one
+shared-memory atomic an element (CUDA), 4 bits (8 passes) where it costs a one-hot tile of the buckets
+(Triton), which 16 buckets keep 16 times smaller than 256. Target 0 is the k-th largest value
+(k = ceil(k_frac*m), METHOD.md eq. 9); target 1 is the value at which the descending prefix sum
+reaches alpha * total (eq. 10). After the last pass the threshold ``t`` is exact, and
+``sum(v > t) + (k - count(v > t)) * t`` is the top-k sum, ties included.
 
 This driver is torch only; the histogram pass is a backend's (Triton in ``selection``, CUDA in ``csrc``),
 passed in as a launcher. Both sum a block of elements locally and flush one atomic per non-empty bucket.
@@ -18,12 +21,10 @@ from typing import Callable
 import torch
 from sensilora.ops.reference import check_selection_args, topk_count
 
-RADIX_BITS = 8
-BUCKETS = 1 << RADIX_BITS
-SHIFTS = (24, 16, 8, 0)
+RADIX_BITS = 8  # the default width; a backend passes its own
 
-# histogram_pass(prefix (S, 2) int64, shift, hist_count (S, 2, 256) int64, hist_sum (S, 2, 256) fp64):
-# adds the counts and fp64 sums of the elements whose bits above ``shift + 8`` equal ``prefix``.
+# histogram_pass(prefix (S, 2) int64, shift, hist_count (S, 2, B) int64, hist_sum (S, 2, B) fp64), B = 2^bits:
+# adds the counts and fp64 sums of the elements whose bits above ``shift + bits`` equal ``prefix``.
 HistogramPass = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -43,18 +44,23 @@ def _pick(cumulative: torch.Tensor, needed: torch.Tensor, usable: torch.Tensor) 
     """Index (descending bucket order) of the first bucket whose cumulative value reaches ``needed``,
     never past the last usable bucket (guards fp64 rounding in the sums)."""
     position = (cumulative < needed[..., None]).sum(-1)
-    last = BUCKETS - 1 - torch.flip(usable, [-1]).int().argmax(-1)
+    last = usable.shape[-1] - 1 - torch.flip(usable, [-1]).int().argmax(-1)
     return torch.minimum(position, last)
 
 
-def radix_select(histogram_pass: HistogramPass, segments: int, device: torch.device, k_frac: float, alpha: float):
-    """Drive four histogram passes; returns (total fp64, topk mean fp64, effective rank int64), each (S,)."""
+def radix_select(
+    histogram_pass: HistogramPass, segments: int, device: torch.device, k_frac: float, alpha: float, bits: int
+):
+    """Drive 32 / bits histogram passes; returns (total fp64, topk mean fp64, effective rank int64), each (S,)."""
+    if 32 % bits:
+        raise ValueError(f"radix_select: bits={bits} must divide 32")
+    buckets = 1 << bits
     prefix = torch.zeros(segments, 2, dtype=torch.int64, device=device)
     above_count = torch.zeros(segments, 2, dtype=torch.int64, device=device)
     above_sum = torch.zeros(segments, 2, dtype=torch.float64, device=device)
-    hist_count = torch.empty(segments, 2, BUCKETS, dtype=torch.int64, device=device)
-    hist_sum = torch.empty(segments, 2, BUCKETS, dtype=torch.float64, device=device)
-    for number, shift in enumerate(SHIFTS):
+    hist_count = torch.empty(segments, 2, buckets, dtype=torch.int64, device=device)
+    hist_sum = torch.empty(segments, 2, buckets, dtype=torch.float64, device=device)
+    for number, shift in enumerate(range(32 - bits, -1, -bits)):
         hist_count.zero_()
         hist_sum.zero_()
         histogram_pass(prefix, shift, hist_count, hist_sum)
@@ -72,7 +78,7 @@ def radix_select(histogram_pass: HistogramPass, segments: int, device: torch.dev
         has_before = picks > 0
         above_count += torch.where(has_before, cum_counts.gather(-1, before)[..., 0], 0)
         above_sum += torch.where(has_before, cum_sums.gather(-1, before)[..., 0], 0.0)
-        prefix = prefix * BUCKETS + (BUCKETS - 1 - picks)
+        prefix = prefix * buckets + (buckets - 1 - picks)
     final_counts = counts.gather(-1, picks[..., None])[..., 0]  # elements equal to each threshold
     threshold = prefix.to(torch.int32).view(torch.float32).double()  # exact values at the two targets
     topk_mean = (above_sum[:, 0] + (k - above_count[:, 0]).double() * threshold[:, 0]) / k.double()
@@ -83,9 +89,9 @@ def radix_select(histogram_pass: HistogramPass, segments: int, device: torch.dev
     return total, topk_mean, effective
 
 
-def make_selection(histogram: Callable, block: int):
+def make_selection(histogram: Callable, block: int, bits: int = RADIX_BITS):
     """The selection op over a backend's histogram launcher ``histogram(values, counts|None,
-    block_segment, block_start, offsets, prefix, shift, hist_count, hist_sum, block)``."""
+    block_segment, block_start, offsets, prefix, shift, hist_count, hist_sum, block)`` of ``bits`` bits a pass."""
 
     def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha=0.85):
         """Same contract as ``sensilora.ops.reference.topk_mean_and_effective_rank``."""
@@ -98,12 +104,12 @@ def make_selection(histogram: Callable, block: int):
         def histogram_pass(prefix, shift, hist_count, hist_sum):
             histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block)
 
-        return radix_select(histogram_pass, offsets.numel() - 1, values.device, k_frac, alpha)
+        return radix_select(histogram_pass, offsets.numel() - 1, values.device, k_frac, alpha, bits)
 
     return topk_mean_and_effective_rank
 
 
-def make_saliency_selection(histogram: Callable, block: int):
+def make_saliency_selection(histogram: Callable, block: int, bits: int = RADIX_BITS):
     """The fused obs op over a backend's launcher ``histogram(weight, inverse_diag fp32, block_segment,
     block_start, offsets, prefix, shift, hist_count, hist_sum, block)`` that computes ``w_ij^2 / inverse_j``
     on the fly: the saliencies of the matrix are never stored."""
@@ -119,6 +125,6 @@ def make_saliency_selection(histogram: Callable, block: int):
         def histogram_pass(prefix, shift, hist_count, hist_sum):
             histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block)
 
-        return radix_select(histogram_pass, 1, weight.device, k_frac, alpha)
+        return radix_select(histogram_pass, 1, weight.device, k_frac, alpha, bits)
 
     return saliency_topk_mean_and_effective_rank

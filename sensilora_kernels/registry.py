@@ -31,12 +31,13 @@ PREFERENCE: dict[str, tuple[tuple[str, ...], str]] = {
     "inverse_diagonal": (("triton",), "only Triton implements it (cuSOLVER Cholesky, then the Triton column sums)"),
     "topk_mean_and_effective_rank": (
         ("cuda", "triton"),
-        "the CUDA histogram adds each element with one shared-memory atomic; the Triton pass builds a 16 x 256 "
-        "one-hot tile per 16 elements (about 210 warp instructions an element a pass in the sm_90 SASS)",
+        "CUDA: 4 passes of 8 bits, each element one MATCH.ANY and REDUX.SUM with its warp and a few native 32-bit "
+        "shared atomics a warp (exact fixed-point sums; no 64-bit CAS loops in the sm_90 SASS), about 5 warp "
+        "instructions an element a pass; Triton: 8 passes of 4 bits through (128, 16) one-hot tiles, about 20",
     ),
     "saliency_topk_mean_and_effective_rank": (
         ("cuda", "triton"),
-        "as topk_mean_and_effective_rank: shared-memory histogram in CUDA, one-hot tiles in Triton",
+        "as topk_mean_and_effective_rank, the saliency w*w/inverse computed in the pass (IEEE division)",
     ),
 }
 

@@ -9,13 +9,14 @@ import triton.language as tl
 
 from .radix_select import make_saliency_selection, make_selection
 
-BLOCK = 1024  # elements a program histograms
-CHUNK = 16  # elements a program adds to its histograms at a time: 32 spills registers on sm_90 (4 warps)
+BLOCK = 4096  # elements a program histograms
+RADIX_BITS = 4  # 16 buckets a pass, 8 passes: a chunk's one-hot tile is (CHUNK, 16), not (CHUNK, 256)
+CHUNK = 128  # elements a program adds to its histograms at a time: a (128, 16) tile, 16 entries a thread
 
 
 @triton.jit
 def _bucket_totals(in_bucket, match, counts, weighted):
-    """Per-bucket count (int64) and fp64 sum of one chunk's matching elements: (CHUNK, 256) -> (256,) each."""
+    """Per-bucket count (int64) and fp64 sum of one chunk's matching elements: (CHUNK, B) -> (B,) each."""
     hit = in_bucket & match[:, None]
     return tl.sum(tl.where(hit, counts[:, None], 0), 0), tl.sum(tl.where(hit, weighted[:, None], 0.0), 0)
 
@@ -38,20 +39,23 @@ def _radix_histogram_kernel(
     stride_col,
     HAS_COUNTS: tl.constexpr,
     SALIENCY: tl.constexpr,
+    BITS: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
+    BUCKETS: tl.constexpr = 1 << BITS
     segment = tl.load(block_segment_ptr + tl.program_id(0))
     start = tl.load(block_start_ptr + tl.program_id(0))
     end = tl.load(offsets_ptr + segment + 1)
     prefix0 = tl.load(prefix_ptr + segment * 2)
     prefix1 = tl.load(prefix_ptr + segment * 2 + 1)
-    buckets = tl.arange(0, 256)
-    count0 = tl.zeros([256], tl.int64)
-    count1 = tl.zeros([256], tl.int64)
-    sum0 = tl.zeros([256], tl.float64)
-    sum1 = tl.zeros([256], tl.float64)
-    # The block's histograms are summed in registers, a chunk at a time through a (CHUNK, 256) one-hot
+    separate = prefix0 != prefix1  # while the targets share their prefix, one histogram serves both
+    buckets = tl.arange(0, BUCKETS)
+    count0 = tl.zeros([BUCKETS], tl.int64)
+    count1 = tl.zeros([BUCKETS], tl.int64)
+    sum0 = tl.zeros([BUCKETS], tl.float64)
+    sum1 = tl.zeros([BUCKETS], tl.float64)
+    # The block's histograms are summed in registers, a chunk at a time through a (CHUNK, BUCKETS) one-hot
     # tile, and flushed with one atomic per non-empty bucket: clustered exponents put most elements of a
     # matrix into a few buckets, where per-element global atomics would serialise.
     for chunk in tl.range(0, tl.minimum(BLOCK, end - start), CHUNK):
@@ -70,20 +74,24 @@ def _radix_histogram_kernel(
         else:
             counts = tl.full([CHUNK], 1, tl.int64)
         key = values.to(tl.int32, bitcast=True).to(tl.int64)
-        in_bucket = ((key >> shift) & 255)[:, None] == buckets[None, :]
-        high = key >> (shift + 8)
+        in_bucket = ((key >> shift) & (BUCKETS - 1))[:, None] == buckets[None, :]
+        high = key >> (shift + BITS)
         weighted = values.to(tl.float64) * counts.to(tl.float64)
         chunk_count, chunk_sum = _bucket_totals(in_bucket, ok & (high == prefix0), counts, weighted)
         count0 += chunk_count
         sum0 += chunk_sum
-        chunk_count, chunk_sum = _bucket_totals(in_bucket, ok & (high == prefix1), counts, weighted)
-        count1 += chunk_count
-        sum1 += chunk_sum
-    base = segment * 2 * 256 + buckets  # relaxed atomics: the histograms are read only after the kernel
+        if separate:
+            chunk_count, chunk_sum = _bucket_totals(in_bucket, ok & (high == prefix1), counts, weighted)
+            count1 += chunk_count
+            sum1 += chunk_sum
+    if not separate:
+        count1 = count0
+        sum1 = sum0
+    base = segment * 2 * BUCKETS + buckets  # relaxed atomics: the histograms are read only after the kernel
     tl.atomic_add(hist_count_ptr + base, count0, mask=count0 != 0, sem="relaxed")
     tl.atomic_add(hist_sum_ptr + base, sum0, mask=count0 != 0, sem="relaxed")
-    tl.atomic_add(hist_count_ptr + base + 256, count1, mask=count1 != 0, sem="relaxed")
-    tl.atomic_add(hist_sum_ptr + base + 256, sum1, mask=count1 != 0, sem="relaxed")
+    tl.atomic_add(hist_count_ptr + base + BUCKETS, count1, mask=count1 != 0, sem="relaxed")
+    tl.atomic_add(hist_sum_ptr + base + BUCKETS, sum1, mask=count1 != 0, sem="relaxed")
 
 
 def _chunk(device: torch.device) -> int:
@@ -99,7 +107,8 @@ def _launch(sources, geometry, table, hist_count, hist_sum, has_counts, saliency
     segment = table[0]
     _radix_histogram_kernel[(segment.numel(),)](
         *sources, *table[:4], hist_count, hist_sum, table[4], *geometry,
-        HAS_COUNTS=has_counts, SALIENCY=saliency, BLOCK=block, CHUNK=min(block, chunk or _chunk(device)),
+        HAS_COUNTS=has_counts, SALIENCY=saliency, BITS=RADIX_BITS, BLOCK=block,
+        CHUNK=min(block, chunk or _chunk(device)),
     )  # fmt: skip
 
 
@@ -120,5 +129,5 @@ def _triton_saliency_histogram(
             weight.device)  # fmt: skip
 
 
-topk_mean_and_effective_rank = make_selection(_triton_histogram, BLOCK)
-saliency_topk_mean_and_effective_rank = make_saliency_selection(_triton_saliency_histogram, BLOCK)
+topk_mean_and_effective_rank = make_selection(_triton_histogram, BLOCK, RADIX_BITS)
+saliency_topk_mean_and_effective_rank = make_saliency_selection(_triton_saliency_histogram, BLOCK, RADIX_BITS)

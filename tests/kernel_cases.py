@@ -35,6 +35,35 @@ def selection_case(lengths, seed, with_counts=True, ties=True):
     return values, torch.cumsum(torch.tensor([0] + lengths), 0), counts
 
 
+def wide_range_case(seed=5):
+    """(values, offsets, counts) spanning every binade of fp32 (zeros, subnormals, up to 1e38), with one
+    segment of 600 equal large values (a bucket's exact sum passes 2^32 units: the carry) and clusters."""
+    generator = torch.Generator().manual_seed(seed)
+    exponents = torch.randint(-149, 127, (3000,), generator=generator).double()
+    spread = (torch.rand(3000, generator=generator, dtype=torch.float64) + 1) * torch.exp2(exponents)
+    spread = spread.clamp(max=3e38).float()
+    spread[:50] = 0.0
+    spread[50:60] = torch.tensor(1e-45)  # the smallest subnormal
+    clustered = 1 + torch.rand(900, generator=generator) * 1e-3  # one binade, a few buckets
+    equal = torch.full((600,), 1.9999999)  # 24-bit mantissa all ones: the largest fixed-point units
+    values = torch.cat([spread, clustered, equal])
+    counts = torch.randint(1, 5, values.shape, generator=generator)
+    return values, torch.tensor([0, 3000, 3900, 4500]), counts
+
+
+def assert_selects_every_binade(select, with_counts: bool) -> None:
+    """``select(values, offsets, counts, k_frac, alpha)`` on ``wide_range_case`` equals the sorted reference.
+    alpha < 1 only: at alpha = 1 the effective rank over 1e-45..1e38 is wherever fp64 rounding lets the
+    prefix reach the total, which depends on summation order (every order is as right as the reference's)."""
+    from sensilora.ops import reference
+
+    values, offsets, counts = wide_range_case()
+    counts = counts if with_counts else None
+    for k_frac, alpha in SELECTION_TARGETS[:2]:
+        expected = reference.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
+        assert_same_selection(select(values, offsets, counts, k_frac, alpha), expected)
+
+
 def saliency_case(d_out, d_in, transposed, dtype=torch.float32, ties=False):
     """(weight (d_out, d_in), inverse diagonal (d_in,) fp32 > 0) for the fused obs selection; ``transposed``
     gives the non-contiguous view a Conv1D-stored weight arrives as; ``ties`` repeats a row and zeroes a column."""

@@ -5,7 +5,14 @@ import torch
 from sensilora.ops import reference
 
 from sensilora_kernels import cpu
-from tests.kernel_cases import SELECTION_CASES, SELECTION_TARGETS, assert_same_selection, saliency_case, selection_case
+from tests.kernel_cases import (
+    SELECTION_CASES,
+    SELECTION_TARGETS,
+    assert_same_selection,
+    assert_selects_every_binade,
+    saliency_case,
+    selection_case,
+)
 
 
 @pytest.mark.parametrize("lengths,with_counts,ties", SELECTION_CASES)
@@ -34,3 +41,8 @@ def test_fused_saliency_selection(transposed):
     weight, inverse = saliency_case(330, 190, transposed)
     got = cpu.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8)
     assert_same_selection(got, reference.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8))
+
+
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_selection_over_every_binade(with_counts):
+    assert_selects_every_binade(cpu.topk_mean_and_effective_rank, with_counts)

@@ -16,6 +16,7 @@ from tests.kernel_cases import (
     SELECTION_TARGETS,
     TOLERANCE,
     assert_same_selection,
+    assert_selects_every_binade,
     make_input,
     make_mask,
     saliency_case,
@@ -57,6 +58,11 @@ def test_selection_equals_sorted_reference(library, block, lengths, with_counts,
     got = make_selection(emulated.radix_histogram(library), block)(values, offsets, counts, k_frac, alpha)
     expected = reference.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
     assert_same_selection(got, expected)
+
+
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_selection_over_every_binade(library, with_counts):
+    assert_selects_every_binade(make_selection(emulated.radix_histogram(library), 1000), with_counts)
 
 
 def test_selection_all_zeros_and_single_value(library):

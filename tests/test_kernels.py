@@ -24,6 +24,7 @@ from tests.kernel_cases import (  # noqa: E402
     SELECTION_TARGETS,
     TOLERANCE,
     assert_same_selection,
+    assert_selects_every_binade,
     make_input,
     make_mask,
     saliency_case,
@@ -92,6 +93,11 @@ def test_selection_equals_sorted_reference(lengths, with_counts, ties, k_frac, a
     assert_same_selection(got, expected)
 
 
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_selection_over_every_binade(with_counts):
+    assert_selects_every_binade(selection.topk_mean_and_effective_rank, with_counts)
+
+
 def test_selection_all_zeros_and_single_value():
     values, offsets = torch.tensor([0.0, 0.0, 0.0, 2.5]), torch.tensor([0, 3, 4])
     got = selection.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85)
@@ -111,14 +117,18 @@ def test_fused_saliency_selection(transposed):
 def test_selection_in_gpu_sized_chunks():
     """The GPU's chunk loop (CHUNK elements a step; the interpreter defaults to one step a block)."""
     values, offsets, counts = selection_case([3, 2500, 1100], seed=5)
-    flat = make_selection(functools.partial(selection._triton_histogram, chunk=selection.CHUNK), selection.BLOCK)
+    flat = make_selection(
+        functools.partial(selection._triton_histogram, chunk=selection.CHUNK), selection.BLOCK, selection.RADIX_BITS
+    )
     got = flat(values, offsets, counts, 0.5, 0.85)
     expected = reference.topk_mean_and_effective_rank(values, offsets, counts, 0.5, 0.85)
     assert_same_selection(got, expected)
     weight = torch.randn(40, 30, generator=torch.Generator().manual_seed(6)).T  # non-contiguous
     inverse = torch.rand(40, generator=torch.Generator().manual_seed(7)) + 0.05
     fused = make_saliency_selection(
-        functools.partial(selection._triton_saliency_histogram, chunk=selection.CHUNK), selection.BLOCK
+        functools.partial(selection._triton_saliency_histogram, chunk=selection.CHUNK),
+        selection.BLOCK,
+        selection.RADIX_BITS,
     )
     got = fused(weight, inverse, 1 / 3, 0.8)
     expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8)

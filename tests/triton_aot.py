@@ -18,7 +18,7 @@ from triton.compiler import ASTSource
 
 from sensilora_kernels.column_sumsq import _column_sumsq_kernel
 from sensilora_kernels.gram import _gram_kernel, launch_config
-from sensilora_kernels.selection import BLOCK, CHUNK, _radix_histogram_kernel
+from sensilora_kernels.selection import BLOCK, CHUNK, RADIX_BITS, _radix_histogram_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 # LLaMA-3.1-8B-sized launches: (8, 2048, 4096) activations, contiguous or with every other column of a
@@ -116,7 +116,7 @@ def cases():
                 _radix_histogram_kernel,
                 pointers,
                 values,
-                {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BLOCK": BLOCK, "CHUNK": CHUNK},
+                {"HAS_COUNTS": has_counts, "SALIENCY": saliency, "BITS": RADIX_BITS, "BLOCK": BLOCK, "CHUNK": CHUNK},
             ),
             {},
         )
