@@ -30,14 +30,17 @@ PREFERENCE: dict[str, tuple[tuple[str, ...], str]] = {
     "gram_": (("triton",), "only Triton implements it (tensor-core tl.dot on lower-triangle tiles)"),
     "inverse_diagonal": (("triton",), "only Triton implements it (cuSOLVER Cholesky, then the Triton column sums)"),
     "topk_mean_and_effective_rank": (
-        ("cuda", "triton"),
-        "CUDA: 4 passes of 8 bits, each element one MATCH.ANY and REDUX.SUM with its warp and a few native 32-bit "
-        "shared atomics a warp (exact fixed-point sums; no 64-bit CAS loops in the sm_90 SASS), about 5 warp "
-        "instructions an element a pass; Triton: 8 passes of 4 bits through (128, 16) one-hot tiles, about 20",
+        ("cuda",),
+        "CUDA: 4 passes of 8 bits; an element costs one MATCH.ANY and REDUX.SUM with its warp, a warp a few native "
+        "32-bit shared atomics (exact fixed-point sums, no 64-bit CAS loops in the sm_90 SASS): about 2 warp "
+        "instructions an element a pass, an H100 bound 3.9x below torch.sort's (benchmarks/roofline.py). Triton's "
+        "8 passes of (128, 16) one-hot tiles bound at 0.23x sort's: torch's sort reference serves where the "
+        "extension is missing (SENSILORA_BACKEND=triton forces it) until a GPU times both",
     ),
     "saliency_topk_mean_and_effective_rank": (
-        ("cuda", "triton"),
-        "as topk_mean_and_effective_rank, the saliency w*w/inverse computed in the pass (IEEE division)",
+        ("cuda",),
+        "as topk_mean_and_effective_rank, the saliency w*w/inverse computed in the pass (IEEE division): H100 bound "
+        "1.5x below sort's for CUDA, 0.21x for Triton",
     ),
 }
 

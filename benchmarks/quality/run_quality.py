@@ -52,12 +52,11 @@ DEFAULT_RULE = "Holm p < 0.05 win on >= 1 task, no task with its interval wholly
 CONFIGS = {
     "cpu": {
         "seeds": 5, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48, "nlu_batch": 16,
-        "nlu_steps": 120, "nlu_lrs": (5e-4, 1e-3, 2e-3), "nlu_lrs_own": (2e-3, 5e-3, 1e-2, 2e-2),
+        "nlu_steps": 120, "nlu_lrs": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2), "nlu_lrs_own": (2e-3, 5e-3, 1e-2, 2e-2),
         "nlu_checkpoints": (40, 80, 120),
         "nlu_methods": M.ALL_METHODS, "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 30,
         "nlg_lr": 1e-3, "nlg_eval_windows": 24, "nlg_checkpoints": (10, 20, 30),
-        "nlg_methods": ("lora", "paper", "rank", "fisher", "eva", "adalora", "hyperadalora"),
-        "calibration_samples": 32,
+        "nlg_methods": M.ALL_METHODS, "calibration_samples": 32,
     },
     "smoke": {
         "seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 4,
@@ -79,7 +78,8 @@ CONFIGS = {
 
 class RunLog:
     """Every finished run appended to a JSONL file as it ends; a later invocation resumes from it (runs
-    already there are read back, not repeated), so a long evaluation survives interruption."""
+    already there are read back, not repeated), so a long evaluation survives interruption. A run is known
+    by (label, method, seed, learning rate): a changed rate is a new run, never a stale one."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -88,24 +88,24 @@ class RunLog:
             for line in path.read_text(encoding="utf-8").splitlines():
                 record = json.loads(line)
                 record["curve"] = {int(k): v for k, v in record["curve"].items()}
-                label = record.pop("label")
-                self.done[(label, record["method"], record["seed"])] = RunResult(**record)
+                label, lr = record.pop("label"), record.pop("lr")
+                self.done[(label, record["method"], record["seed"], lr)] = RunResult(**record)
 
-    def get(self, label: str, method: str, seed: int) -> RunResult | None:
-        return self.done.get((label, method, seed))
+    def get(self, label: str, method: str, seed: int, lr: float) -> RunResult | None:
+        return self.done.get((label, method, seed, lr))
 
-    def add(self, label: str, result: RunResult) -> None:
-        self.done[(label, result.method, result.seed)] = result
+    def add(self, label: str, lr: float, result: RunResult) -> None:
+        self.done[(label, result.method, result.seed, lr)] = result
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"label": label, **dataclasses.asdict(result)}) + "\n")
+                handle.write(json.dumps({"label": label, "lr": lr, **dataclasses.asdict(result)}) + "\n")
 
 
 def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label, log: RunLog) -> list[RunResult]:
     results = []
     for seed, method in tqdm([(s, m) for s in range(seeds) for m in methods], desc=label):
-        done = log.get(label, method, seed)
+        done = log.get(label, method, seed, lr)
         if done is not None:
             if not done.parameters:  # logged before counts were recorded: a fixed-rank method's are seed-free
                 done.parameters = M.parameter_counts(M.build(method, context, seed)[0])
@@ -119,7 +119,7 @@ def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label
         final = curve[max(curve)]
         counts = M.parameter_counts(model)
         results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve, counts))
-        log.add(label, results[-1])
+        log.add(label, lr, results[-1])
     return results
 
 
