@@ -19,6 +19,18 @@ def test_paired_difference_and_holm():
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
 
 
+def test_run_log_resumes_a_run_only_at_its_learning_rate(tmp_path):
+    from benchmarks.quality.run_quality import RunLog
+    from benchmarks.quality.train import RunResult
+
+    path = tmp_path / "runs.jsonl"
+    result = RunResult("lora", 0, {"accuracy": 0.5}, 10, 0.1, None, {4: {"accuracy": 0.5, "seconds": 1.0}})
+    RunLog(path).add("NLU runs", 1e-3, result)
+    reloaded = RunLog(path)
+    assert reloaded.get("NLU runs", "lora", 0, 1e-3) == result
+    assert reloaded.get("NLU runs", "lora", 0, 2e-3) is None  # a changed rate is a new run, never a stale one
+
+
 @pytest.mark.slow
 def test_quality_smoke(tmp_path):
     from benchmarks.quality import methods, run_quality
