@@ -28,7 +28,8 @@ void check_histograms(const at::Tensor& hist_count, const at::Tensor& hist_sum, 
               op, ": hist_count must be contiguous int64 and hist_sum contiguous fp64");
 }
 
-void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::Tensor>& mask) {
+void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                   const std::optional<at::Tensor>& row_weight) {
   TORCH_CHECK(x.dim() == 3, "column_sumsq_: x must be a (batch, seq, d) view");
   TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.numel() == x.size(2),
               "column_sumsq_: acc must be a contiguous fp32 vector of length d");
@@ -40,6 +41,15 @@ void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::
     msb = mask->stride(0);
     mst = mask->stride(1);
   }
+  const float* weight_ptr = nullptr;
+  int64_t wsb = 0, wst = 0;
+  if (row_weight.has_value()) {
+    TORCH_CHECK(row_weight->scalar_type() == at::kFloat && row_weight->dim() == 2,
+                "column_sumsq_: row_weight must be (batch, seq) fp32");
+    weight_ptr = row_weight->data_ptr<float>();
+    wsb = row_weight->stride(0);
+    wst = row_weight->stride(1);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()), "multiprocessor count");
@@ -47,8 +57,9 @@ void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::
   const int64_t column_blocks = (x.size(2) + columns_per_block - 1) / columns_per_block;
   const int64_t tokens = x.size(0) * x.size(1);
   const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4 * sms / std::max<int64_t>(column_blocks, 1), tokens / 64)));
-  check_cuda(sensilora_column_sumsq(acc.data_ptr<float>(), x.data_ptr(), dtype_code(x, "column_sumsq_"), mask_ptr, x.size(0), x.size(1),
-                                    x.size(2), x.stride(0), x.stride(1), x.stride(2), msb, mst, splits,
+  check_cuda(sensilora_column_sumsq(acc.data_ptr<float>(), x.data_ptr(), dtype_code(x, "column_sumsq_"), mask_ptr, weight_ptr,
+                                    x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), msb, mst,
+                                    wsb, wst, splits,
                                     c10::cuda::getCurrentCUDAStream()),
              "column_sumsq launch");
 }
@@ -89,7 +100,7 @@ void saliency_histogram_(const at::Tensor& weight, const at::Tensor& inverse, co
 }  // namespace
 
 TORCH_LIBRARY(sensilora_cuda, m) {
-  m.def("column_sumsq_(Tensor(a!) acc, Tensor x, Tensor? mask) -> ()");
+  m.def("column_sumsq_(Tensor(a!) acc, Tensor x, Tensor? mask, Tensor? row_weight) -> ()");
   m.def("radix_histogram_(Tensor values, Tensor? counts, Tensor segment, Tensor start, Tensor offsets, "
         "Tensor prefix, int shift, int block_elems, Tensor(a!) hist_count, Tensor(b!) hist_sum) -> ()");
   m.def("saliency_histogram_(Tensor weight, Tensor inverse, Tensor segment, Tensor start, Tensor offsets, "

@@ -10,11 +10,13 @@ extern "C" {
 
 enum SensiloraDtype { SENSILORA_FLOAT32 = 0, SENSILORA_FLOAT16 = 1, SENSILORA_BFLOAT16 = 2 };
 
-// acc[j] += sum over real tokens of x[b, t, j]^2; x is (batch, seq_len, d) with element strides;
-// mask is (batch, seq_len) uint8 with its strides, or NULL for no padding.
-int sensilora_column_sumsq(float* acc, const void* x, int dtype, const uint8_t* mask, int64_t batch,
-                           int64_t seq_len, int64_t d, int64_t stride_b, int64_t stride_t, int64_t stride_d,
-                           int64_t mask_stride_b, int64_t mask_stride_t, int token_splits, cudaStream_t stream);
+// acc[j] += sum over real tokens of w[b, t] * x[b, t, j]^2; x is (batch, seq_len, d) with element strides;
+// mask is (batch, seq_len) uint8 with its strides, or NULL for no padding; weight (batch, seq_len) fp32 with
+// its strides, or NULL for w = 1.
+int sensilora_column_sumsq(float* acc, const void* x, int dtype, const uint8_t* mask, const float* weight,
+                           int64_t batch, int64_t seq_len, int64_t d, int64_t stride_b, int64_t stride_t,
+                           int64_t stride_d, int64_t mask_stride_b, int64_t mask_stride_t, int64_t weight_stride_b,
+                           int64_t weight_stride_t, int token_splits, cudaStream_t stream);
 
 // One radix-select pass: for every block of block_elems values (block_segment/block_start from the
 // block table), add counts and sums of the values whose bits above shift+8 equal prefix[seg, target]

@@ -1,4 +1,5 @@
-"""``acc[j] += sum over real tokens of x[..., j]^2``: one pass over x, fp32 accumulation, no fp32 copy."""
+"""``acc[j] += sum over real tokens of w * x[..., j]^2``: one pass over x, fp32 accumulation, no fp32 copy; the
+optional per-token weight ``w`` (the loss-aware statistic's squared output-gradient norms) fused in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._layout import mask_pointer, token_arguments, token_partition, token_rows
-from .views import token_view
+from .views import row_weight_view, token_view
 
 
 @triton.jit
@@ -15,6 +16,7 @@ def _column_sumsq_kernel(
     acc_ptr,
     x_ptr,
     mask_ptr,
+    weight_ptr,
     n_tokens,
     seq_len,
     d,
@@ -24,7 +26,10 @@ def _column_sumsq_kernel(
     stride_d,
     mask_stride_b,
     mask_stride_t,
+    weight_stride_b,
+    weight_stride_t,
     HAS_MASK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -40,13 +45,21 @@ def _column_sumsq_kernel(
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        partial += values * values
+        if HAS_WEIGHT:
+            weight = tl.load(weight_ptr + b * weight_stride_b + t * weight_stride_t, mask=row_ok, other=0.0)
+            partial += values * values * weight[:, None]
+        else:
+            partial += values * values
     tl.atomic_add(acc_ptr + cols, tl.sum(partial, axis=0), mask=col_ok, sem="relaxed")  # read after the kernel
 
 
-def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """acc (d,) fp32 in place; x (..., d) bf16/fp16/fp32 with any strides; mask x.shape[:-1] or None."""
+def column_sumsq_(
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, row_weight: torch.Tensor | None = None
+) -> None:
+    """acc (d,) fp32 in place; x (..., d) bf16/fp16/fp32 with any strides; mask and row_weight (fp32)
+    x.shape[:-1] or None."""
     x3, mask3 = token_view(x, mask)
+    weight3 = row_weight_view(x3, row_weight)
     n_tokens, d = x3.shape[0] * x3.shape[1], x3.shape[2]
     if n_tokens == 0:
         return
@@ -58,8 +71,11 @@ def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None 
         acc,
         x3,
         mask_pointer(x3, mask3),
+        acc if weight3 is None else weight3,
         *token_arguments(x3, mask3, per_program),
+        *(weight3.stride() if weight3 is not None else (0, 0)),
         HAS_MASK=mask3 is not None,
+        HAS_WEIGHT=weight3 is not None,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
     )

@@ -11,7 +11,7 @@ import importlib.util
 import torch
 
 from .radix_select import make_saliency_selection, make_selection
-from .views import token_view
+from .views import row_weight_view, token_view
 
 if importlib.util.find_spec(f"{__package__}._C") is None:
     AVAILABLE, IMPORT_ERROR = False, f"{__package__}._C was not built"
@@ -24,9 +24,11 @@ else:
         AVAILABLE, IMPORT_ERROR = True, None
 
 
-def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+def column_sumsq_(
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, row_weight: torch.Tensor | None = None
+) -> None:
     x3, mask3 = token_view(x, mask)
-    torch.ops.sensilora_cuda.column_sumsq_(acc, x3, mask3)
+    torch.ops.sensilora_cuda.column_sumsq_(acc, x3, mask3, row_weight_view(x3, row_weight))
 
 
 # Elements a thread block histograms: large enough that zeroing and flushing its 2 x 256 shared

@@ -23,3 +23,8 @@ def token_view(x: torch.Tensor, mask: torch.Tensor | None):
         mask3 = mask.reshape(x3.shape[:2])
         mask3 = mask3.view(torch.uint8) if mask3.dtype == torch.bool else (mask3 != 0).to(torch.uint8)
     return x3, mask3
+
+
+def row_weight_view(x3: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-token weights as a (B, T) fp32 view matching ``x3`` (token_view's), or None."""
+    return None if row_weight is None else row_weight.float().reshape(x3.shape[:2])

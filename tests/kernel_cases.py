@@ -24,6 +24,20 @@ def make_mask(shape, seed=1):
     return torch.rand(shape[:2], generator=torch.Generator().manual_seed(seed)) > 0.35
 
 
+ROWS = ["all", "masked", "masked and weighted"]  # the column sums' token options (weighted: the Fisher case)
+
+
+def make_rows(shape, rows: str, seed=2):
+    """(mask or None, row_weight or None) for ``rows`` in ROWS; the weights fp32 in [0, 3), a (B, T) view
+    that is not contiguous (transposed storage), as strides may come."""
+    if rows == "all":
+        return None, None
+    weight = None
+    if rows == "masked and weighted":
+        weight = 3 * torch.rand(shape[1], shape[0], generator=torch.Generator().manual_seed(seed)).T
+    return make_mask(shape), weight
+
+
 def selection_case(lengths, seed, with_counts=True, ties=True):
     """(values fp32, offsets int64, counts int64 or None) for segments of the given lengths."""
     generator = torch.Generator().manual_seed(seed)

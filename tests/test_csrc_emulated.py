@@ -12,13 +12,14 @@ from sensilora_kernels.radix_select import make_saliency_selection, make_selecti
 from tests.cuda_emulation import emulated
 from tests.kernel_cases import (
     DTYPES,
+    ROWS,
     SELECTION_CASES,
     SELECTION_TARGETS,
     TOLERANCE,
     assert_same_selection,
     assert_selects_every_binade,
     make_input,
-    make_mask,
+    make_rows,
     saliency_case,
     selection_case,
 )
@@ -40,13 +41,13 @@ def library(tmp_path_factory):
 # (2, 9, 64) contiguous takes the 16-byte vector path (d and the strides multiples of 16 bytes' elements)
 @pytest.mark.parametrize("shape,splits", [((1, 1, 1), 1), ((3, 37, 70), 4), ((2, 5, 130), 3), ((2, 9, 64), 3)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
-@pytest.mark.parametrize("masked", [False, True])
-def test_column_sumsq(library, dtype, shape, splits, layout, masked):
+@pytest.mark.parametrize("rows", ROWS)
+def test_column_sumsq(library, dtype, shape, splits, layout, rows):
     x = make_input(shape, dtype, layout)
-    mask = make_mask(shape) if masked else None
+    mask, weight = make_rows(shape, rows)
     got, expected = torch.ones(shape[-1]), torch.ones(shape[-1])  # accumulates into what is there
-    emulated.column_sumsq_(library, got, x, mask, splits)
-    reference.column_sumsq_(expected, x, mask)
+    emulated.column_sumsq_(library, got, x, mask, splits, weight)
+    reference.column_sumsq_(expected, x, mask, weight)
     torch.testing.assert_close(got, expected, rtol=TOLERANCE[dtype], atol=1e-6)
 
 

@@ -20,6 +20,7 @@ from sensilora_kernels.radix_select import make_saliency_selection, make_selecti
 from sensilora_kernels.registry import available_kernels  # noqa: E402
 from tests.kernel_cases import (  # noqa: E402
     DTYPES,
+    ROWS,
     SELECTION_CASES,
     SELECTION_TARGETS,
     TOLERANCE,
@@ -27,6 +28,7 @@ from tests.kernel_cases import (  # noqa: E402
     assert_selects_every_binade,
     make_input,
     make_mask,
+    make_rows,
     saliency_case,
     selection_case,
 )
@@ -35,13 +37,13 @@ from tests.kernel_cases import (  # noqa: E402
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 37, 70), (2, 5, 130)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
-@pytest.mark.parametrize("masked", [False, True])
-def test_column_sumsq(dtype, shape, layout, masked):
+@pytest.mark.parametrize("rows", ROWS)
+def test_column_sumsq(dtype, shape, layout, rows):
     x = make_input(shape, dtype, layout)
-    mask = make_mask(shape) if masked else None
+    mask, weight = make_rows(shape, rows)
     got, expected = torch.zeros(shape[-1]), torch.zeros(shape[-1])
-    column_sumsq.column_sumsq_(got, x, mask)
-    reference.column_sumsq_(expected, x, mask)
+    column_sumsq.column_sumsq_(got, x, mask, weight)
+    reference.column_sumsq_(expected, x, mask, weight)
     torch.testing.assert_close(got, expected, rtol=TOLERANCE[dtype], atol=1e-6)
 
 
@@ -204,4 +206,4 @@ def test_triton_kernels_compile_for_hopper(python):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     from tests import triton_aot
 
-    assert result.stdout.count("OK ") == len(list(triton_aot.cases())) == 27
+    assert result.stdout.count("OK ") == len(list(triton_aot.cases())) == 33

@@ -48,6 +48,12 @@ def test_column_sumsq_and_gram_exclude_masked_rows():
     real = x[mask].float()
     torch.testing.assert_close(acc, (real**2).sum(0))
     torch.testing.assert_close(gram, real.T @ real)
+    weight = torch.rand(2, 7) * 3  # per-token weights (the loss-aware statistic's ||dL/dy||^2)
+    weighted = torch.zeros(6)
+    ops.column_sumsq_(weighted, x, mask, weight)
+    expected = torch.stack([w * row.float() ** 2 for row, w, m in zip(x.flatten(0, 1), weight.flatten(), mask.flatten())
+                            if m]).sum(0)  # fmt: skip
+    torch.testing.assert_close(weighted, expected)
 
 
 def test_inverse_diagonal_equals_linalg_inv_of_damped_matrix():
@@ -125,6 +131,7 @@ def test_ops_pass_opcheck():
     torch.manual_seed(6)
     x, mask = torch.randn(2, 5, 6), torch.rand(2, 5) > 0.3
     torch.library.opcheck(torch.ops.sensilora.column_sumsq_, (torch.zeros(6), x, mask))
+    torch.library.opcheck(torch.ops.sensilora.column_sumsq_, (torch.zeros(6), x, mask, torch.rand(2, 5)))
     torch.library.opcheck(torch.ops.sensilora.gram_, (torch.zeros(6, 6), x, mask))
     a = torch.randn(20, 4)
     torch.library.opcheck(torch.ops.sensilora.inverse_diagonal, (a.T @ a, 0.01))

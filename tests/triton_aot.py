@@ -58,16 +58,18 @@ def specialise(kernel, pointers: dict, values: dict, constexprs: dict):
 def cases():
     for dtype, (layout, strides) in itertools.product(("fp32", "fp16", "bf16"), LAYOUTS.items()):
         values = {**TOKEN_ARGS, **dict(zip(("stride_b", "stride_t", "stride_d"), strides))}
-        for has_mask in (False, True):
-            pointers = {"acc_ptr": "fp32", "x_ptr": dtype, "mask_ptr": "u8"}
+        weighted = {**values, "weight_stride_b": 2048, "weight_stride_t": 1}
+        for has_mask, has_weight in ((False, False), (True, False), (True, True)):  # weights: Fisher, padded
+            pointers = {"acc_ptr": "fp32", "x_ptr": dtype, "mask_ptr": "u8", "weight_ptr": "fp32"}
+            constexprs = {"HAS_MASK": has_mask, "HAS_WEIGHT": has_weight, "BLOCK_T": 32, "BLOCK_D": 128}
             yield (
-                f"column_sumsq {dtype} {layout} mask={has_mask}",
+                f"column_sumsq {dtype} {layout} mask={has_mask} weight={has_weight}",
                 _column_sumsq_kernel,
-                *specialise(
-                    _column_sumsq_kernel, pointers, values, {"HAS_MASK": has_mask, "BLOCK_T": 32, "BLOCK_D": 128}
-                ),
+                *specialise(_column_sumsq_kernel, pointers, weighted, constexprs),
                 {},
             )
+            if has_weight:  # gram_ takes no weights
+                continue
             config = launch_config(4096, ieee=dtype == "fp32", unit_column_stride=strides[2] == 1)  # as gram_ launches
             blocks = {key: config[key] for key in ("BLOCK_T", "BLOCK_D")}
             options = {key: config[key] for key in ("num_warps", "num_stages")}

@@ -22,9 +22,11 @@ class Accumulator:
         self.num_tokens = 0
         self.last_input: weakref.ref | None = None
 
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None, num_tokens: int) -> None:
+    def add(
+        self, x: torch.Tensor, mask: torch.Tensor | None, num_tokens: int, row_weight: torch.Tensor | None = None
+    ) -> None:
         if self.mode == "diag":
-            ops.column_sumsq_(self.sumsq, x, mask)
+            ops.column_sumsq_(self.sumsq, x, mask, row_weight)
         else:
             ops.gram_(self.gram, x, mask)
         self.num_tokens += num_tokens
@@ -73,12 +75,16 @@ class Collector:
             self._mask_on[x.device] = self.mask.to(x.device)
         return self._mask_on[x.device].reshape(lead), self.real_tokens
 
-    def observe(self, name: str, x: torch.Tensor) -> None:
+    def observe(self, name: str, x: torch.Tensor, row_weight: torch.Tensor | None = None) -> None:
+        """Add module ``name``'s input ``x`` (..., d_in), each token's squares weighted by ``row_weight``
+        (fp32 x.shape[:-1], the loss-aware statistic's; None for 1)."""
         accumulator = self.by_module.get(name)
-        if accumulator is None:  # first batch: share with a module that read this very tensor
+        if accumulator is None:  # first batch: share with a module that read this very tensor (and no weights:
+            # weighted inputs carry their module's own output gradients)
             shared = next(
                 (a for a in self.accumulators.values() if a.last_input is not None and a.last_input() is x), None
             )
+            shared = None if row_weight is not None else shared
             if shared is not None:
                 self.by_module[name] = shared
                 return
@@ -94,7 +100,7 @@ class Collector:
         if not torch.is_floating_point(x):
             raise SensiloraError(f"module {name!r} received a {x.dtype} input; expected floating point activations")
         mask, tokens = self._mask_for(name, x)
-        accumulator.add(x, mask, tokens)
+        accumulator.add(x, mask, tokens, row_weight)
 
     def check_finite(self, batch_index: int) -> None:
         accumulators = list(self.accumulators.values())

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import SensiloraError
 
-Observe = Callable[[str, torch.Tensor], None]
+Observe = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
 def with_labels(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
@@ -39,16 +39,16 @@ def with_labels(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def output_gradient_hooks(targets: dict[str, nn.Module], observe: Observe) -> list:
-    """Forward hooks that, during the backward pass, hand ``observe(name, x * ||dL/dy||)`` (per token) to
-    the collector: its column sums of squares are then ``sum_n ||dL/dy_n||^2 x_nj^2``."""
+    """Forward hooks that, during the backward pass, hand ``observe(name, x, ||dL/dy||^2)`` (one weight per
+    token) to the collector: its weighted column sums of squares are ``sum_n ||dL/dy_n||^2 x_nj^2``, the
+    weights fused into the column-sum kernels (no scaled copy of x)."""
 
     def hook(name: str):
         def on_forward(_module, args, output):
             x = args[0].detach()
 
             def on_output_gradient(gradient: torch.Tensor) -> None:
-                norms = gradient.float().square().sum(-1, keepdim=True).sqrt()
-                observe(name, x.float() * norms)
+                observe(name, x, gradient.float().square().sum(-1))
 
             if output.requires_grad:
                 output.register_hook(on_output_gradient)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sensilora_kernels.views import token_view
+from sensilora_kernels.views import row_weight_view, token_view
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).with_name("cuda_host_shim.h")
@@ -64,7 +64,7 @@ def build(directory: Path) -> ctypes.CDLL:
         raise RuntimeError(f"g++ failed on csrc/ with the host shim:\n{result.stderr}")
     lib = ctypes.CDLL(str(library))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.sensilora_column_sumsq.argtypes = [p, p, i32, p, i64, i64, i64, i64, i64, i64, i64, i64, i32, p]
+    lib.sensilora_column_sumsq.argtypes = [p, p, i32, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i32, p]
     lib.sensilora_radix_histogram.argtypes = [p, p, p, p, p, p, i32, i64, i32, p, p, p]
     lib.sensilora_saliency_histogram.argtypes = [p, i32, p, i64, i64, i64, p, p, p, p, i32, i64, i32, p, p, p]
     for launcher in (lib.sensilora_column_sumsq, lib.sensilora_radix_histogram, lib.sensilora_saliency_histogram):
@@ -72,18 +72,24 @@ def build(directory: Path) -> ctypes.CDLL:
     return lib
 
 
-def column_sumsq_(lib: ctypes.CDLL, acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, splits: int) -> None:
-    """``acc += sum over real tokens of x^2`` through csrc/column_sumsq.cu, ``splits`` blocks along the tokens."""
+def column_sumsq_(
+    lib: ctypes.CDLL, acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, splits: int, row_weight=None
+) -> None:
+    """``acc += sum over real tokens of w x^2`` through csrc/column_sumsq.cu, ``splits`` blocks along the tokens."""
     x3, mask3 = token_view(x, mask)
+    weight3 = row_weight_view(x3, row_weight)
     mask_ptr, mask_strides = (mask3.data_ptr(), mask3.stride()) if mask3 is not None else (None, (0, 0))
+    weight_ptr, weight_strides = (weight3.data_ptr(), weight3.stride()) if weight3 is not None else (None, (0, 0))
     status = lib.sensilora_column_sumsq(
         acc.data_ptr(),
         x3.data_ptr(),
         DTYPE_CODE[x3.dtype],
         mask_ptr,
+        weight_ptr,
         *x3.shape,
         *x3.stride(),
         *mask_strides,
+        *weight_strides,
         splits,
         None,
     )

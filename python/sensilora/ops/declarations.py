@@ -53,7 +53,12 @@ def _fake_saliency_selection(weight, inverse_diag, k_frac=0.5, alpha=0.85):
 
 
 OPS: tuple[OpSpec, ...] = (
-    OpSpec("column_sumsq_", "(Tensor(a!) acc, Tensor x, Tensor? mask=None) -> ()", reference.column_sumsq_, _no_output),
+    OpSpec(
+        "column_sumsq_",
+        "(Tensor(a!) acc, Tensor x, Tensor? mask=None, Tensor? row_weight=None) -> ()",
+        reference.column_sumsq_,
+        _no_output,
+    ),
     OpSpec("gram_", "(Tensor(a!) gram, Tensor x, Tensor? mask=None) -> ()", reference.gram_, _no_output),
     OpSpec(
         "inverse_diagonal",
@@ -84,8 +89,8 @@ for _spec in OPS:
     torch.library.register_fake(f"{NAMESPACE}::{_spec.name}", _spec.fake, lib=_LIBRARY)
 
 column_sumsq_ = torch.ops.sensilora.column_sumsq_
-"""``acc[j] += sum over real tokens of x[..., j]^2``: acc (d,) fp32 in place; x (..., d) bf16/fp16/fp32;
-mask x.shape[:-1]."""
+"""``acc[j] += sum over real tokens of w * x[..., j]^2``: acc (d,) fp32 in place; x (..., d) bf16/fp16/fp32;
+mask x.shape[:-1]; row_weight fp32 x.shape[:-1] or None (w = 1)."""
 gram_ = torch.ops.sensilora.gram_
 """``gram += x^T x`` over real tokens: gram (d, d) fp32 in place; x (..., d); mask x.shape[:-1]."""
 inverse_diagonal = torch.ops.sensilora.inverse_diagonal

@@ -2,7 +2,8 @@
 
 Conventions shared by all backends:
 * ``x`` is ``(..., d)`` in bf16/fp16/fp32; ``mask`` is ``None`` or a bool/int tensor of shape
-  ``x.shape[:-1]`` whose zero entries (padding) are excluded.
+  ``x.shape[:-1]`` whose zero entries (padding) are excluded; ``row_weight`` (column sums only) is ``None``
+  or an fp32 tensor of shape ``x.shape[:-1]`` multiplying each token's squares.
 * accumulators are fp32; selection sums are fp64.
 """
 
@@ -27,9 +28,15 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows
 
 
-def column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """``acc[j] += sum_n x[n, j]^2`` over real tokens. acc: (d,) fp32, updated in place."""
-    acc.add_(_rows(x, mask).float().square().sum(dim=0))
+def column_sumsq_(
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, row_weight: torch.Tensor | None = None
+) -> None:
+    """``acc[j] += sum_n w_n x[n, j]^2`` over real tokens. acc: (d,) fp32, updated in place; row_weight:
+    fp32 ``x.shape[:-1]`` (the loss-aware statistic's ``||dL/dy_n||^2``, METHOD.md section 1b) or None for 1."""
+    squares = x.float().square()
+    if row_weight is not None:
+        squares = squares * row_weight.float()[..., None]
+    acc.add_(_rows(squares, mask).sum(dim=0))
 
 
 def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
