@@ -42,18 +42,22 @@ struct Saliencies {  // element i is (i / d_in, i % d_in) of a (d_out, d_in) wei
   const T* weight;
   const float* inverse;
   int64_t d_in, stride_row, stride_col;
-  int64_t row = 0, col = 0;  // of the element i most recently given to seek/value, advanced by carry
+  // the element most recently given to seek/value: its column and its offset in weight, advanced by
+  // kThreads elements a call with a carry into the row (no multiplication or division per element)
+  int64_t col = 0, offset = 0;
   __device__ void seek(int64_t i) {  // the thread's first element: one division per thread and block
-    row = i / d_in;
-    col = i % d_in;
+    const int64_t row = i / d_in;
+    col = i - row * d_in;
+    offset = row * stride_row + col * stride_col;
   }
   __device__ float value(int64_t) {
-    const float w = to_float(weight[row * stride_row + col * stride_col]);
+    const float w = to_float(weight[offset]);
     const float s = w * w / inverse[col];  // IEEE division (no fast-math): the torch reference's fp32 operations
-    col += kThreads;                       // the thread's next element
+    col += kThreads;
+    offset += kThreads * stride_col;
     while (col >= d_in) {
       col -= d_in;
-      ++row;
+      offset += stride_row - d_in * stride_col;
     }
     return s;
   }
@@ -107,6 +111,7 @@ __global__ void radix_histogram_kernel(Source source, const int64_t* block_segme
   const int64_t end = min(start + block_elems, offsets[segment + 1]);
   const int64_t prefix0 = prefix[segment * 2], prefix1 = prefix[segment * 2 + 1];
   const bool shared_prefix = prefix0 == prefix1;  // one histogram serves both targets
+  const int64_t second_prefix = shared_prefix ? -1 : prefix1;  // -1 matches no element (keys are >= 0)
   const unsigned lane = threadIdx.x & 31u;
   source.seek(start + threadIdx.x);
   // Every thread runs the same number of iterations (warp intrinsics need the whole warp); past the end a
@@ -126,7 +131,7 @@ __global__ void radix_histogram_kernel(Source source, const int64_t* block_segme
       const unsigned bucket = (key >> shift) & (kBuckets - 1);
       unsigned label = kNoBucket;
       if (i < end && high == prefix0) label = bucket;
-      else if (i < end && !shared_prefix && high == prefix1) label = kBuckets + bucket;
+      else if (i < end && high == second_prefix) label = kBuckets + bucket;
       const unsigned fixed = fixed_point(key);
       if constexpr (Source::kHasCounts) {  // few elements (one per column in diag mode): no aggregation
         if (label != kNoBucket) {
