@@ -84,3 +84,12 @@ def test_fused_saliency_selection(library, block, dtype, transposed):
         got = select(weight, inverse, k_frac, alpha)
         expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
         assert_same_selection(got, expected)
+
+
+def test_cuda_selection_refuses_multiplicities_that_could_overflow_its_exact_sums():
+    from sensilora_kernels import cuda
+
+    values, offsets = torch.rand(10), torch.tensor([0, 10])
+    counts = torch.full((10,), cuda.MAX_BLOCK_MULTIPLICITY // cuda.CUDA_SELECTION_BLOCK, dtype=torch.long)
+    with pytest.raises(ValueError, match="could overflow the exact 64-bit block sums"):
+        cuda.topk_mean_and_effective_rank(values, offsets, counts)
