@@ -61,7 +61,6 @@ struct Saliencies {  // element i is (i / d_in, i % d_in) of a (d_out, d_in) wei
     }
     return s;
   }
-  __device__ unsigned long long count(int64_t) const { return 1ull; }
 };
 
 // A non-negative fp32 value (bit pattern key) as an exact integer below 2^25 in units of
@@ -155,7 +154,8 @@ __global__ void radix_histogram_kernel(Source source, const int64_t* block_segme
     if (count == 0ull) continue;
     const int target = slot / kBuckets, bucket = slot % kBuckets;
     const int64_t target_prefix = target == 0 ? prefix0 : prefix1;
-    const unsigned top_bits = static_cast<unsigned>(((target_prefix << (shift + 8)) | (static_cast<int64_t>(bucket) << shift)) >> 24);
+    const int64_t slot_bits = (target_prefix << (shift + 8)) | (static_cast<int64_t>(bucket) << shift);
+    const unsigned top_bits = static_cast<unsigned>(slot_bits >> 24);  // sign and top 7 exponent bits
     const double sum = ldexp(static_cast<double>(local.wide(local.sum, source_slot)), unit_exponent(top_bits));
     const int64_t global_slot = segment * 2 * kBuckets + slot;
     atomicAdd(hist_count + global_slot, count);

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .views import optional_strides
+
 
 def token_splits(device: torch.device, column_blocks: int, tokens: int, min_tokens_per_split: int) -> int:
     """How many programs share the token axis: enough to fill a GPU, one under the CPU interpreter."""
@@ -25,17 +27,17 @@ def token_partition(
     return per_program, triton.cdiv(n_tokens, per_program)
 
 
-def mask_pointer(x3: torch.Tensor, mask3: torch.Tensor | None) -> torch.Tensor:
-    """The kernels' optional mask pointer argument (x3 stands in when there is no mask; HAS_MASK says which)."""
-    return x3 if mask3 is None else mask3
+def optional_pointer(x3: torch.Tensor, per_token: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's optional (B, T) pointer argument, the mask or the row weights (x3 stands in when there is
+    none; HAS_MASK / HAS_WEIGHT says which)."""
+    return x3 if per_token is None else per_token
 
 
 def token_arguments(x3: torch.Tensor, mask3: torch.Tensor | None, tokens_per_program: int) -> tuple[int, ...]:
     """The scalar arguments every token-streaming kernel takes, in order: n_tokens, seq_len, d,
     tokens_per_program, x3's three strides, the mask's two strides (0 without a mask)."""
     batch, seq_len, d = x3.shape
-    mask_strides = (0, 0) if mask3 is None else mask3.stride()
-    return (batch * seq_len, seq_len, d, tokens_per_program, *x3.stride(), *mask_strides)
+    return (batch * seq_len, seq_len, d, tokens_per_program, *x3.stride(), *optional_strides(mask3))
 
 
 @triton.jit

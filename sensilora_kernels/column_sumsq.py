@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import mask_pointer, token_arguments, token_partition, token_rows
-from .views import row_weight_view, token_view
+from ._layout import optional_pointer, token_arguments, token_partition, token_rows
+from .views import optional_strides, row_weight_view, token_view
 
 
 @triton.jit
@@ -70,10 +70,10 @@ def column_sumsq_(
     _column_sumsq_kernel[(column_blocks, splits)](
         acc,
         x3,
-        mask_pointer(x3, mask3),
-        acc if weight3 is None else weight3,
+        optional_pointer(x3, mask3),
+        optional_pointer(x3, weight3),
         *token_arguments(x3, mask3, per_program),
-        *(weight3.stride() if weight3 is not None else (0, 0)),
+        *optional_strides(weight3),
         HAS_MASK=mask3 is not None,
         HAS_WEIGHT=weight3 is not None,
         BLOCK_T=block_t,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import mask_pointer, token_arguments, token_partition, token_rows
+from ._layout import optional_pointer, token_arguments, token_partition, token_rows
 from .views import token_view
 
 
@@ -112,7 +112,7 @@ def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None)
     _gram_kernel[(tile_rows.numel(), splits)](
         gram,
         x3,
-        mask_pointer(x3, mask3),
+        optional_pointer(x3, mask3),
         tile_rows,
         tile_cols,
         *token_arguments(x3, mask3, per_program),

@@ -28,3 +28,8 @@ def token_view(x: torch.Tensor, mask: torch.Tensor | None):
 def row_weight_view(x3: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor | None:
     """The per-token weights as a (B, T) fp32 view matching ``x3`` (token_view's), or None."""
     return None if row_weight is None else row_weight.float().reshape(x3.shape[:2])
+
+
+def optional_strides(per_token: torch.Tensor | None) -> tuple[int, int]:
+    """The (B, T) strides of an optional per-token tensor, the mask or the row weights (0, 0 without one)."""
+    return (0, 0) if per_token is None else per_token.stride()

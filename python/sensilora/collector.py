@@ -79,12 +79,10 @@ class Collector:
         """Add module ``name``'s input ``x`` (..., d_in), each token's squares weighted by ``row_weight``
         (fp32 x.shape[:-1], the loss-aware statistic's; None for 1)."""
         accumulator = self.by_module.get(name)
-        if accumulator is None:  # first batch: share with a module that read this very tensor (and no weights:
-            # weighted inputs carry their module's own output gradients)
-            shared = next(
-                (a for a in self.accumulators.values() if a.last_input is not None and a.last_input() is x), None
-            )
-            shared = None if row_weight is not None else shared
+        if accumulator is None:  # first batch: share with a module that read this very tensor (weighted
+            # inputs never share: they carry their module's own output gradients)
+            readers = self.accumulators.values() if row_weight is None else ()
+            shared = next((a for a in readers if a.last_input is not None and a.last_input() is x), None)
             if shared is not None:
                 self.by_module[name] = shared
                 return

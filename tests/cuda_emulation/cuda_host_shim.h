@@ -45,7 +45,8 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
         std::barrier<> barrier(threads);
         const unsigned warps = (threads + 31) / 32;
         std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-        for (unsigned w = 0; w < warps; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+        for (unsigned w = 0; w < warps; ++w)
+          warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
         std::vector<unsigned> slots(32 * warps);
         std::vector<std::thread> pool;
         pool.reserve(threads);

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sensilora_kernels.views import row_weight_view, token_view
+from sensilora_kernels.views import optional_strides, row_weight_view, token_view
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).with_name("cuda_host_shim.h")
@@ -78,18 +78,15 @@ def column_sumsq_(
     """``acc += sum over real tokens of w x^2`` through csrc/column_sumsq.cu, ``splits`` blocks along the tokens."""
     x3, mask3 = token_view(x, mask)
     weight3 = row_weight_view(x3, row_weight)
-    mask_ptr, mask_strides = (mask3.data_ptr(), mask3.stride()) if mask3 is not None else (None, (0, 0))
-    weight_ptr, weight_strides = (weight3.data_ptr(), weight3.stride()) if weight3 is not None else (None, (0, 0))
     status = lib.sensilora_column_sumsq(
         acc.data_ptr(),
         x3.data_ptr(),
         DTYPE_CODE[x3.dtype],
-        mask_ptr,
-        weight_ptr,
+        *(None if t is None else t.data_ptr() for t in (mask3, weight3)),
         *x3.shape,
         *x3.stride(),
-        *mask_strides,
-        *weight_strides,
+        *optional_strides(mask3),
+        *optional_strides(weight3),
         splits,
         None,
     )

@@ -33,10 +33,10 @@ def column_sumsq_(
 ) -> None:
     """``acc[j] += sum_n w_n x[n, j]^2`` over real tokens. acc: (d,) fp32, updated in place; row_weight:
     fp32 ``x.shape[:-1]`` (the loss-aware statistic's ``||dL/dy_n||^2``, METHOD.md section 1b) or None for 1."""
-    squares = x.float().square()
+    squares = _rows(x, mask).float().square()
     if row_weight is not None:
-        squares = squares * row_weight.float()[..., None]
-    acc.add_(_rows(squares, mask).sum(dim=0))
+        squares = squares * _rows(row_weight.float()[..., None], mask)
+    acc.add_(squares.sum(dim=0))
 
 
 def gram_(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
