@@ -4,13 +4,17 @@ lent, the evidence there is).
 
     python -m benchmarks.roofline
 
-Streaming ops: bytes / HBM bandwidth. ``gram_``: flops / dense bf16 tensor-core peak. Selections: the
-larger of passes x bytes / bandwidth and passes x warp instructions / issue rate, the warp instructions
-per element counted in the main loop of the compiled kernel (nvcc for csrc/, Triton's AOT path for
-Triton; both need no GPU). The count is static: every branch of the loop body once, an upper bound of
-what an element executes; it leaves out the serialisation of a warp's distinct buckets in REDUX (at most
-their number) and memory latency. ``torch.sort``'s bound is its radix sort's traffic: 4 passes of 8 bits,
-each reading and writing the fp32 key and int64 index (12 B), plus the index initialisation: 104 B a value.
+Streaming ops: bytes / HBM bandwidth. ``gram_``: flops / dense bf16 tensor-core peak. Selections: per pass,
+the larger of bytes / bandwidth and warp instructions / issue rate, the warp instructions per element
+counted in the main loop of the compiled kernel (nvcc for csrc/, Triton's AOT path for Triton; both need no
+GPU). The count is static: every branch of the loop body once, an upper bound of what an element executes;
+it leaves out the serialisation of a warp's distinct buckets in REDUX (at most their number) and memory
+latency. The CUDA selection reads the data twice (11 bits, then 10 bits while compacting the candidates) and
+the candidates once more (10 bits): its third pass costs the candidate fraction ``f`` of a pass, given
+for a model of obs saliencies (Gaussian weights, inverse-Hessian diagonal log-uniform over two decades; the
+fraction of values in the two targets' 1/8-binade buckets) and for the worst case, f = 1 (every value in one
+bucket). ``torch.sort``'s bound is its radix sort's traffic: 4 passes of 8 bits, each reading and writing
+the fp32 key and int64 index (12 B), plus the index initialisation: 104 B a value.
 """
 
 from __future__ import annotations
@@ -62,9 +66,10 @@ def _sass(cubin: bytes) -> str:
         return subprocess.run([str(_cuobjdump()), "-sass", file.name], capture_output=True, text=True).stdout
 
 
-def cuda_selection_instructions() -> dict[str, float] | None:
-    """Warp instructions per element and pass of csrc/radix_select.cu's main loop (flat and fused), or None
-    without nvcc or cuobjdump. The loop handles 4 elements a thread (kUnroll), 32 threads a warp."""
+def cuda_selection_instructions() -> dict[str, dict[str, float]] | None:
+    """Warp instructions per element of csrc/radix_select.cu's main loops, {"flat"|"fused": {"plain",
+    "compacting"}}, or None without nvcc or cuobjdump. A loop handles 4 elements a thread (kUnroll), 32
+    threads a warp; the bf16 weight's loop stands for the fused kernel."""
     if shutil.which("nvcc") is None or _cuobjdump() is None:
         return None
     with tempfile.TemporaryDirectory() as directory:
@@ -74,10 +79,42 @@ def cuda_selection_instructions() -> dict[str, float] | None:
         if subprocess.run([*command, str(cubin)], capture_output=True).returncode != 0:
             return None
         loops = main_loop_instructions(_sass(cubin.read_bytes()))
-    per_element = {"flat": [], "fused": []}
+    found: dict[str, dict[str, float]] = {"flat": {}, "fused": {}}
     for name, count in loops.items():
-        per_element["fused" if "Saliencies" in name else "flat"].append(count / (4 * 32))
-    return {kind: max(values) for kind, values in per_element.items() if values}
+        # mangled template arguments: <FlatValues<false>, b> or <Saliencies<__nv_bfloat16>, b>
+        if "FlatValuesILb0E" in name:
+            kind = "flat"
+        elif "Saliencies" in name and "bfloat16" in name:
+            kind = "fused"
+        else:
+            continue
+        found[kind]["compacting" if "ELb1EE" in name else "plain"] = count / (4 * 32)
+    return found
+
+
+def candidate_fraction_of(values) -> float:
+    """The fraction of non-negative fp32 ``values`` in the two targets' first-pass buckets (top 11 bits below
+    the sign) at k = ceil(m / 2) and alpha = 0.85: what the CUDA selection's third pass reads."""
+    import torch
+
+    values = values.reshape(-1).float().sort(descending=True).values
+    at_k = values[(values.numel() + 1) // 2 - 1]
+    cumulative = values.double().cumsum(0)
+    at_alpha = values[min(int(torch.searchsorted(cumulative, 0.85 * cumulative[-1])), values.numel() - 1)]
+    targets = torch.unique(torch.stack([at_k, at_alpha]).view(torch.int32) >> 20)
+    return float(torch.isin(values.view(torch.int32) >> 20, targets).double().mean())
+
+
+def candidate_fraction(samples: int = 1 << 20, seed: int = 0) -> float:
+    """``candidate_fraction_of`` model obs saliencies: w ~ N(0, 1), inverse-Hessian diagonal log-uniform over
+    [0.1, 10]."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    columns = 1024
+    weight = torch.randn(samples // columns, columns, generator=generator)
+    inverse = 10 ** (torch.rand(columns, generator=generator) * 2 - 1)
+    return candidate_fraction_of(weight * weight * (1 / inverse))
 
 
 def triton_selection_instructions() -> dict[str, float] | None:
@@ -103,7 +140,6 @@ def triton_selection_instructions() -> dict[str, float] | None:
 
 def bounds() -> list[dict]:
     """One row per op and backend: the H100 SXM bound in seconds at the LLaMA-3.1-8B shapes, and what binds."""
-    from sensilora_kernels.radix_select import RADIX_BITS
     from sensilora_kernels.selection import RADIX_BITS as TRITON_BITS
 
     bandwidth, issue = H100_SXM["hbm_bytes_per_s"], H100_SXM["warp_issue_per_s"]
@@ -117,25 +153,41 @@ def bounds() -> list[dict]:
     values = FFN * HIDDEN
     rows.append({"op": "torch.sort", "values": values, "bound_s": values * SORT_BYTES_PER_VALUE / bandwidth,
                  "bound": "HBM (radix sort traffic)"})  # fmt: skip
-    for backend, count, bits in (
-        ("cuda", cuda_selection_instructions, RADIX_BITS),
-        ("triton", triton_selection_instructions, TRITON_BITS),
-    ):
-        try:  # a bound is evidence, never a reason for a benchmark run to stop
-            counted = count()
-        except Exception as error:  # noqa: BLE001  (any compiler failure: report it and go on)
-            print(f"roofline: no SASS count for the {backend} selection ({type(error).__name__}: {error})")
-            counted = None
-        for kind, per_element in (counted or {}).items():
-            passes = 32 // bits
-            element_bytes = 4 if kind == "flat" else 2  # fp32 values, or the bf16 weight (+ the cached inverse)
-            memory_s = passes * values * element_bytes / bandwidth
-            issue_s = passes * values * per_element / issue
+    issue_s = values / issue  # one warp instruction per element
+    fraction = candidate_fraction()
+    try:  # a bound is evidence, never a reason for a benchmark run to stop
+        cuda_counts, triton_counts = cuda_selection_instructions(), triton_selection_instructions()
+    except Exception as error:  # noqa: BLE001  (any compiler failure: report it and go on)
+        print(f"roofline: no SASS count for the selections ({type(error).__name__}: {error})")
+        cuda_counts, triton_counts = None, None
+    for kind, loops in (cuda_counts or {}).items():
+        if set(loops) != {"plain", "compacting"}:
+            continue
+        element_bytes = 4 if kind == "flat" else 2  # fp32 values, or the bf16 weight (+ the cached reciprocal)
+        flat = (cuda_counts.get("flat") or {}).get("plain", loops["plain"])  # the third pass reads fp32 candidates
+        for label, f in (("model obs saliencies", fraction), ("worst case", 1.0)):
+            passes_s = [  # (memory, issue) of each pass: full, full + candidate writes, candidates
+                (values * element_bytes / bandwidth, loops["plain"] * issue_s),
+                (values * (element_bytes + 4 * f) / bandwidth, loops["compacting"] * issue_s),
+                (values * 4 * f / bandwidth, flat * f * issue_s),
+            ]
+            bound_s = sum(max(memory, compute) for memory, compute in passes_s)
             rows.append({
-                "op": f"selection ({kind})", "backend": backend, "values": values, "passes": passes,
-                "warp_instructions_per_element_pass": round(per_element, 2), "bound_s": max(memory_s, issue_s),
-                "bound": "instruction issue (static count)" if issue_s > memory_s else "HBM",
+                "op": f"selection ({kind})", "backend": "cuda", "values": values, "passes": "11+10 bits, 10 on f",
+                "candidate_fraction": f"{f:.3f} ({label})",
+                "warp_instructions_per_element_pass": f"{loops['plain']:.2f} / {loops['compacting']:.2f} / {flat:.2f}",
+                "bound_s": bound_s, "bound": "instruction issue (static count)",
             })  # fmt: skip
+    for kind, per_element in (triton_counts or {}).items():
+        passes = 32 // TRITON_BITS
+        element_bytes = 4 if kind == "flat" else 2
+        memory_s = passes * values * element_bytes / bandwidth
+        rows.append({
+            "op": f"selection ({kind})", "backend": "triton", "values": values, "passes": passes,
+            "warp_instructions_per_element_pass": round(per_element, 2),
+            "bound_s": max(memory_s, passes * per_element * issue_s),
+            "bound": "instruction issue (static count)" if passes * per_element * issue_s > memory_s else "HBM",
+        })  # fmt: skip
     sort_s = next(r["bound_s"] for r in rows if r["op"] == "torch.sort")
     for row in rows:
         if row["op"].startswith("selection"):

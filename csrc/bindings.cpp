@@ -64,36 +64,68 @@ void column_sumsq_(at::Tensor acc, const at::Tensor& x, const std::optional<at::
              "column_sumsq launch");
 }
 
+// The compaction's outputs (all three or none): candidate values fp32, their segments' offsets int64 (S+1),
+// a zeroed int64 cursor (S).
+struct CandidateOutputs {
+  float* values = nullptr;
+  const int64_t* offsets = nullptr;
+  unsigned long long* cursor = nullptr;
+};
+
+CandidateOutputs candidate_outputs(const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& offsets,
+                                   const std::optional<at::Tensor>& cursor, const char* op) {
+  if (!values.has_value() && !offsets.has_value() && !cursor.has_value()) return {};
+  TORCH_CHECK(values.has_value() && offsets.has_value() && cursor.has_value(), op,
+              ": candidates, candidate_offsets and candidate_cursor go together");
+  TORCH_CHECK(values->scalar_type() == at::kFloat && values->is_contiguous() &&
+                  offsets->scalar_type() == at::kLong && offsets->is_contiguous() &&
+                  cursor->scalar_type() == at::kLong && cursor->is_contiguous(),
+              op, ": candidates must be contiguous fp32, candidate_offsets and candidate_cursor contiguous int64");
+  return {values->data_ptr<float>(), offsets->data_ptr<int64_t>(),
+          reinterpret_cast<unsigned long long*>(cursor->data_ptr<int64_t>())};
+}
+
 void radix_histogram_(const at::Tensor& values, const std::optional<at::Tensor>& counts, const at::Tensor& segment,
                       const at::Tensor& start, const at::Tensor& offsets, const at::Tensor& prefix, int64_t shift,
-                      int64_t block_elems, at::Tensor hist_count, at::Tensor hist_sum) {
+                      int64_t bits, int64_t block_elems, at::Tensor hist_count, at::Tensor hist_sum,
+                      const std::optional<at::Tensor>& candidates, const std::optional<at::Tensor>& candidate_offsets,
+                      const std::optional<at::Tensor>& candidate_cursor) {
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "radix_histogram_: values must be contiguous fp32");
   check_histograms(hist_count, hist_sum, "radix_histogram_");
+  const auto out = candidate_outputs(candidates, candidate_offsets, candidate_cursor, "radix_histogram_");
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t* counts_ptr = counts.has_value() ? counts->data_ptr<int64_t>() : nullptr;
   check_cuda(sensilora_radix_histogram(values.data_ptr<float>(), counts_ptr, segment.data_ptr<int64_t>(),
                                        start.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(),
-                                       static_cast<int>(shift), segment.numel(), static_cast<int>(block_elems),
+                                       static_cast<int>(shift), static_cast<int>(bits), segment.numel(),
+                                       static_cast<int>(block_elems),
                                        reinterpret_cast<unsigned long long*>(hist_count.data_ptr<int64_t>()),
-                                       hist_sum.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
+                                       hist_sum.data_ptr<double>(), out.values, out.offsets, out.cursor,
+                                       c10::cuda::getCurrentCUDAStream()),
              "radix_histogram launch");
 }
 
-void saliency_histogram_(const at::Tensor& weight, const at::Tensor& inverse, const at::Tensor& segment,
+void saliency_histogram_(const at::Tensor& weight, const at::Tensor& reciprocal, const at::Tensor& segment,
                          const at::Tensor& start, const at::Tensor& offsets, const at::Tensor& prefix, int64_t shift,
-                         int64_t block_elems, at::Tensor hist_count, at::Tensor hist_sum) {
+                         int64_t bits, int64_t block_elems, at::Tensor hist_count, at::Tensor hist_sum,
+                         const std::optional<at::Tensor>& candidates,
+                         const std::optional<at::Tensor>& candidate_offsets,
+                         const std::optional<at::Tensor>& candidate_cursor) {
   TORCH_CHECK(weight.dim() == 2, "saliency_histogram_: weight must be a (d_out, d_in) matrix");
-  TORCH_CHECK(inverse.scalar_type() == at::kFloat && inverse.is_contiguous() && inverse.numel() == weight.size(1),
-              "saliency_histogram_: inverse must be a contiguous fp32 vector of length d_in");
+  TORCH_CHECK(reciprocal.scalar_type() == at::kFloat && reciprocal.is_contiguous() && reciprocal.numel() == weight.size(1),
+              "saliency_histogram_: reciprocal must be a contiguous fp32 vector of length d_in");
   check_histograms(hist_count, hist_sum, "saliency_histogram_");
+  const auto out = candidate_outputs(candidates, candidate_offsets, candidate_cursor, "saliency_histogram_");
   const c10::cuda::CUDAGuard guard(weight.device());
   check_cuda(sensilora_saliency_histogram(weight.data_ptr(), dtype_code(weight, "saliency_histogram_"),
-                                          inverse.data_ptr<float>(), weight.size(1), weight.stride(0), weight.stride(1),
-                                          segment.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
+                                          reciprocal.data_ptr<float>(), weight.size(1), weight.stride(0),
+                                          weight.stride(1), segment.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
                                           offsets.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(),
-                                          static_cast<int>(shift), segment.numel(), static_cast<int>(block_elems),
+                                          static_cast<int>(shift), static_cast<int>(bits), segment.numel(),
+                                          static_cast<int>(block_elems),
                                           reinterpret_cast<unsigned long long*>(hist_count.data_ptr<int64_t>()),
-                                          hist_sum.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
+                                          hist_sum.data_ptr<double>(), out.values, out.offsets, out.cursor,
+                                          c10::cuda::getCurrentCUDAStream()),
              "saliency_histogram launch");
 }
 
@@ -102,9 +134,11 @@ void saliency_histogram_(const at::Tensor& weight, const at::Tensor& inverse, co
 TORCH_LIBRARY(sensilora_cuda, m) {
   m.def("column_sumsq_(Tensor(a!) acc, Tensor x, Tensor? mask, Tensor? row_weight) -> ()");
   m.def("radix_histogram_(Tensor values, Tensor? counts, Tensor segment, Tensor start, Tensor offsets, "
-        "Tensor prefix, int shift, int block_elems, Tensor(a!) hist_count, Tensor(b!) hist_sum) -> ()");
-  m.def("saliency_histogram_(Tensor weight, Tensor inverse, Tensor segment, Tensor start, Tensor offsets, "
-        "Tensor prefix, int shift, int block_elems, Tensor(a!) hist_count, Tensor(b!) hist_sum) -> ()");
+        "Tensor prefix, int shift, int bits, int block_elems, Tensor(a!) hist_count, Tensor(b!) hist_sum, "
+        "Tensor(c!)? candidates, Tensor? candidate_offsets, Tensor(d!)? candidate_cursor) -> ()");
+  m.def("saliency_histogram_(Tensor weight, Tensor reciprocal, Tensor segment, Tensor start, Tensor offsets, "
+        "Tensor prefix, int shift, int bits, int block_elems, Tensor(a!) hist_count, Tensor(b!) hist_sum, "
+        "Tensor(c!)? candidates, Tensor? candidate_offsets, Tensor(d!)? candidate_cursor) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sensilora_cuda, CUDA, m) {

@@ -31,9 +31,10 @@ def column_sumsq_(
     torch.ops.sensilora_cuda.column_sumsq_(acc, x3, mask3, row_weight_view(x3, row_weight))
 
 
-# Elements a thread block histograms: large enough that zeroing and flushing its 2 x 256 shared
-# buckets is small beside its 32 elements a thread; a reasoned default, not tuned on a GPU.
-CUDA_SELECTION_BLOCK = 8192
+# Elements a thread block histograms: large enough that zeroing and flushing its 2048 shared slots is small
+# beside its 128 elements a thread; a reasoned default, not tuned on a GPU.
+CUDA_SELECTION_BLOCK = 32768
+CUDA_WIDTHS = (11, 10, 10)  # bits a pass over the 31 bits below the (zero) sign: csrc/radix_select.cu
 
 
 # A block's exact sums are 64-bit integers in units of at most 2^25 a value: its multiplicities must add up
@@ -41,21 +42,29 @@ CUDA_SELECTION_BLOCK = 8192
 MAX_BLOCK_MULTIPLICITY = 1 << 39
 
 
-def _cuda_histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
+def _cuda_histogram(
+    values, counts, segment, start, offsets, prefix, shift, bits, hist_count, hist_sum, block, candidates=None
+) -> None:
     torch.ops.sensilora_cuda.radix_histogram_(
-        values, counts, segment, start, offsets, prefix, shift, block, hist_count, hist_sum
+        values, counts, segment, start, offsets, prefix, shift, bits, block, hist_count, hist_sum, *_out(candidates)
     )
 
 
 def _cuda_saliency_histogram(
-    weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block
+    weight, reciprocal, segment, start, offsets, prefix, shift, bits, hist_count, hist_sum, block, candidates=None
 ) -> None:
     torch.ops.sensilora_cuda.saliency_histogram_(
-        weight, inverse, segment, start, offsets, prefix, shift, block, hist_count, hist_sum
-    )
+        weight, reciprocal, segment, start, offsets, prefix, shift, bits, block, hist_count, hist_sum,
+        *_out(candidates),
+    )  # fmt: skip
 
 
-_radix_selection = make_selection(_cuda_histogram, CUDA_SELECTION_BLOCK)
+def _out(candidates) -> tuple:
+    """(values, offsets, cursor) of the compaction, or three Nones."""
+    return candidates if candidates is not None else (None, None, None)
+
+
+_radix_selection = make_selection(_cuda_histogram, CUDA_SELECTION_BLOCK, CUDA_WIDTHS, compacts=True)
 
 
 def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha=0.85):
@@ -73,5 +82,7 @@ def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha
 KERNELS = {
     "column_sumsq_": column_sumsq_,
     "topk_mean_and_effective_rank": topk_mean_and_effective_rank,
-    "saliency_topk_mean_and_effective_rank": make_saliency_selection(_cuda_saliency_histogram, CUDA_SELECTION_BLOCK),
+    "saliency_topk_mean_and_effective_rank": make_saliency_selection(
+        _cuda_saliency_histogram, CUDA_SELECTION_BLOCK, CUDA_WIDTHS, _cuda_histogram
+    ),
 }

@@ -31,17 +31,18 @@ PREFERENCE: dict[str, tuple[tuple[str, ...], str]] = {
     "inverse_diagonal": (("triton",), "only Triton implements it (cuSOLVER Cholesky, then the Triton column sums)"),
     "topk_mean_and_effective_rank": (
         ("cuda",),
-        "CUDA: 4 passes of 8 bits; an element costs one MATCH.ANY and REDUX.SUM with its warp, a warp a few native "
-        "32-bit shared atomics (exact fixed-point sums, no 64-bit CAS loops in the sm_90 SASS): about 2 warp "
-        "instructions an element a pass, an H100 bound 3.9x below torch.sort's (benchmarks/roofline.py). Triton's "
-        "8 passes of (128, 16) one-hot tiles bound at 0.23x sort's: torch's sort reference serves where the "
-        "extension is missing (SENSILORA_BACKEND=triton forces it) until a GPU times both",
+        "CUDA: 2 passes over the data (11 then 10 bits; the second compacts the few percent of values left in the "
+        "targets' buckets) and 1 over those candidates; an element costs one MATCH.ANY and REDUX.SUM with its warp, "
+        "a warp a few native 32-bit shared atomics (exact fixed-point sums): H100 bound 6.8x below torch.sort's "
+        "for weight-like data, 4.8x when every value is a candidate (benchmarks/roofline.py). Triton's 8 passes "
+        "of (128, 16) one-hot tiles bound at 0.23x sort's: torch's sort reference serves where the extension is "
+        "missing (SENSILORA_BACKEND=triton forces it) until a GPU times both",
     ),
     "saliency_topk_mean_and_effective_rank": (
         ("cuda",),
-        "as topk_mean_and_effective_rank, the saliency w*w/inverse computed in the pass (IEEE division; the weight "
-        "offset advanced by carry, no multiplication per element): H100 bound 2.4x below sort's for CUDA, 0.21x for "
-        "Triton",
+        "as topk_mean_and_effective_rank, the saliency (w*w)*reciprocal computed in the first two passes (the "
+        "weight offset advanced by carry, no division or multiplication per element), the candidates stored: "
+        "H100 bound 5.3x below sort's for CUDA (4.0x worst case), 0.21x for Triton",
     ),
 }
 

@@ -26,7 +26,7 @@ def _radix_histogram_kernel(
     values_ptr,
     counts_ptr,
     weight_ptr,
-    inverse_ptr,
+    reciprocal_ptr,
     block_segment_ptr,
     block_start_ptr,
     offsets_ptr,
@@ -61,12 +61,12 @@ def _radix_histogram_kernel(
     for chunk in tl.range(0, tl.minimum(BLOCK, end - start), CHUNK):
         index = start + chunk + tl.arange(0, CHUNK)
         ok = index < end
-        if SALIENCY:  # s_ij = w_ij^2 / inverse_j, computed on the fly and never stored
+        if SALIENCY:  # s_ij = (w_ij * w_ij) * reciprocal_j, computed on the fly and never stored
             row = index // d_in
             col = index % d_in
             w = tl.load(weight_ptr + row * stride_row + col * stride_col, mask=ok, other=0.0).to(tl.float32)
-            inverse = tl.load(inverse_ptr + col, mask=ok, other=1.0)
-            values = tl.math.div_rn(w * w, inverse)  # IEEE division, as the reference and CUDA divide
+            reciprocal = tl.load(reciprocal_ptr + col, mask=ok, other=1.0)
+            values = w * w * reciprocal  # the reference's two fp32 products, in its order
         else:
             values = tl.load(values_ptr + index, mask=ok, other=0.0)
         if HAS_COUNTS:
@@ -101,33 +101,34 @@ def _chunk(device: torch.device) -> int:
 
 
 def _launch(sources, geometry, table, hist_count, hist_sum, has_counts, saliency, block, chunk, device) -> None:
-    """One histogram pass. sources: (values, counts, weight, inverse) pointers (unused ones stand in for
+    """One histogram pass. sources: (values, counts, weight, reciprocal) pointers (unused ones stand in for
     any tensor); geometry: (d_in, stride_row, stride_col) of the weight; table: (segment, start, offsets,
-    prefix, shift)."""
+    prefix, shift, bits)."""
     segment = table[0]
     _radix_histogram_kernel[(segment.numel(),)](
         *sources, *table[:4], hist_count, hist_sum, table[4], *geometry,
-        HAS_COUNTS=has_counts, SALIENCY=saliency, BITS=RADIX_BITS, BLOCK=block,
+        HAS_COUNTS=has_counts, SALIENCY=saliency, BITS=table[5], BLOCK=block,
         CHUNK=min(block, chunk or _chunk(device)),
     )  # fmt: skip
 
 
 def _triton_histogram(
-    values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block, chunk=None
+    values, counts, segment, start, offsets, prefix, shift, bits, hist_count, hist_sum, block, chunk=None
 ) -> None:
     sources = (values, counts if counts is not None else values, values, values)
-    table = (segment, start, offsets, prefix, shift)
+    table = (segment, start, offsets, prefix, shift, bits)
     _launch(sources, (1, 0, 0), table, hist_count, hist_sum, counts is not None, False, block, chunk, values.device)
 
 
 def _triton_saliency_histogram(
-    weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block, chunk=None
+    weight, reciprocal, segment, start, offsets, prefix, shift, bits, hist_count, hist_sum, block, chunk=None
 ) -> None:
     geometry = (weight.shape[1], weight.stride(0), weight.stride(1))
-    table = (segment, start, offsets, prefix, shift)
-    _launch((inverse, inverse, weight, inverse), geometry, table, hist_count, hist_sum, False, True, block, chunk,
-            weight.device)  # fmt: skip
+    table = (segment, start, offsets, prefix, shift, bits)
+    sources = (reciprocal, reciprocal, weight, reciprocal)
+    _launch(sources, geometry, table, hist_count, hist_sum, False, True, block, chunk, weight.device)
 
 
-topk_mean_and_effective_rank = make_selection(_triton_histogram, BLOCK, RADIX_BITS)
-saliency_topk_mean_and_effective_rank = make_saliency_selection(_triton_saliency_histogram, BLOCK, RADIX_BITS)
+WIDTHS = (RADIX_BITS,) * (32 // RADIX_BITS)
+topk_mean_and_effective_rank = make_selection(_triton_histogram, BLOCK, WIDTHS)
+saliency_topk_mean_and_effective_rank = make_saliency_selection(_triton_saliency_histogram, BLOCK, WIDTHS)

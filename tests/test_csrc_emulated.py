@@ -7,8 +7,8 @@ import pytest
 import torch
 from sensilora.ops import reference
 
-from sensilora_kernels.cuda import CUDA_SELECTION_BLOCK
-from sensilora_kernels.radix_select import make_saliency_selection, make_selection
+from sensilora_kernels.cuda import CUDA_SELECTION_BLOCK, CUDA_WIDTHS
+from sensilora_kernels.radix_select import block_table, make_saliency_selection, make_selection
 from tests.cuda_emulation import emulated
 from tests.kernel_cases import (
     DTYPES,
@@ -25,6 +25,17 @@ from tests.kernel_cases import (
 )
 
 BLOCKS = [CUDA_SELECTION_BLOCK, 1000]  # the production block, and one that splits segments
+
+
+def flat_selection(library, block):
+    """The CUDA backend's flat selection (3 passes, the second compacting) over the emulated kernels."""
+    return make_selection(emulated.radix_histogram(library), block, CUDA_WIDTHS, compacts=True)
+
+
+def fused_selection(library, block):
+    """The CUDA backend's fused obs selection over the emulated kernels."""
+    flat = emulated.radix_histogram(library)
+    return make_saliency_selection(emulated.saliency_histogram(library), block, CUDA_WIDTHS, flat)
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +67,19 @@ def test_column_sumsq(library, dtype, shape, splits, layout, rows):
 @pytest.mark.parametrize("k_frac,alpha", SELECTION_TARGETS)
 def test_selection_equals_sorted_reference(library, block, lengths, with_counts, ties, k_frac, alpha):
     values, offsets, counts = selection_case(lengths, seed=len(lengths), with_counts=with_counts, ties=ties)
-    got = make_selection(emulated.radix_histogram(library), block)(values, offsets, counts, k_frac, alpha)
+    got = flat_selection(library, block)(values, offsets, counts, k_frac, alpha)
     expected = reference.topk_mean_and_effective_rank(values, offsets, counts, k_frac, alpha)
     assert_same_selection(got, expected)
 
 
 @pytest.mark.parametrize("with_counts", [False, True])
 def test_selection_over_every_binade(library, with_counts):
-    assert_selects_every_binade(make_selection(emulated.radix_histogram(library), 1000), with_counts)
+    assert_selects_every_binade(flat_selection(library, 1000), with_counts)
 
 
 def test_selection_all_zeros_and_single_value(library):
     values, offsets = torch.tensor([0.0, 0.0, 0.0, 2.5]), torch.tensor([0, 3, 4])
-    got = make_selection(emulated.radix_histogram(library), CUDA_SELECTION_BLOCK)(values, offsets, None, 0.5, 0.85)
+    got = flat_selection(library, CUDA_SELECTION_BLOCK)(values, offsets, None, 0.5, 0.85)
     expected = reference.topk_mean_and_effective_rank(values, offsets, None, 0.5, 0.85)
     for g, e in zip(got, expected):
         assert torch.equal(g.double(), e.double())
@@ -79,11 +90,38 @@ def test_selection_all_zeros_and_single_value(library):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fused_saliency_selection(library, block, dtype, transposed):
     weight, inverse = saliency_case(61, 47, transposed, dtype, ties=True)
-    select = make_saliency_selection(emulated.saliency_histogram(library), block)
+    select = fused_selection(library, block)
     for k_frac, alpha in SELECTION_TARGETS:
         got = select(weight, inverse, k_frac, alpha)
         expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, k_frac, alpha)
         assert_same_selection(got, expected)
+
+
+def test_compacting_pass_keeps_exactly_the_matching_elements(library):
+    """The second pass's candidates are the elements whose top 11 bits pick a target's bucket, as a multiset,
+    per segment: one segment whose 9000 values are all candidates of one shared target bucket (many stage
+    flushes a warp), one whose two targets lie in different buckets."""
+    generator = torch.Generator().manual_seed(3)
+    values = torch.cat([1.0 + torch.rand(9000, generator=generator) / 16, torch.rand(3000, generator=generator) * 100])
+    offsets = torch.tensor([0, 9000, 12000])
+    parts = (slice(0, 9000), slice(9000, 12000))
+    high = values.view(torch.int32).long() >> 20  # the first pass's 11 bits (the sign is 0)
+    buckets = high[parts[1]].unique()
+    prefix = torch.tensor([[high[0], high[0]], [buckets[-1], buckets[-2]]])
+    matching = [torch.isin(high[part], prefix[s]) for s, part in enumerate(parts)]
+    sizes = torch.stack([m.sum() for m in matching])
+    candidate_offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    candidates = (torch.full((int(sizes.sum()),), -1.0), candidate_offsets, torch.zeros(2, dtype=torch.long))
+    hist_count, hist_sum = torch.zeros(2, 2, 1024, dtype=torch.long), torch.zeros(2, 2, 1024, dtype=torch.double)
+    segment, start = block_table(offsets, 4096)
+    emulated.radix_histogram(library)(
+        values, None, segment, start, offsets, prefix, 10, 10, hist_count, hist_sum, 4096, candidates
+    )
+    assert torch.equal(candidates[2], sizes)
+    for s, part in enumerate(parts):
+        got = candidates[0][int(candidate_offsets[s]) : int(candidate_offsets[s + 1])]
+        assert torch.equal(torch.sort(got).values, torch.sort(values[part][matching[s]]).values)
+    assert int(hist_count.sum()) == 2 * 9000 + int(sizes[1])  # a shared prefix fills both targets' histograms
 
 
 def test_cuda_selection_refuses_multiplicities_that_could_overflow_its_exact_sums():

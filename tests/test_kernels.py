@@ -120,7 +120,7 @@ def test_selection_in_gpu_sized_chunks():
     """The GPU's chunk loop (CHUNK elements a step; the interpreter defaults to one step a block)."""
     values, offsets, counts = selection_case([3, 2500, 1100], seed=5)
     flat = make_selection(
-        functools.partial(selection._triton_histogram, chunk=selection.CHUNK), selection.BLOCK, selection.RADIX_BITS
+        functools.partial(selection._triton_histogram, chunk=selection.CHUNK), selection.BLOCK, selection.WIDTHS
     )
     got = flat(values, offsets, counts, 0.5, 0.85)
     expected = reference.topk_mean_and_effective_rank(values, offsets, counts, 0.5, 0.85)
@@ -130,7 +130,7 @@ def test_selection_in_gpu_sized_chunks():
     fused = make_saliency_selection(
         functools.partial(selection._triton_saliency_histogram, chunk=selection.CHUNK),
         selection.BLOCK,
-        selection.RADIX_BITS,
+        selection.WIDTHS,
     )
     got = fused(weight, inverse, 1 / 3, 0.8)
     expected = reference.saliency_topk_mean_and_effective_rank(weight, inverse, 1 / 3, 0.8)

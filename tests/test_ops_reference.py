@@ -121,7 +121,8 @@ def test_selection_all_zero_segment_and_bad_arguments():
 def test_saliency_selection_matches_materialised():
     torch.manual_seed(5)
     weight, inverse = torch.randn(5, 8), torch.rand(8) + 0.1
-    s = (weight**2 / inverse).flatten()
+    s = (weight * weight * (1 / inverse)).flatten()  # the defined rounding: two fp32 products
+    torch.testing.assert_close(s, (weight**2 / inverse).flatten(), rtol=2.4e-7, atol=0)  # within 2 ulp of w^2 / h
     expected = brute_force_selection(s, torch.ones_like(s, dtype=torch.long), 0.5, 0.85)
     got = ops.saliency_topk_mean_and_effective_rank(weight, inverse, 0.5, 0.85)
     assert [float(got[0][0]), float(got[1][0]), int(got[2][0])] == pytest.approx(list(expected), rel=1e-9)

@@ -93,7 +93,7 @@ def cases():
                 "values_ptr",
                 "counts_ptr",
                 "weight_ptr",
-                "inverse_ptr",
+                "reciprocal_ptr",
                 "block_segment_ptr",
                 "block_start_ptr",
                 "offsets_ptr",

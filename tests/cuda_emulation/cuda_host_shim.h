@@ -2,8 +2,9 @@
 // block is a std::thread, __syncthreads is a std::barrier, __shared__ arrays are function statics (blocks
 // run one after another, so each block sees its own), atomics are std::atomic_ref. It reproduces the
 // kernels' indexing, masking, striding and reduction logic, not their speed or the GPU memory model. Warp
-// intrinsics (__match_any_sync, __reduce_add_sync) exchange the 32 lanes' values through a per-warp
-// barrier, so a kernel must call them with the whole warp, as the real ones require of a full mask.
+// intrinsics (__ballot_sync, __match_any_sync, __reduce_add_sync, __shfl_sync, __syncwarp) exchange the 32
+// lanes' values through a per-warp barrier, so a kernel must call them with the whole warp, as the real
+// ones require of a full mask.
 // Used with: g++ -std=c++20 -x c++ -include cuda_host_shim.h csrc/<kernel>.cu (see build.py).
 #pragma once
 
@@ -33,7 +34,7 @@ namespace sensilora_emulation {
 inline thread_local dim3 thread_index, block_index, block_dim, grid_dim;
 inline thread_local std::barrier<>* block_barrier = nullptr;
 inline thread_local std::barrier<>* warp_barrier = nullptr;
-inline thread_local unsigned* warp_slots = nullptr;  // one value per lane of this thread's warp
+inline thread_local unsigned long long* warp_slots = nullptr;  // one value per lane of this thread's warp
 inline thread_local unsigned lane_id = 0;
 
 // Runs body() once per CUDA thread of a (grid, block) launch; blocks in turn, the threads of a block together.
@@ -47,7 +48,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
         std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
         for (unsigned w = 0; w < warps; ++w)
           warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-        std::vector<unsigned> slots(32 * warps);
+        std::vector<unsigned long long> slots(32 * warps);
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (unsigned t = 0; t < threads; ++t)
@@ -67,10 +68,10 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
 }
 
 // Every lane's value, as the lanes of this thread's warp passed it (all lanes must call).
-inline std::vector<unsigned> exchange(unsigned value) {
+inline std::vector<unsigned long long> exchange(unsigned long long value) {
   warp_slots[lane_id] = value;
   warp_barrier->arrive_and_wait();
-  std::vector<unsigned> all(warp_slots, warp_slots + 32);
+  std::vector<unsigned long long> all(warp_slots, warp_slots + 32);
   warp_barrier->arrive_and_wait();  // nobody writes the next exchange before everyone has read this one
   return all;
 }
@@ -99,18 +100,25 @@ inline unsigned __match_any_sync(unsigned mask, unsigned value) {
   return peers;
 }
 
-inline int __any_sync(unsigned mask, int predicate) {
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
   const auto all = sensilora_emulation::exchange(predicate != 0);
+  unsigned ballot = 0;
   for (unsigned lane = 0; lane < 32; ++lane)
-    if ((mask >> lane & 1u) && all[lane]) return 1;
-  return 0;
+    if ((mask >> lane & 1u) && all[lane]) ballot |= 1u << lane;
+  return ballot;
 }
+
+inline unsigned long long __shfl_sync(unsigned, unsigned long long value, int source_lane) {
+  return sensilora_emulation::exchange(value)[source_lane];
+}
+
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { sensilora_emulation::warp_barrier->arrive_and_wait(); }
 
 inline unsigned __reduce_add_sync(unsigned mask, unsigned value) {
   const auto all = sensilora_emulation::exchange(value);
   unsigned sum = 0;
   for (unsigned lane = 0; lane < 32; ++lane)
-    if (mask >> lane & 1u) sum += all[lane];
+    if (mask >> lane & 1u) sum += static_cast<unsigned>(all[lane]);
   return sum;
 }
 

@@ -65,8 +65,9 @@ def build(directory: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.sensilora_column_sumsq.argtypes = [p, p, i32, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i32, p]
-    lib.sensilora_radix_histogram.argtypes = [p, p, p, p, p, p, i32, i64, i32, p, p, p]
-    lib.sensilora_saliency_histogram.argtypes = [p, i32, p, i64, i64, i64, p, p, p, p, i32, i64, i32, p, p, p]
+    table = [p, p, p, p, i32, i32, i64, i32, p, p, p, p, p, p]  # block table .. candidates, stream
+    lib.sensilora_radix_histogram.argtypes = [p, p, *table]
+    lib.sensilora_saliency_histogram.argtypes = [p, i32, p, i64, i64, i64, *table]
     for launcher in (lib.sensilora_column_sumsq, lib.sensilora_radix_histogram, lib.sensilora_saliency_histogram):
         launcher.restype = i32
     return lib
@@ -93,10 +94,17 @@ def column_sumsq_(
     assert status == 0, f"sensilora_column_sumsq returned {status}"
 
 
-def radix_histogram(lib: ctypes.CDLL):
-    """A flat histogram launcher for ``sensilora_kernels.selection.make_selection``: csrc/radix_select.cu."""
+def _pointers(candidates) -> list:
+    """The compaction's (values, offsets, cursor) pointers, or three NULLs."""
+    return [t.data_ptr() for t in candidates] if candidates is not None else [None, None, None]
 
-    def histogram(values, counts, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
+
+def radix_histogram(lib: ctypes.CDLL):
+    """A flat histogram launcher for ``sensilora_kernels.radix_select.make_selection``: csrc/radix_select.cu."""
+
+    def histogram(
+        values, counts, segment, start, offsets, prefix, shift, bits, hist_count, hist_sum, block, candidates=None
+    ) -> None:
         counts_ptr = counts.data_ptr() if counts is not None else None
         status = lib.sensilora_radix_histogram(
             values.data_ptr(),
@@ -106,10 +114,12 @@ def radix_histogram(lib: ctypes.CDLL):
             offsets.data_ptr(),
             prefix.data_ptr(),
             shift,
+            bits,
             segment.numel(),
             block,
             hist_count.data_ptr(),
             hist_sum.data_ptr(),
+            *_pointers(candidates),
             None,
         )
         assert status == 0, f"sensilora_radix_histogram returned {status}"
@@ -118,13 +128,15 @@ def radix_histogram(lib: ctypes.CDLL):
 
 
 def saliency_histogram(lib: ctypes.CDLL):
-    """A fused obs launcher for ``sensilora_kernels.selection.make_saliency_selection``: csrc/radix_select.cu."""
+    """A fused obs launcher for ``sensilora_kernels.radix_select.make_saliency_selection``: csrc/radix_select.cu."""
 
-    def histogram(weight, inverse, segment, start, offsets, prefix, shift, hist_count, hist_sum, block) -> None:
+    def histogram(
+        weight, reciprocal, segment, start, offsets, prefix, shift, bits, hist_count, hist_sum, block, candidates=None
+    ) -> None:
         status = lib.sensilora_saliency_histogram(
             weight.data_ptr(),
             DTYPE_CODE[weight.dtype],
-            inverse.data_ptr(),
+            reciprocal.data_ptr(),
             weight.shape[1],
             *weight.stride(),
             segment.data_ptr(),
@@ -132,10 +144,12 @@ def saliency_histogram(lib: ctypes.CDLL):
             offsets.data_ptr(),
             prefix.data_ptr(),
             shift,
+            bits,
             segment.numel(),
             block,
             hist_count.data_ptr(),
             hist_sum.data_ptr(),
+            *_pointers(candidates),
             None,
         )
         assert status == 0, f"sensilora_saliency_histogram returned {status}"

@@ -178,9 +178,16 @@ def topk_mean_and_effective_rank(
     return totals.to(device), means.to(device), ranks.long().to(device)
 
 
+def saliency_reciprocal(inverse_diag: torch.Tensor) -> torch.Tensor:
+    """``1 / [H^-1]_jj`` in fp32, rounded once per column: (d_in,) any float dtype -> fp32 (d_in,) contiguous."""
+    return inverse_diag.float().reciprocal().contiguous()
+
+
 def saliency(weight: torch.Tensor, inverse_diag: torch.Tensor) -> torch.Tensor:
-    """OBS saliency ``s_ij = w_ij^2 / [H^-1]_jj``. weight (d_out, d_in), inverse_diag (d_in,) -> fp32 (d_out, d_in)."""
-    return weight.float().square() / inverse_diag.float()[None, :]
+    """OBS saliency ``s_ij = w_ij^2 / [H^-1]_jj``, computed in fp32 as ``(w_ij * w_ij) * (1 / [H^-1]_jj)``: one
+    division per column, not per entry (every backend rounds the same two products, so they agree exactly).
+    weight (d_out, d_in), inverse_diag (d_in,) -> fp32 (d_out, d_in)."""
+    return weight.float().square() * saliency_reciprocal(inverse_diag)[None, :]
 
 
 def saliency_topk_mean_and_effective_rank(
