@@ -43,7 +43,8 @@ def test_obs_metrics_equal_materialised_sort():
     metrics = compute_metrics(stats, model=model)
     modules = dict(model.named_modules())
     for name in stats.module_names:
-        s = (linear_weight(modules[name]).detach() ** 2 / stats.inverse_hessian_diag(name)).flatten()
+        w = linear_weight(modules[name]).detach()
+        s = (w * w * (1 / stats.inverse_hessian_diag(name))).flatten()  # METHOD.md's rounding of w^2 / h_jj
         total, mean, rank = brute_force_selection(s, torch.ones_like(s, dtype=torch.long), 0.5, 0.85)
         assert metrics[name].global_sensitivity == pytest.approx(total, rel=1e-9)
         assert metrics[name].topk == pytest.approx(mean, rel=1e-9)
