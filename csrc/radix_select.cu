@@ -168,7 +168,9 @@ __global__ void radix_histogram_kernel(Source source, const int64_t* block_segme
   // 32-bit prefixes (shift + bits <= 31, so key >> (shift + bits) < 2^31 and kNoPrefix matches nothing)
   const unsigned prefix0 = static_cast<unsigned>(prefix[segment * 2]);
   const unsigned prefix1 = static_cast<unsigned>(prefix[segment * 2 + 1]);
-  const bool shared_prefix = prefix0 == prefix1;  // one histogram serves both targets
+  // One histogram serves both targets while they share a prefix; the 11-bit first pass has only room for one
+  // (its prefixes are both 0: the sign of a non-negative value).
+  const bool shared_prefix = prefix0 == prefix1 || bits == kMaxBits;
   const unsigned second_prefix = shared_prefix ? kNoPrefix : prefix1;
   const unsigned lane = threadIdx.x & 31u;
   WarpStage stage{stage_slots[kCompact ? threadIdx.x / 32 : 0]};
