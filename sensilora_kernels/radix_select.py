@@ -127,8 +127,7 @@ def _make_narrow(run_pass: Callable, flat_histogram: Callable, block: int, devic
 
     def narrow(prefix, shift, bits, hist_count, hist_sum, sizes):
         offsets = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-        # The one host synchronisation: the buffer's size. An empty candidate segment cannot happen (every
-        # segment has a target bucket with at least one element), so later passes keep one block table.
+        # the one host synchronisation of a selection: the candidate buffer's size
         candidates = torch.empty(int(offsets[-1]), dtype=torch.float32, device=device)
         cursor = torch.zeros_like(sizes)
         run_pass(prefix, shift, bits, hist_count, hist_sum, (candidates, offsets, cursor))
