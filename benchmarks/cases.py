@@ -9,6 +9,7 @@ from sensilora.calibration import forward_kwargs
 from sensilora.ops import OPS, reference
 
 from benchmarks.common import measure, time_it
+from benchmarks.roofline import candidate_fraction_of
 
 
 def naive_hessian_diagonal(x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +131,7 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
             for label, seconds in (("torch.sort", sort_s), ("torch reference", reference_s)):
                 rows.append({"case": f"{case}: {label}", "backend": "torch", "columns": d, "values": values.numel(),
                              "seconds": seconds})  # fmt: skip
+            fraction = candidate_fraction_of(sortable)  # what the CUDA selection's third pass reads
             for name in names:
                 ops = kernels[name]
                 if name != "torch" and op in ops:
@@ -143,6 +145,7 @@ def per_op(device: torch.device, columns=(4096, 14336), batch: int = 8, seq: int
                             "seconds": seconds,
                             "vs_sort": sort_s / seconds,
                             "vs_reference": reference_s / seconds,
+                            "candidate_fraction": fraction,
                         }
                     )
     return rows

@@ -186,6 +186,12 @@ def test_gpu_selection_real_size(cuda_device, name):
     fused = implementation["saliency_topk_mean_and_effective_rank"](weight, inverse, 0.5, 0.85)
     torch.testing.assert_close(fused[1], expected[1], rtol=1e-9, atol=0)
     assert torch.equal(fused[2].cpu(), expected[2].cpu())
+    # every value in one 1/8-binade bucket: the CUDA selection compacts all 5.9e7 of them
+    clustered = 1.0 + torch.rand(values.numel(), device=cuda_device) / 16
+    got = implementation["topk_mean_and_effective_rank"](clustered, offsets, None, 0.5, 0.85)
+    expected = reference.topk_mean_and_effective_rank(clustered, offsets, None, 0.5, 0.85)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-9, atol=0)
+    assert torch.equal(got[2].cpu(), expected[2].cpu())
 
 
 AOT_PYTHONS = [sys.executable] + (
