@@ -59,24 +59,27 @@ struct Saliencies {  // element i is (i / d_in, i % d_in) of a (d_out, d_in) wei
   const T* weight;
   const float* reciprocal;  // 1 / [H^-1]_jj, rounded once per column (the reference's operations)
   int64_t d_in, stride_row, stride_col;
-  // the next element's column and offset in weight, advanced by kThreads elements a call: col_step columns
-  // and offset_step, with one carry into the next row (no multiplication, division or loop per element)
-  int64_t col = 0, offset = 0, col_step = 0, offset_step = 0, wrap = 0;
+  // the next element's column (32-bit: d_in < 2^31) and offset in weight, advanced by kThreads elements a
+  // call: col_step columns and offset_step, with one carry into the next row (no multiplication, division
+  // or loop per element)
+  int col = 0, col_step = 0, columns = 0;
+  int64_t offset = 0, offset_step = 0, wrap = 0;
   __device__ void seek(int64_t i) {  // the thread's first element: the divisions once per thread and block
     const int64_t row = i / d_in, row_step = kThreads / d_in;
-    col = i - row * d_in;
+    col = static_cast<int>(i - row * d_in);
     offset = row * stride_row + col * stride_col;
-    col_step = kThreads - row_step * d_in;
+    col_step = static_cast<int>(kThreads - row_step * d_in);
     offset_step = row_step * stride_row + col_step * stride_col;
     wrap = stride_row - d_in * stride_col;
+    columns = static_cast<int>(d_in);
   }
   __device__ float value() {
     const float w = to_float(weight[offset]);
     const float s = w * w * reciprocal[col];  // fp32, rounded as the reference rounds: (w * w) * r
     col += col_step;
     offset += offset_step;
-    if (col >= d_in) {  // col_step < d_in: one row at most
-      col -= d_in;
+    if (col >= columns) {  // col_step < d_in: one row at most
+      col -= columns;
       offset += wrap;
     }
     return s;
@@ -108,6 +111,11 @@ struct SharedHistograms {  // [word: 0 low, 1 high][slot: target * buckets + buc
   unsigned sum[2][kSlots];
   __device__ void add(int slot, unsigned long long count_value, unsigned long long sum_value) {
     add_wide(&count[0][slot], &count[1][slot], count_value);
+    add_wide(&sum[0][slot], &sum[1][slot], sum_value);
+  }
+  // Elements without multiplicities: a block counts fewer than 2^31 of them, so the count's high word stays 0.
+  __device__ void add_elements(int slot, unsigned elements, unsigned long long sum_value) {
+    atomicAdd(&count[0][slot], elements);
     add_wide(&sum[0][slot], &sum[1][slot], sum_value);
   }
   __device__ unsigned long long wide(const unsigned (&words)[2][kSlots], int slot) const {
@@ -209,7 +217,7 @@ __global__ void radix_histogram_kernel(Source source, const int64_t* block_segme
       const unsigned peers = __match_any_sync(kFullWarp, label);
       const unsigned group_sum = __reduce_add_sync(peers, fixed);  // < 32 x 2^25: no overflow
       if (label != kNoBucket && lane == static_cast<unsigned>(__ffs(peers) - 1))
-        local.add(static_cast<int>(label), static_cast<unsigned long long>(__popc(peers)), group_sum);
+        local.add_elements(static_cast<int>(label), static_cast<unsigned>(__popc(peers)), group_sum);
     }
   }
   if constexpr (kCompact) {

@@ -33,8 +33,8 @@ PREFERENCE: dict[str, tuple[tuple[str, ...], str]] = {
         ("cuda",),
         "CUDA: 2 passes over the data (11 then 10 bits; the second compacts the few percent of values left in the "
         "targets' buckets) and 1 over those candidates; an element costs one MATCH.ANY and REDUX.SUM with its warp, "
-        "a warp a few native 32-bit shared atomics (exact fixed-point sums): H100 bound 6.8x below torch.sort's "
-        "for weight-like data, 4.8x when every value is a candidate (benchmarks/roofline.py). Triton's 8 passes "
+        "a warp a few native 32-bit shared atomics (exact fixed-point sums): H100 bound 7.3x below torch.sort's "
+        "for weight-like data, 5.2x when every value is a candidate (benchmarks/roofline.py). Triton's 8 passes "
         "of (128, 16) one-hot tiles bound at 0.23x sort's: torch's sort reference serves where the extension is "
         "missing (SENSILORA_BACKEND=triton forces it) until a GPU times both",
     ),
@@ -42,7 +42,7 @@ PREFERENCE: dict[str, tuple[tuple[str, ...], str]] = {
         ("cuda",),
         "as topk_mean_and_effective_rank, the saliency (w*w)*reciprocal computed in the first two passes (the "
         "weight offset advanced by carry, no division or multiplication per element), the candidates stored: "
-        "H100 bound 5.3x below sort's for CUDA (4.0x worst case), 0.21x for Triton",
+        "H100 bound 6.1x below sort's for CUDA (4.5x worst case), 0.21x for Triton",
     ),
 }
 
