@@ -90,13 +90,15 @@ void radix_histogram_(const at::Tensor& values, const std::optional<at::Tensor>&
                       int64_t bits, int64_t block_elems, at::Tensor hist_count, at::Tensor hist_sum,
                       const std::optional<at::Tensor>& candidates, const std::optional<at::Tensor>& candidate_offsets,
                       const std::optional<at::Tensor>& candidate_cursor) {
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "radix_histogram_: values must be contiguous fp32");
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "radix_histogram_: values must be contiguous fp32");
   check_histograms(hist_count, hist_sum, "radix_histogram_");
   const auto out = candidate_outputs(candidates, candidate_offsets, candidate_cursor, "radix_histogram_");
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t* counts_ptr = counts.has_value() ? counts->data_ptr<int64_t>() : nullptr;
   check_cuda(sensilora_radix_histogram(values.data_ptr<float>(), counts_ptr, segment.data_ptr<int64_t>(),
-                                       start.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(),
+                                       start.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                                       prefix.data_ptr<int64_t>(),
                                        static_cast<int>(shift), static_cast<int>(bits), segment.numel(),
                                        static_cast<int>(block_elems),
                                        reinterpret_cast<unsigned long long*>(hist_count.data_ptr<int64_t>()),
@@ -112,7 +114,8 @@ void saliency_histogram_(const at::Tensor& weight, const at::Tensor& reciprocal,
                          const std::optional<at::Tensor>& candidate_offsets,
                          const std::optional<at::Tensor>& candidate_cursor) {
   TORCH_CHECK(weight.dim() == 2, "saliency_histogram_: weight must be a (d_out, d_in) matrix");
-  TORCH_CHECK(reciprocal.scalar_type() == at::kFloat && reciprocal.is_contiguous() && reciprocal.numel() == weight.size(1),
+  TORCH_CHECK(reciprocal.scalar_type() == at::kFloat && reciprocal.is_contiguous() &&
+                  reciprocal.numel() == weight.size(1),
               "saliency_histogram_: reciprocal must be a contiguous fp32 vector of length d_in");
   check_histograms(hist_count, hist_sum, "saliency_histogram_");
   const auto out = candidate_outputs(candidates, candidate_offsets, candidate_cursor, "saliency_histogram_");

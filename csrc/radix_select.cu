@@ -17,7 +17,7 @@
 //  - fewest passes over the data: 3 passes of 11, 10 and 10 bits (the sign bit of a non-negative value is
 //    0), and the second pass also compacts the elements that still match a target (a 1/8-binade bucket of
 //    the first pass: a few percent of a weight's saliencies) into a candidate buffer, through a per-warp
-//    shared stage flushed with one global atomic per 256 candidates; the third pass reads only those.
+//    shared stage flushed with one global atomic per 128-256 candidates; the third pass reads only those.
 // The values come from a flat fp32 array (with optional multiplicities) or, fused, from one weight matrix
 // as the obs saliencies w_ij^2 * reciprocal_j, which are never stored (only the candidates are).
 #include "dtype.cuh"
@@ -190,8 +190,7 @@ __global__ void radix_histogram_kernel(Source source, const int64_t* block_segme
     float v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int local = base + u * kThreads + static_cast<int>(threadIdx.x);
-      v[u] = local < elements ? source.value() : 0.0f;
+      v[u] = base + u * kThreads + static_cast<int>(threadIdx.x) < elements ? source.value() : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -230,7 +229,8 @@ __global__ void radix_histogram_kernel(Source source, const int64_t* block_segme
     if (count == 0ull) continue;
     const int target = slot / buckets, bucket = slot % buckets;
     const unsigned target_prefix = target == 0 ? prefix0 : prefix1;
-    const int64_t slot_bits = (static_cast<int64_t>(target_prefix) << (shift + bits)) | (static_cast<int64_t>(bucket) << shift);
+    const int64_t slot_bits =
+        (static_cast<int64_t>(target_prefix) << (shift + bits)) | (static_cast<int64_t>(bucket) << shift);
     const unsigned top_bits = static_cast<unsigned>(slot_bits >> 24);  // sign and top 7 exponent bits
     const double sum = ldexp(static_cast<double>(local.wide(local.sum, source_slot)), unit_exponent(top_bits));
     const int64_t global_slot = segment * 2 * buckets + slot;
