@@ -138,6 +138,16 @@ def triton_selection_instructions() -> dict[str, float] | None:
     return found
 
 
+def _counted(backend: str, count):
+    """``count()``, or None with the reason printed: a bound is evidence, never a reason for a benchmark run
+    to stop."""
+    try:
+        return count()
+    except Exception as error:  # noqa: BLE001  (any compiler failure: report it and go on)
+        print(f"roofline: no SASS count for the {backend} selection ({type(error).__name__}: {error})")
+        return None
+
+
 def bounds() -> list[dict]:
     """One row per op and backend: the H100 SXM bound in seconds at the LLaMA-3.1-8B shapes, and what binds."""
     from sensilora_kernels.selection import RADIX_BITS as TRITON_BITS
@@ -155,11 +165,8 @@ def bounds() -> list[dict]:
                  "bound": "HBM (radix sort traffic)"})  # fmt: skip
     issue_s = values / issue  # one warp instruction per element
     fraction = candidate_fraction()
-    try:  # a bound is evidence, never a reason for a benchmark run to stop
-        cuda_counts, triton_counts = cuda_selection_instructions(), triton_selection_instructions()
-    except Exception as error:  # noqa: BLE001  (any compiler failure: report it and go on)
-        print(f"roofline: no SASS count for the selections ({type(error).__name__}: {error})")
-        cuda_counts, triton_counts = None, None
+    cuda_counts = _counted("cuda", cuda_selection_instructions)
+    triton_counts = _counted("triton", triton_selection_instructions)
     for kind, loops in (cuda_counts or {}).items():
         if set(loops) != {"plain", "compacting"}:
             continue
@@ -171,12 +178,13 @@ def bounds() -> list[dict]:
                 (values * (element_bytes + 4 * f) / bandwidth, loops["compacting"] * issue_s),
                 (values * 4 * f / bandwidth, flat * f * issue_s),
             ]
-            bound_s = sum(max(memory, compute) for memory, compute in passes_s)
+            memory_s, compute_s = (sum(part) for part in zip(*passes_s))
             rows.append({
                 "op": f"selection ({kind})", "backend": "cuda", "values": values, "passes": "11+10 bits, 10 on f",
                 "candidate_fraction": f"{f:.3f} ({label})",
                 "warp_instructions_per_element_pass": f"{loops['plain']:.2f} / {loops['compacting']:.2f} / {flat:.2f}",
-                "bound_s": bound_s, "bound": "instruction issue (static count)",
+                "bound_s": sum(max(memory, compute) for memory, compute in passes_s),
+                "bound": "instruction issue (static count)" if compute_s > memory_s else "HBM",
             })  # fmt: skip
     for kind, per_element in (triton_counts or {}).items():
         passes = 32 // TRITON_BITS
