@@ -98,5 +98,5 @@ inverse_diagonal = torch.ops.sensilora.inverse_diagonal
 topk_mean_and_effective_rank = torch.ops.sensilora.topk_mean_and_effective_rank
 """Per-segment (total fp64, top-k mean fp64, effective rank int64); see ``reference.topk_mean_and_effective_rank``."""
 saliency_topk_mean_and_effective_rank = torch.ops.sensilora.saliency_topk_mean_and_effective_rank
-"""Selection over the obs saliencies ``s_ij = (w_ij * w_ij) * (1 / inverse_diag_j)`` (fp32, METHOD.md) of one (d_out, d_in)
-matrix; outputs of shape (1,)."""
+"""Selection over the obs saliencies ``s_ij = (w_ij * w_ij) * (1 / inverse_diag_j)`` (fp32, METHOD.md) of one
+(d_out, d_in) matrix; outputs of shape (1,)."""
