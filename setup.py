@@ -12,6 +12,7 @@ import warnings
 from setuptools import setup
 
 CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/column_sumsq.cu", "csrc/radix_select.cu"]
+MIN_CAPABILITY = (8, 0)  # __reduce_add_sync (csrc/radix_select.cu)
 
 
 def cuda_build():
@@ -30,6 +31,12 @@ def cuda_build():
             reason = f"torch {torch.__version__} is a CPU build"
         elif CUDA_HOME is None:
             reason = "nvcc / CUDA_HOME was not found"
+        elif torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_CAPABILITY:
+            reason = f"the GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}; the kernels need sm_80+"
+        elif "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            # no GPU to build for: torch would compile for every architecture it knows, older ones included,
+            # where the selection's warp reductions (__reduce_add_sync) do not exist
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     if reason is not None:
         message = f"sensilora: not building the CUDA extension: {reason}; Triton/torch backends remain."
         if flag == "1":
