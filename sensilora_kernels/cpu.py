@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from sensilora.ops.reference import check_selection_args, saliency_reciprocal, topk_count
+from sensilora.ops.reference import check_selection_args, saliency, topk_count
 
 HIGH_SHIFT = 16
 HIGH_BUCKETS = 1 << 15  # bit 31 (the sign) is 0 for non-negative values
@@ -99,8 +99,7 @@ def topk_mean_and_effective_rank(values, offsets, counts=None, k_frac=0.5, alpha
 
 def saliency_topk_mean_and_effective_rank(weight, inverse_diag, k_frac=0.5, alpha=0.85):
     """Same contract as ``sensilora.ops.reference.saliency_topk_mean_and_effective_rank`` (CPU tensors)."""
-    reciprocal = saliency_reciprocal(inverse_diag)
-    values = weight.float().square().mul_(reciprocal[None, :]).reshape(-1)  # reference.saliency, in place
+    values = saliency(weight, inverse_diag).reshape(-1)
     offsets = torch.tensor([0, values.numel()], dtype=torch.int64)
     return topk_mean_and_effective_rank(values, offsets, None, k_frac, alpha)
 

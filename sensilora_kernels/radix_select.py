@@ -25,8 +25,6 @@ from typing import Callable
 import torch
 from sensilora.ops.reference import check_selection_args, saliency_reciprocal, topk_count
 
-WIDTHS = (8, 8, 8, 8)  # bits a pass, from the top; a backend passes its own
-
 # histogram_pass(prefix (S, 2) int64, shift, bits, hist_count (S, 2, B) int64, hist_sum (S, 2, B) fp64),
 # B = 2^bits: adds the counts and fp64 sums of the elements whose bits above ``shift + bits`` equal ``prefix``.
 HistogramPass = Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor], None]
@@ -136,7 +134,7 @@ def _make_narrow(run_pass: Callable, flat_histogram: Callable, block: int, devic
     return narrow
 
 
-def make_selection(histogram: Callable, block: int, widths: tuple[int, ...] = WIDTHS, compacts: bool = False):
+def make_selection(histogram: Callable, block: int, widths: tuple[int, ...], compacts: bool = False):
     """The selection op over a backend's histogram launcher ``histogram(values, counts|None, block_segment,
     block_start, offsets, prefix, shift, bits, hist_count, hist_sum, block[, candidates])``, one pass a width;
     ``compacts``: the launcher takes ``candidates`` (see ``_make_narrow``) and values without
@@ -160,7 +158,7 @@ def make_selection(histogram: Callable, block: int, widths: tuple[int, ...] = WI
 
 
 def make_saliency_selection(
-    histogram: Callable, block: int, widths: tuple[int, ...] = WIDTHS, flat_histogram: Callable | None = None
+    histogram: Callable, block: int, widths: tuple[int, ...], flat_histogram: Callable | None = None
 ):
     """The fused obs op over a backend's launcher ``histogram(weight, reciprocal fp32, block_segment,
     block_start, offsets, prefix, shift, bits, hist_count, hist_sum, block[, candidates])`` that computes the

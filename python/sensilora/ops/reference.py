@@ -187,7 +187,7 @@ def saliency(weight: torch.Tensor, inverse_diag: torch.Tensor) -> torch.Tensor:
     """OBS saliency ``s_ij = w_ij^2 / [H^-1]_jj``, computed in fp32 as ``(w_ij * w_ij) * (1 / [H^-1]_jj)``: one
     division per column, not per entry (every backend rounds the same two products, so they agree exactly).
     weight (d_out, d_in), inverse_diag (d_in,) -> fp32 (d_out, d_in)."""
-    return weight.float().square() * saliency_reciprocal(inverse_diag)[None, :]
+    return weight.float().square().mul_(saliency_reciprocal(inverse_diag)[None, :])  # square() is a new tensor
 
 
 def saliency_topk_mean_and_effective_rank(
