@@ -5,7 +5,7 @@
 For each token count N, two calibrations on disjoint KJV windows (different seeds draw different
 documents) give two allocations (diag, avg rank 8, parameter budget); their Spearman correlation of theta
 and largest rank difference say how far the result still depends on which text was drawn. The smallest N
-whose two samples agree (Spearman >= 0.9) justifies sensilora.data.MIN_CALIBRATION_TOKENS.
+whose two samples agree (Spearman >= 0.9) justifies sensilora.calibration.text.MIN_CALIBRATION_TOKENS.
 Writes benchmarks/results/calibration_size_cpu.{json,csv}.
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 
 import sensilora
-from sensilora.compare import compare_allocations
-from sensilora.data import calibration_batches, default_calibration_file, read_texts
-from sensilora.models import load_model
+from sensilora.calibration.models import load_model
+from sensilora.calibration.text import calibration_batches, default_calibration_file, read_texts
+from sensilora.integrations.compare import compare_allocations
 
 from benchmarks.common import environment, markdown_table, write_results
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-from sensilora.models import load_model
+from sensilora.calibration.models import load_model
+from sensilora.calibration.targets import find_targets
 from sensilora.ops import reference
-from sensilora.targets import find_targets
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results
 

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     if args.child:
         child(*args.child)
         return 0
-    from sensilora.stats import SensitivityStats
+    from sensilora.calibration.stats import SensitivityStats
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=4 * args.hidden,

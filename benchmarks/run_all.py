@@ -2,6 +2,8 @@
 
 python -m benchmarks.run_all            # CPU scale here (a few minutes on 2 cores); GPU scale on CUDA
 python -m benchmarks.run_all --quick    # smaller sizes, for a smoke run
+python -m benchmarks.run_all --part 1   # on a GPU: the rows that matter most (bounds, 8B end to end, per op);
+                                        # --part 2 the rest (8B at 128 sequences, the naive baseline)
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +23,7 @@ from benchmarks.common import RESULTS, environment, markdown_table, write_result
 
 
 def smollm2_batches(tokenizer, sequences: int, seq_len: int):
-    from sensilora.data import calibration_batches, default_calibration_file, read_texts
+    from sensilora.calibration.text import calibration_batches, default_calibration_file, read_texts
 
     return calibration_batches(tokenizer, read_texts(default_calibration_file()), sequences, seq_len, batch_size=8)
 
@@ -69,18 +72,17 @@ def overhead_plot(rows: list[dict], path: Path, device_name: str) -> None:
 
 
 def sections(device: torch.device, quick: bool, tiny: bool):
-    """(name, function returning rows) in the order they run: each is written out as soon as it ends."""
-    yield "H100 bounds", lambda: [{"case": f"H100 SXM bound: {r.pop('op')}", **r} for r in roofline.bounds()]
+    """(part, name, function returning rows) in the order they run: each is written out as soon as it ends.
+    On a GPU part 1 holds the rows that matter most, part 2 the rest (one lease may not fit both)."""
+    yield 1, "H100 bounds", lambda: [{"case": f"H100 SXM bound: {r.pop('op')}", **r} for r in roofline.bounds()]
     if tiny:  # the whole pipeline at toy sizes: checks the script, measures nothing worth reporting
         from tests.models import random_batches, tiny_llama
 
-        yield "naive", lambda: naive_vs_sensilora(device, columns=(64,), tokens=128)
-        yield "per-op", lambda: per_op(device, columns=(64,), batch=1, seq=128, dtype=torch.float32)
+        yield 1, "naive", lambda: naive_vs_sensilora(device, columns=(64,), tokens=128)
+        yield 1, "per-op", lambda: per_op(device, columns=(64,), batch=1, seq=128, dtype=torch.float32)
         model = tiny_llama().to(device)
-        yield "end-to-end", lambda: end_to_end(model, random_batches(), device, "tiny LLaMA (random)", 54)
+        yield 1, "end-to-end", lambda: end_to_end(model, random_batches(), device, "tiny LLaMA (random)", 54)
     elif device.type == "cuda":
-        yield "naive", lambda: naive_vs_sensilora(device)
-        yield "per-op", lambda: per_op(device)
         model = llama8b(device)
         for sequences in (32,) if quick else (32, 128):
             ids = torch.randint(0, 128256, (sequences, 2048), device=device)
@@ -88,19 +90,24 @@ def sections(device: torch.device, quick: bool, tiny: bool):
                        for i in range(0, sequences, 8)]  # fmt: skip
             label = "LLaMA-3.1-8B shape (random bf16)"
             yield (
+                1 if sequences == 32 else 2,
                 f"end-to-end {sequences}",
                 lambda b=batches, n=sequences: end_to_end(model, b, device, label, n * 2048),
             )
+            if sequences == 32:
+                yield 1, "per-op", lambda: per_op(device)
+        yield 2, "naive", lambda: naive_vs_sensilora(device)
     else:
         columns = (256, 512, 1024) if quick else (256, 512, 1024, 2048, 4096)
-        yield "naive", lambda: naive_vs_sensilora(device, columns=columns, tokens=2048)
-        yield "per-op", lambda: per_op(device, columns=(576, 1536), batch=1, seq=2048, dtype=torch.float32)
-        from sensilora.models import load_model
+        yield 1, "naive", lambda: naive_vs_sensilora(device, columns=columns, tokens=2048)
+        yield 1, "per-op", lambda: per_op(device, columns=(576, 1536), batch=1, seq=2048, dtype=torch.float32)
+        from sensilora.calibration.models import load_model
 
         model, tokenizer, _ = load_model(progress=False)
         for sequences, seq_len in ((2, 256), (4, 256)) if quick else ((2, 256), (4, 256), (8, 256), (16, 256)):
             batches = smollm2_batches(tokenizer, sequences, seq_len)
             yield (
+                1,
                 f"end-to-end {sequences}",
                 lambda b=batches, n=sequences * seq_len: end_to_end(model, b, device, "SmolLM2-135M (fp32)", n),
             )
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: checks the script end to end in seconds")
+    parser.add_argument("--part", choices=["1", "2", "all"], default="all", help="which sections (GPU: 1 first)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,11 +125,18 @@ def main(argv=None) -> int:
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
     stem = "cpu" if device.type == "cpu" else re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
     stem += "_tiny" if args.tiny else ""
-    rows = []
-    for name, run in sections(device, args.quick, args.tiny):
+    stem += "" if args.part == "all" else f"_part{args.part}"
+    rows, json_path, csv_path = [], None, None
+    for part, name, run in sections(device, args.quick, args.tiny):
+        if args.part != "all" and str(part) != args.part:
+            continue
+        started = time.perf_counter()
         rows += run()
         json_path, csv_path = write_results(stem, env, rows, args.results)  # every section lands as it ends
-        print(f"[{name}] done; {len(rows)} rows in {json_path}", flush=True)
+        print(f"[{name}] done in {time.perf_counter() - started:.1f} s; {len(rows)} rows in {json_path}", flush=True)
+    if not rows:
+        print(f"part {args.part} has no section on this device")
+        return 0
     overhead_plot(rows, args.results / f"{stem}_overhead.png", env["device"])
     for case in dict.fromkeys(r["case"] for r in rows):
         subset = [r for r in rows if r["case"] == case]

@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer, name) of the real SmolLM2-135M-Instruct (GGUF, dequantised to fp32)."""
-    from sensilora.models import load_model
+    from sensilora.calibration.models import load_model
 
     return load_model()
 
@@ -60,7 +60,7 @@ def cuda_device():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer LLaMA with SmolLM2's tokenizer, saved as a Hugging Face directory (loads in a second)."""
-    from sensilora.models import DEFAULT_GGUF, default_model_dir
+    from sensilora.calibration.models import DEFAULT_GGUF, default_model_dir
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)

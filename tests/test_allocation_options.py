@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from sensilora import AllocationConfig, SensiloraError, allocate, calibrate, combine, lora_config
-from sensilora.metrics import ModuleMetrics
+from sensilora.allocation.metrics import ModuleMetrics
 
 from tests.models import random_batches, tiny_bert, tiny_llama
 

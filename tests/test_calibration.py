@@ -72,20 +72,28 @@ def test_fp32_sums_from_bf16_model():
     assert all(stats.hessian_diag(n).dtype == torch.float32 for n in stats.module_names)
 
 
-def test_model_left_as_it_was_even_on_error():
+HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+@pytest.mark.parametrize("mode, statistic", [("diag", "hessian"), ("obs", "hessian"), ("diag", "fisher")])
+def test_model_left_as_it_was_even_on_error(mode, statistic):
     model = tiny_llama()
     model.train()
     model.model.layers[0].eval()
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
     flags = {n: m.training for n, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    calibrate(model, random_batches(), progress=False)
+    calibrate(model, random_batches(), mode=mode, statistic=statistic, progress=False)
     bad = random_batches()
     bad[1]["input_ids"] = bad[1]["input_ids"][:, :5]  # mask no longer fits the tokens
     with pytest.raises(SensiloraError, match="attention_mask"):
-        calibrate(model, bad, progress=False)
+        calibrate(model, bad, mode=mode, statistic=statistic, progress=False)
     assert {n: m.training for n, m in model.named_modules()} == flags
-    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(not getattr(m, kind) for m in model.modules() for kind in HOOK_KINDS)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient computed or kept
 
 
 @pytest.mark.parametrize("kind", ["list", "tensor", "dataloader", "single"])

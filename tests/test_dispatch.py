@@ -236,6 +236,33 @@ def test_no_import_cycles_and_the_library_never_imports_the_kernels():
             visit(module, [module])
 
 
+# The flow, lowest first: a module may import its own layer and those below it, never one above.
+LAYERS = ("ops", "calibration", "allocation", "integrations", "cli")
+
+
+def layer(module: str) -> int:
+    """sensilora.errors/io/version and ops: 0; calibration 1; allocation 2; integrations 3; cli and
+    __main__ 4; the package facade (sensilora itself) above them all."""
+    if module == "sensilora":
+        return len(LAYERS)
+    part = module.split(".")[1]
+    return LAYERS.index(part) if part in LAYERS else (LAYERS.index("cli") if part == "__main__" else 0)
+
+
+def test_every_import_goes_down_the_flow():
+    graph = import_graph()
+    upward = [
+        f"{module} -> {dependency}"
+        for module, dependencies in graph.items()
+        if module.startswith("sensilora.")
+        for dependency in dependencies
+        if dependency.startswith("sensilora") and not dependency.startswith("sensilora_kernels")
+        and layer(dependency) > layer(module)
+    ]  # fmt: skip
+    assert not upward, upward
+    assert {path.name for path in (ROOT / "python" / "sensilora").iterdir() if path.is_dir()} >= set(LAYERS)
+
+
 def test_no_module_over_300_lines():
     for directory in (ROOT / "python" / "sensilora", ROOT / "sensilora_kernels"):
         for path in directory.rglob("*.py"):

@@ -11,8 +11,8 @@ import pytest
 import sensilora
 import torch
 from sensilora import SensiloraError, SensitivityStats, calibrate
+from sensilora.calibration import merge_statistics
 from sensilora.cli import main
-from sensilora.distributed import merge_statistics
 
 from tests.models import random_batches, tiny_llama
 

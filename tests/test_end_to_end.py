@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from sensilora import allocate, calibrate, get_peft_model
+from sensilora.calibration.text import calibration_batches, default_calibration_file, read_texts
 from sensilora.cli import main
-from sensilora.data import calibration_batches, default_calibration_file, read_texts
-from sensilora.lora import adapter_ranks
+from sensilora.integrations.lora import adapter_ranks
 
 from tests.models import (
     random_batches,
@@ -80,3 +80,28 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
     assert "cannot read ranks file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_model_trains_with_the_hf_trainer_and_saves(tmp_path):
+    """The built-in default (a GGUF, dequantised) is an ordinary model: the README's HF Trainer recipe runs
+    a few steps on it and both the adapter and the base model save."""
+    from sensilora.calibration.models import load_model
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer, _ = load_model(progress=False)
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    texts = read_texts(default_calibration_file())[:64]
+    batches = calibration_batches(tokenizer, texts, 4, 32, batch_size=4, minimum=1)
+    allocation = allocate(calibrate(model, batches, progress=False), avg_rank=2)
+    model.save_pretrained(tmp_path / "base")  # refused while a GGUF quantizer was attached
+    peft_model = get_peft_model(model, allocation)
+    rows = [{"input_ids": ids, "attention_mask": mask, "labels": ids}
+            for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]  # fmt: skip
+    arguments = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                                  report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    Trainer(model=peft_model, args=arguments, train_dataset=rows).train()
+    assert any(not torch.equal(before[n], p) for n, p in peft_model.named_parameters() if p.requires_grad)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from sensilora import AllocationConfig, SensiloraError, allocate, calibrate, sra_ranks
 from sensilora.cli import main
-from sensilora.compare import compare_allocations
-from sensilora.export import PEFT_0_15_KEYS, export_peft, export_text
+from sensilora.integrations.compare import compare_allocations
+from sensilora.integrations.export import PEFT_0_15_KEYS, export_peft, export_text
 
 from tests.models import random_batches, tiny_llama
 
@@ -86,3 +86,49 @@ def test_report_page_and_compact_summary(tmp_path, capsys):
 
     image = imread(tmp_path / "report.png")
     assert image.shape[0] >= 1000 and image.shape[1] >= 1300 and image[..., :3].std() > 0.05  # a drawn page
+
+
+def test_encoder_ranks_reach_the_task_model_through_export_and_lora_config(tmp_path, capsys):
+    """Ranks computed on a bare encoder (``AutoModel``: ``encoder.layer.0...``) reach a task model
+    (``bert.encoder.layer.0...``) by every path: the exported adapter, and peft.get_peft_model with
+    lora_config (the TRL path). The model directory has no tokenizer files (a training checkpoint)."""
+    import warnings
+
+    import peft
+    from sensilora import lora_config
+    from sensilora.calibration.models import load_model
+    from sensilora.integrations.lora import adapter_ranks
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.models import tiny_bert
+
+    directory = tmp_path / "bert"
+    tiny_bert().save_pretrained(directory)  # weights and config only
+    bare, tokenizer, _ = load_model(directory, progress=False, tokenizer=False)
+    assert tokenizer is None and not any(name.startswith("bert.") for name, _ in bare.named_modules())
+    allocation = allocate(calibrate(bare, random_batches(), progress=False), avg_rank=4)
+    assert len(set(allocation.ranks.values())) > 1  # not uniform: a fallback to r would show
+    allocation.save(tmp_path / "ranks.json")
+    assert main(["export", str(tmp_path / "ranks.json"), str(tmp_path / "ad"), "--to", "peft",
+                 "--model", str(directory)]) == 0, capsys.readouterr().err  # fmt: skip
+    wanted = {f"bert.{name}": rank for name, rank in allocation.ranks.items()}
+    task = AutoModelForSequenceClassification.from_pretrained(directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # peft warns of adapter weights it could not place
+        assert adapter_ranks(peft.PeftModel.from_pretrained(task, tmp_path / "ad")) == wanted
+    task = AutoModelForSequenceClassification.from_pretrained(directory)
+    wrapped = peft.get_peft_model(task, lora_config(allocation, task_type="SEQ_CLS"))
+    assert adapter_ranks(wrapped) == wanted
+
+
+def test_pattern_keys_prefer_the_longer_name():
+    """Two allocated modules whose names end alike: each gets its own rank (the longer key is matched first)."""
+    from peft.utils.other import get_pattern_key
+    from sensilora.integrations.lora import rank_patterns
+
+    pattern = rank_patterns(
+        {"model.layers.1.q_proj": 3, "vision.model.layers.1.q_proj": 7, "model.layers.11.q_proj": 5}
+    )
+    for name, rank in (("model.layers.1.q_proj", 3), ("vision.model.layers.1.q_proj", 7),
+                       ("model.layers.11.q_proj", 5), ("base.model.layers.1.q_proj", 3)):  # fmt: skip
+        assert pattern[get_pattern_key(pattern.keys(), name)] == rank, name

@@ -13,7 +13,7 @@ from sensilora import (
     lora_config,
     verify_ranks,
 )
-from sensilora.lora import adapter_ranks
+from sensilora.integrations.lora import adapter_ranks
 
 from tests.models import random_batches, tiny_bert, tiny_llama
 
@@ -79,7 +79,7 @@ def test_peft_older_than_0_15_is_refused(monkeypatch):
     import re
 
     import peft
-    from sensilora.lora import pattern_key
+    from sensilora.integrations.lora import pattern_key
 
     name = "model.layers.1.self_attn.q_proj"
     assert re.match(rf".*\.{pattern_key(name)}$", name) is None  # the peft 0.14 matcher: no match

@@ -17,7 +17,7 @@ from sensilora import (
     pra_ranks,
     sra_ranks,
 )
-from sensilora.targets import linear_weight
+from sensilora.calibration.targets import linear_weight
 
 from tests.models import random_batches, tiny_llama
 from tests.test_ops_reference import brute_force_selection

@@ -4,7 +4,7 @@ fed as in training, and ranks from a bare encoder applied to a task model (and b
 import pytest
 import torch
 from sensilora import allocate, calibrate, get_peft_model
-from sensilora.models import model_kind
+from sensilora.calibration.models import model_kind
 
 from tests.models import random_batches, tiny_bert
 

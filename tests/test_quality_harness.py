@@ -53,17 +53,28 @@ def test_gpu_run_script_end_to_end_at_tiny_sizes(tmp_path):
     """The one-command GPU script, on this machine at toy sizes: every step runs and the results land."""
     import os
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SENSILORA_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SENSILORA_BACKEND", "PYTHON")}
+    shadow = tmp_path / "bin"  # a `python` on PATH without torch, as on the GPU machine: the script must not use it
+    shadow.mkdir()
+    (shadow / "python").write_text("#!/bin/sh\necho 'this python has no torch' >&2\nexit 1\n")
+    (shadow / "python").chmod(0o755)
+    interpreter = Path(sys.executable)
+    env["PATH"] = f"{shadow}:{interpreter.parent}:{env.get('PATH', '')}"  # python3 (the default) has torch
+    bad = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--tiny"], cwd=root, capture_output=True, text=True,
+                         env={**env, "PYTHON": str(shadow / "python")}, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot import torch" in bad.stderr, bad.stderr
     result = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--tiny", f"--results={tmp_path}"], cwd=root, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "[end-to-end] done in" in result.stdout
     rows = json.loads((tmp_path / "cpu_tiny.json").read_text())["rows"]
     assert {row["case"] for row in rows} >= {"naive_hessian", "column_sumsq", "end_to_end"}
     log = (tmp_path / "gpu_run_tiny.log").read_text()
-    assert log.count("== exit 0") == 3 and "CUDA_HOME=" in log
+    assert log.count("== exit 0 after") == 3 and "CUDA_HOME=" in log and "part 1 done in" in log
 
 
 @pytest.mark.slow

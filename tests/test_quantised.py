@@ -18,6 +18,9 @@ def quantised_llama(bits: int):
         if bits == 4:
             packed = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=torch.float32)
             packed.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            # bitsandbytes' AVX512-BF16 CPU repacking (taken only on CPUs that have it) needs out_features
+            # divisible by 32 and fails on this tiny 48-wide layer: keep the portable 4-bit path
+            packed.support_avx512bf16_for_cpu = False
         else:
             packed = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, bias=False, has_fp16_weights=False)
             packed.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)

@@ -28,3 +28,14 @@ def test_sequential_refuses_what_it_cannot_do():
         calibrate(tiny_llama(), random_batches(), target_modules=["lm_head", "q_proj"], sequential=True, progress=False)
     with pytest.raises(SensiloraError, match="use sequential=False"):
         calibrate(tiny_llama(), random_batches(), statistic="fisher", sequential=True, progress=False)
+
+
+def test_sequential_with_targets_in_later_layers_only():
+    """A first layer without targets runs like the others (it once failed checking sums that did not exist)."""
+    model, batches = tiny_llama(), random_batches()
+    pattern = r".*layers\.1\..*proj"
+    ordinary = calibrate(model, batches, target_modules=pattern, progress=False)
+    layered = calibrate(model, batches, target_modules=pattern, sequential=True, device="cpu", progress=False)
+    assert layered.module_names == ordinary.module_names and all(".1." in n for n in layered.module_names)
+    for name in ordinary.module_names:
+        torch.testing.assert_close(layered.hessian_diag(name), ordinary.hessian_diag(name), rtol=1e-5, atol=0)

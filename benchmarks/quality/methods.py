@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import sensilora
 import torch
-from sensilora.lora import pattern_key
+from sensilora.integrations.lora import pattern_key
 
 from benchmarks.quality.hyperadalora import HyperAdaLoraModel, adapter_parameters
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sensilora.data import calibration_batches
-from sensilora.models import load_model
-from sensilora.targets import find_targets
+from sensilora.calibration.models import load_model
+from sensilora.calibration.targets import find_targets
+from sensilora.calibration.text import calibration_batches
 from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS, environment, write_results

@@ -53,7 +53,7 @@ def kjv_genres(train: int, dev: int, test: int) -> dict[str, list[tuple[str, int
     verses taken at evenly spaced positions through the genre (fixed, stratified, disjoint)."""
     import json
 
-    from sensilora.data import default_calibration_file
+    from sensilora.calibration.text import default_calibration_file
 
     records = [json.loads(line) for line in default_calibration_file().read_text(encoding="utf-8").splitlines() if line]
     books = list(dict.fromkeys(record["book"] for record in records))

@@ -1,20 +1,25 @@
 """Sensitivity-LoRA: per-matrix LoRA ranks from Hessian statistics gathered before training.
 
-Pipeline: ``calibrate`` (statistics) -> ``compute_metrics`` -> ``allocate`` (``AllocationConfig``) ->
-``get_peft_model``. The method, with the paper's equation numbers: ``METHOD.md`` in this package.
+The flow, one subpackage a step: ``calibration`` (``calibrate``: statistics) -> ``allocation``
+(``compute_metrics`` -> ``combine`` -> ranks; ``allocate`` with an ``AllocationConfig``) -> ``integrations``
+(``get_peft_model``, export, report) -> ``cli``; ``ops`` beneath them all (the statistics ops and their
+dispatch). The method, with the paper's equation numbers: ``METHOD.md`` in this package.
 """
 
-from .allocation import combine, pra_ranks, sra_ranks
-from .calibration import calibrate
-from .config import AllocationConfig
+from .allocation import (
+    AllocationConfig,
+    ModuleMetrics,
+    RankAllocation,
+    allocate,
+    combine,
+    compute_metrics,
+    pra_ranks,
+    sra_ranks,
+)
+from .calibration import SensitivityStats, calibrate
 from .errors import BackendUnavailableError, SensiloraError
-from .lora import get_peft_model, lora_config, verify_ranks
-from .metrics import ModuleMetrics, compute_metrics
-from .pipeline import allocate
-from .result import RankAllocation
-from .stats import SensitivityStats
-
-__version__ = "0.1.0"
+from .integrations import get_peft_model, lora_config, verify_ranks
+from .version import __version__
 
 __all__ = [
     "AllocationConfig",
@@ -23,6 +28,7 @@ __all__ = [
     "RankAllocation",
     "SensiloraError",
     "SensitivityStats",
+    "__version__",
     "allocate",
     "calibrate",
     "combine",

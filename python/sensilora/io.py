@@ -10,11 +10,12 @@ refused.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import SensiloraError
 
@@ -114,3 +115,26 @@ def write_with_atomic(path: str | os.PathLike, writer: Writer) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_with_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_tagged_safetensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> tuple[dict, dict]:
+    """(JSON header under the ``sensilora`` metadata key, {name: tensor}) of a file we wrote in format
+    ``fmt``; one-line refusals for an unreadable file, foreign metadata or another format. ``what`` names
+    the file's kind in messages ("statistics file"), ``remedy`` says what to do about an unreadable one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own types (not OSError) for missing or damaged files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SensiloraError(f"cannot read {what} {path}: {reason}; {remedy}") from None
+    try:
+        header = json.loads(metadata["sensilora"])
+    except (KeyError, ValueError, RecursionError):
+        raise SensiloraError(f"{path} is a safetensors file but not a sensilora {what} (no readable header)") from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise SensiloraError(f"{path} is not a sensilora {what} of format {fmt} (found {found!r})")
+    return header, tensors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import SensiloraError
+from ..errors import SensiloraError
 
 METHODS = ("sra", "pra")
 METRIC_SETS = ("both", "global", "local")
@@ -113,7 +113,7 @@ class AllocationConfig:
         if self.method == "pra" and self.budget != "ranks":
             raise SensiloraError("PRA assigns rank offsets; use budget='ranks' with method='pra'")
 
-    def replace(self, **changes) -> "AllocationConfig":
+    def replace(self, **changes) -> AllocationConfig:
         """A copy with ``changes`` applied (and validated); unknown names are an error."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -128,7 +128,7 @@ class AllocationConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AllocationConfig":
+    def from_dict(cls, data: dict) -> AllocationConfig:
         """The inverse of ``to_dict`` (as saved in a ranks JSON); unknown keys are an error."""
         if not isinstance(data, dict):
             raise SensiloraError(f"an allocation config must be a JSON object, got {type(data).__name__}")

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import SensiloraError
-from .io import write_with_atomic
+from ..errors import SensiloraError
+from ..io import read_tagged_safetensors, write_with_atomic
 
 FORMAT = "sensilora.stats/1"
 MODES = ("diag", "obs")
@@ -100,37 +99,67 @@ class SensitivityStats:
         save_file(tensors, str(path), metadata={"sensilora": json.dumps(header)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SensitivityStats":
+    def load(cls, path: str | os.PathLike) -> SensitivityStats:
+        """Read and validate a statistics file: every damaged or inconsistent field is refused in one line."""
+        header, tensors = read_tagged_safetensors(path, FORMAT, "statistics file", "re-run calibration to write it")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (OSError, Exception) as error:
+            return cls._from_header(header, tensors, path)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             raise SensiloraError(
-                f"cannot read statistics file {path}: {error}; re-run calibration to write it"
-            ) from error
-        if "sensilora" not in metadata:
-            raise SensiloraError(f"{path} is a safetensors file but not sensilora statistics (no 'sensilora' metadata)")
-        header = json.loads(metadata["sensilora"])
-        if header.get("format") != FORMAT:
-            raise SensiloraError(f"{path}: unsupported statistics format {header.get('format')!r}, expected {FORMAT}")
-        keys = [entry["key"] for entry in header["inputs"]]
-        inputs = {
-            entry["key"]: InputStats(
+                f"{path}: damaged statistics header ({type(error).__name__}: {error}); re-run calibration to write it"
+            ) from None
+
+    @classmethod
+    def _from_header(cls, header: dict, tensors: dict, path) -> SensitivityStats:
+        mode = header["mode"]
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        keys = [str(entry["key"]) for entry in header["inputs"]]
+        inputs = {}
+        for index, entry in enumerate(header["inputs"]):
+            tokens = entry["num_tokens"]
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise ValueError(f"input {entry['key']!r} has num_tokens {tokens!r}, not a positive integer")
+            inputs[keys[index]] = InputStats(
                 hessian_diag=tensors[f"{index}.hessian_diag"],
-                num_tokens=int(entry["num_tokens"]),
+                num_tokens=tokens,
                 inverse_hessian_diag=tensors.get(f"{index}.inverse_hessian_diag"),
                 damp=entry.get("damp"),
                 hessian=tensors.get(f"{index}.hessian"),
             )
-            for index, entry in enumerate(header["inputs"])
-        }
         modules = header["modules"]
-        return cls(
-            mode=header["mode"],
-            module_shapes={n: tuple(m["shape"]) for n, m in modules.items()},
-            module_inputs={n: keys[m["input"]] for n, m in modules.items()},
+        if not isinstance(modules, dict) or not modules:
+            raise ValueError("the file lists no modules")
+        stats = cls(
+            mode=mode,
+            module_shapes={str(n): tuple(int(d) for d in m["shape"]) for n, m in modules.items()},
+            module_inputs={str(n): keys[int(m["input"])] for n, m in modules.items()},
             inputs=inputs,
             model_name=header.get("model_name"),
-            info=header.get("info", {}),
+            info=dict(header.get("info") or {}),
         )
+        stats.validate(path)
+        return stats
+
+    def validate(self, where: object = "statistics") -> None:
+        """Refuse statistics whose tensors do not fit their modules, or hold NaN/Inf or negative values."""
+        for name, (d_out, d_in) in self.module_shapes.items():
+            if d_out < 1 or d_in < 1:
+                raise SensiloraError(f"{where}: module {name!r} has shape {(d_out, d_in)}; the file is damaged")
+            stats = self.inputs[self.module_inputs[name]]
+            expected = {"hessian_diag": (d_in,), "inverse_hessian_diag": (d_in,), "hessian": (d_in, d_in)}
+            for field_name, shape in expected.items():
+                value = getattr(stats, field_name)
+                if value is None:
+                    if field_name == "inverse_hessian_diag" and self.mode == "obs":
+                        raise SensiloraError(f"{where}: obs-mode module {name!r} has no inverse Hessian diagonal")
+                    continue
+                if tuple(value.shape) != shape or not torch.is_floating_point(value):
+                    raise SensiloraError(
+                        f"{where}: {field_name} of module {name!r} is {value.dtype} {tuple(value.shape)}, "
+                        f"expected floating point {shape} for its (d_out, d_in) = {(d_out, d_in)}; the file is damaged"
+                    )
+                if not bool(torch.isfinite(value).all()) or (field_name != "hessian" and bool((value < 0).any())):
+                    raise SensiloraError(
+                        f"{where}: {field_name} of module {name!r} holds NaN/Inf or negative values; re-run calibration"
+                    )

@@ -18,17 +18,45 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import SensiloraError
+from ..allocation.result import RankAllocation
+from ..errors import SensiloraError
 from .lora import get_peft_model, lora_config
-from .result import RankAllocation
 
 FORMATS = ("peft", "json", "axolotl")
 # LoraConfig and PeftConfig fields of peft 0.15 (older loaders reject keys they do not know).
 PEFT_0_15_KEYS = frozenset(
-    "r target_modules exclude_modules lora_alpha lora_dropout fan_in_fan_out bias use_rslora modules_to_save "
-    "init_lora_weights layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core "
-    "trainable_token_indices loftq_config eva_config corda_config use_dora layer_replication runtime_config lora_bias "
-    "task_type peft_type auto_mapping base_model_name_or_path revision inference_mode".split()
+    [
+        "r",
+        "target_modules",
+        "exclude_modules",
+        "lora_alpha",
+        "lora_dropout",
+        "fan_in_fan_out",
+        "bias",
+        "use_rslora",
+        "modules_to_save",
+        "init_lora_weights",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "megatron_config",
+        "megatron_core",
+        "trainable_token_indices",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "use_dora",
+        "layer_replication",
+        "runtime_config",
+        "lora_bias",
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+    ]
 )
 
 

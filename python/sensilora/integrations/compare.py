@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import SensiloraError
-from .result import RankAllocation
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse]
+from ..allocation.combination import normalised_ranks
+from ..allocation.result import RankAllocation
+from ..errors import SensiloraError
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation with average ranks for ties (nan when either side is constant)."""
-    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = normalised_ranks(a), normalised_ranks(b)  # scale-free: Spearman is unchanged
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
     return float((ra * rb).sum() / denominator) if denominator else float("nan")

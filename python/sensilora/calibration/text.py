@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SensiloraError
+from ..errors import SensiloraError
 
 # Fewest calibration tokens the CLI accepts (``--min-tokens``). Measured (benchmarks/calibration_size.py,
 # results/calibration_size_cpu.json, SmolLM2-135M, two disjoint KJV samples of N tokens each): the ranking of

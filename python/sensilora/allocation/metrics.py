@@ -8,11 +8,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
+from .. import ops
+from ..calibration.stats import SensitivityStats
+from ..calibration.targets import linear_shape, linear_weight, weights_loaded
+from ..errors import SensiloraError
 from .config import check_fractions
-from .errors import SensiloraError
-from .stats import SensitivityStats
-from .targets import linear_shape, linear_weight, weights_loaded
+
+# The three metrics by field name, with the label every table and plot gives them.
+METRIC_LABELS = {
+    "global_sensitivity": "S_global (trace, eq. 8)",
+    "topk": "S_topk (eq. 9)",
+    "effective_rank": "S_eff (eq. 10)",
+}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .targets import layer_and_kind
+from ..calibration.targets import layer_and_kind
 
 
 def rank_grid(ranks: dict[str, int]) -> tuple[np.ndarray, list[int], list[str]]:

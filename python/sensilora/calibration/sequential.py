@@ -10,13 +10,14 @@ the same modules).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .batches import to_device
-from .errors import SensiloraError
+from ..errors import SensiloraError
+from .batches import PreparedBatch, to_device
+from .observers import Observer
 
 
 class _Captured(Exception):
@@ -25,11 +26,6 @@ class _Captured(Exception):
 
 def decoder_layers(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, nn.ModuleList]:
     """The ModuleList of numbered blocks holding every target module, by name, or a clear error."""
-    if any(parameter.device.type == "meta" for parameter in model.parameters()):
-        raise SensiloraError(
-            "sequential mode moves the layers itself, but accelerate offloaded this model's weights (device_map): "
-            "calibrate it without sequential (the offload already keeps one module's weights in memory at a time)"
-        )
     for name, module in model.named_modules():
         if (
             isinstance(module, nn.ModuleList)
@@ -59,14 +55,14 @@ def _move(tensors: list[tuple[nn.Module, str]], devices: list[torch.device]) -> 
 def run_sequentially(
     model: nn.Module,
     layers: nn.ModuleList,
-    batches: list[dict[str, Any]],
+    items: list[tuple[PreparedBatch, dict[str, Any]]],
     device: torch.device,
-    start_batch: Callable[[int], None],
-    after_layer_batch: Callable[[int], None],
+    observer: Observer,
     extra: dict[str, Any],
 ) -> None:
-    """Calibrate layer by layer. ``start_batch(i)`` prepares the collector for batch i (its mask);
-    ``after_layer_batch(i)`` checks what a layer produced for it. Every module returns to where it was."""
+    """Calibrate layer by layer over ``items`` ((batch, its forward inputs) pairs): each layer runs each
+    batch inside ``observer.batch`` (so its hooks count that batch's tokens), then the observer checks the
+    sums. Every module returns to where it was."""
     in_layers = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
     outside = [
         (owner, name)
@@ -84,25 +80,25 @@ def run_sequentially(
     _move(outside, [device] * len(outside))
     handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        for batch in batches:
+        for _, inputs in items:
             try:
-                model(**to_device(batch, device), **extra)
+                model(**to_device(inputs, device), **extra)
             except _Captured:
                 pass
         handle.remove()
-        if len(captured) != len(batches):
+        if len(captured) != len(items):
             raise SensiloraError(
                 "the first decoder layer did not run for every calibration batch; calibrate without sequential"
             )
         for layer in layers:
             layer_home = next(layer.parameters()).device
             layer.to(device)
-            for index, (args, kwargs) in enumerate(captured):
-                start_batch(index)
-                output = layer(*args, **kwargs)
+            for index, ((args, kwargs), (item, _)) in enumerate(zip(captured, items)):
+                with observer.batch(item.mask, item.real_tokens):
+                    output = layer(*args, **kwargs)
                 hidden = output[0] if isinstance(output, (tuple, list)) else output
                 captured[index] = ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
-                after_layer_batch(index)
+                observer.check_finite(item.index)
             layer.to(layer_home)
     finally:
         handle.remove()

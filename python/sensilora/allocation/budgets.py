@@ -1,4 +1,4 @@
-"""From metrics to ranks (METHOD.md sections 3-4): combination weights, SRA/PRA, exact integer budgets."""
+"""From theta to integer ranks (METHOD.md section 4): SRA (eq. 15) and PRA under exact budgets and bounds."""
 
 from __future__ import annotations
 
@@ -6,59 +6,8 @@ import math
 
 import numpy as np
 
-from .config import AGGREGATIONS, BUDGETS, METRIC_SETS, WEIGHTINGS, AllocationConfig, check_choice
-from .errors import SensiloraError
-from .metrics import ModuleMetrics
-
-
-def _coefficient(values: np.ndarray, weighting: str) -> float:
-    """eq. 11/13: std/mean^2 ("cv") or 0.5/mean ("equal"); 0 for an all-zero metric."""
-    mean = float(values.mean())
-    if mean == 0.0:
-        return 0.0
-    return float(values.std()) / mean**2 if weighting == "cv" else 0.5 / mean
-
-
-def normalised_ranks(values: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share one) divided by the count: (n,) -> (n,) in (0, 1], order kept."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse] / len(values)
-
-
-def combine(
-    metrics: dict[str, ModuleMetrics],
-    metric_set: str = "both",
-    weighting: str = "cv",
-    aggregation: str = "paper",
-    temperature: float = 1.0,
-) -> dict[str, float]:
-    """theta per module (eqs. 11-14), or S_global / S_local alone for the paper's ablations.
-
-    aggregation="rank" replaces each metric by its normalised rank before combining (METHOD.md 3b);
-    temperature raises theta to that power (1: unchanged, 0: uniform).
-    """
-    check_choice("metrics", metric_set, METRIC_SETS)
-    check_choice("weighting", weighting, WEIGHTINGS)
-    check_choice("aggregation", aggregation, AGGREGATIONS)
-    names = list(metrics)
-    columns = [
-        np.array([getattr(metrics[n], field) for n in names], dtype=np.float64)
-        for field in ("global_sensitivity", "topk", "effective_rank")
-    ]
-    if aggregation == "rank":
-        columns = [normalised_ranks(column) for column in columns]
-    global_s, topk, eff = columns
-    local = _coefficient(topk, weighting) * topk + _coefficient(eff, weighting) * eff
-    if metric_set == "global":
-        theta = global_s
-    elif metric_set == "local":
-        theta = local
-    else:
-        theta = _coefficient(global_s, weighting) * global_s + _coefficient(local, weighting) * local
-    if temperature != 1.0:
-        theta = np.power(np.maximum(theta, 0.0), temperature)
-    return dict(zip(names, theta.tolist()))
+from ..errors import SensiloraError
+from .config import BUDGETS, AllocationConfig, check_choice
 
 
 def _water_fill(theta, cost, budget, low, high) -> np.ndarray:
@@ -214,15 +163,3 @@ def check_budget_fits(shapes: dict[str, tuple[int, int]], config: AllocationConf
     """Raise now, before any statistics exist, if ``config`` cannot be met on matrices of these shapes
     (a dry run of the allocation on uniform theta: the bounds and the budget depend only on the shapes)."""
     assign_ranks(dict.fromkeys(shapes, 1.0), shapes, config)
-
-
-METRIC_PANELS = (("global (trace)", "global_sensitivity"), ("top-k mean", "topk"), ("effective rank", "effective_rank"))
-
-
-def per_metric_ranks(metrics: dict[str, ModuleMetrics], shapes, config: AllocationConfig) -> dict[str, dict[str, int]]:
-    """The ranks each metric alone would give under ``config`` (SRA), for the paper's Figure 3 panels."""
-    sra = config.replace(method="sra")
-    return {
-        label: assign_ranks({n: float(getattr(m, field)) for n, m in metrics.items()}, shapes, sra)
-        for label, field in METRIC_PANELS
-    }

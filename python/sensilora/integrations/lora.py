@@ -7,13 +7,13 @@ import re
 
 from torch import nn
 
-from .errors import SensiloraError
-from .result import RankAllocation
-from .targets import stores_weight_transposed
+from ..allocation.result import RankAllocation
+from ..calibration.targets import stores_weight_transposed
+from ..errors import SensiloraError
 
 RESERVED = ("r", "target_modules", "rank_pattern", "alpha_pattern")
 # peft 0.15 is the first to match rank_pattern keys as ``(.*\.)?(KEY)$``; older versions use ``.*\.KEY$``,
-# where an anchored key matches nothing and every module silently falls back to r (uniform LoRA).
+# where a full-name key never matches the unprefixed module and every module silently falls back to r.
 MIN_PEFT = (0, 15)
 
 
@@ -31,13 +31,21 @@ def check_peft_version(version: str) -> None:
 
 
 def pattern_key(name: str) -> str:
-    """An anchored, escaped peft pattern key for exactly the module ``name``.
+    """An escaped peft pattern key for the module ``name`` and the same module under a longer prefix.
 
-    peft matches a key as ``re.match(r"(.*\\.)?(KEY)$", module_name)``: with the leading ``^`` the
-    optional prefix group can only match empty, so the key selects that full name and no other
-    (``layers.1.q_proj`` never catches ``layers.11.q_proj``).
+    peft matches a key as ``re.match(r"(.*\\.)?(KEY)$", module_name)``: the escaped full name selects that
+    module and the one that carries it under a prefix (ranks computed on a bare ``AutoModel``,
+    ``encoder.layer.0...``, reach a task model's ``bert.encoder.layer.0...``), never another layer
+    (``layers.1.q_proj`` does not catch ``layers.11.q_proj``: a key must end at a dot boundary). Where two
+    allocated names end alike (``vision.model.layers.1.q_proj`` and ``model.layers.1.q_proj``), the longer
+    key comes first in ``rank_patterns`` and peft takes the first key that matches.
     """
-    return "^" + re.escape(name)
+    return re.escape(name)
+
+
+def rank_patterns(values: dict[str, float]) -> dict[str, float]:
+    """``{pattern_key(name): value}``, longest name first (so a more specific key is matched first)."""
+    return {pattern_key(name): values[name] for name in sorted(values, key=lambda n: (-len(n), n))}
 
 
 def lora_config(
@@ -60,10 +68,8 @@ def lora_config(
         raise SensiloraError(f"{clash} are set by the allocation; remove them from the LoRA keyword arguments")
     alpha = float(lora_alpha if lora_alpha is not None else 2 * allocation.avg_rank)
     ratio = alpha / allocation.avg_rank
-    rank_pattern = {pattern_key(name): rank for name, rank in allocation.ranks.items()}
-    alpha_pattern = (
-        {pattern_key(name): ratio * rank for name, rank in allocation.ranks.items()} if keep_alpha_ratio else {}
-    )
+    rank_pattern = rank_patterns(allocation.ranks)
+    alpha_pattern = rank_patterns({n: ratio * r for n, r in allocation.ranks.items()}) if keep_alpha_ratio else {}
     lora_kwargs.setdefault("use_rslora", allocation.config.use_rslora)
     if lora_kwargs["use_rslora"]:
         alpha, alpha_pattern = alpha / math.sqrt(allocation.avg_rank), {}
@@ -83,7 +89,7 @@ def adapter_ranks(peft_model: nn.Module, adapter_name: str = "default") -> dict[
 
     prefix = "base_model.model."
     return {
-        (name[len(prefix) :] if name.startswith(prefix) else name): int(module.r[adapter_name])
+        (name.removeprefix(prefix)): int(module.r[adapter_name])
         for name, module in peft_model.named_modules()
         if isinstance(module, LoraLayer) and adapter_name in module.r
     }

@@ -10,11 +10,11 @@ from importlib.metadata import version
 
 from torch import nn
 
+from ..calibration.targets import linear_shape
+from ..errors import SensiloraError
+from ..io import write_text_atomic
 from .config import AllocationConfig
-from .errors import SensiloraError
-from .io import write_text_atomic
 from .metrics import ModuleMetrics
-from .targets import linear_shape
 
 FORMAT = "sensilora.allocation/2"
 READABLE_FORMATS = ("sensilora.allocation/1", FORMAT)
@@ -80,7 +80,7 @@ class RankAllocation:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "the ranks data") -> "RankAllocation":
+    def from_dict(cls, data: dict, source: str = "the ranks data") -> RankAllocation:
         """Read what ``to_dict`` wrote (and the older ``sensilora.allocation/1`` layout)."""
         if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
             raise SensiloraError(f"{source} is not a sensilora ranks file (expected format {FORMAT!r})")
@@ -119,14 +119,14 @@ class RankAllocation:
             ) from error
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RankAllocation":
+    def load(cls, path: str | os.PathLike) -> RankAllocation:
         try:
             data = json.loads(open(path, encoding="utf-8").read())
         except (OSError, ValueError) as error:
             raise SensiloraError(f"cannot read ranks file {path}: {error}") from error
         return cls.from_dict(data, source=str(path))
 
-    def for_model(self, model: nn.Module) -> "RankAllocation":
+    def for_model(self, model: nn.Module) -> RankAllocation:
         """This allocation under ``model``'s module names: the same if they match, else mapped through one
         consistent prefix (ranks from a bare ``AutoModel``, ``encoder.layer.0...``, onto a task model's
         ``bert.encoder.layer.0...``, or the reverse); unchanged when no such prefix fits every module."""

@@ -11,12 +11,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from ..allocation.metrics import METRIC_LABELS
+from ..allocation.result import RankAllocation
+from ..calibration.targets import layer_and_kind
 from .plots import rank_grid
-from .result import RankAllocation
-from .targets import layer_and_kind
-
-METRIC_FIELDS = (("S_global (trace, eq. 8)", "global_sensitivity"), ("S_topk (eq. 9)", "topk"),
-                 ("S_eff (eq. 10)", "effective_rank"))  # fmt: skip
 
 
 def budget_by_kind(allocation: RankAllocation) -> dict[str, dict[str, float]]:
@@ -81,7 +79,8 @@ def render_report(allocation: RankAllocation) -> bytes:
     grid = figure.add_gridspec(4, 2, width_ratios=(3, 2))
     panels = [("LoRA rank", allocation.ranks, True)]
     panels += [
-        (label, {n: getattr(m, field) for n, m in allocation.metrics.items()}, True) for label, field in METRIC_FIELDS
+        (label, {n: getattr(m, field) for n, m in allocation.metrics.items()}, True)
+        for field, label in METRIC_LABELS.items()
     ]
     for row, (title, values, log) in enumerate(panels):
         axis = figure.add_subplot(grid[row, 0])
@@ -107,7 +106,7 @@ def render_report(allocation: RankAllocation) -> bytes:
         f"config: {', '.join(f'{k}={v}' for k, v in allocation.config.to_dict().items())}",
         "",
     ]
-    for label, field in (("theta", None), *METRIC_FIELDS):
+    for field, label in {None: "theta", **METRIC_LABELS}.items():
         source = allocation.theta if field is None else {n: getattr(m, field) for n, m in allocation.metrics.items()}
         top = sorted(source, key=lambda n: -source[n])[:4]
         lines.append(f"top by {label}: " + ", ".join(f"{n} (r={allocation.ranks[n]})" for n in top))

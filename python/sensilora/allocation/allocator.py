@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .allocation import assign_ranks, combine
+from ..calibration.stats import SensitivityStats
+from ..errors import SensiloraError
+from .budgets import assign_ranks
+from .combination import combine
 from .config import AllocationConfig
-from .errors import SensiloraError
 from .metrics import compute_metrics
 from .result import RankAllocation
-from .stats import SensitivityStats
 
 
 def allocate(
