@@ -69,6 +69,43 @@ def test_damaged_ranks_file_gives_a_message(stats):
             RankAllocation.from_dict(broken, source="r.json")
 
 
+def _first_module_set(data, **fields):
+    name = next(iter(data["modules"]))
+    data["modules"][name].update(fields)
+    return data
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda text, data: text.replace('"rank": ', '"rank": NaN, "x": ', 1), "NaN is not a number JSON allows"),
+        (lambda text, data: "[" * 100_000 + "]" * 100_000, "is not a sensilora ranks file|nested too deeply"),
+        (lambda text, data: json.dumps({**data, "modules": {}}), "lists no modules"),
+        (lambda text, data: json.dumps(_first_module_set(data, rank=0)), r"a rank is an integer in \[1, "),
+        (lambda text, data: json.dumps(_first_module_set(data, rank=10**6)), r"a rank is an integer in \[1, "),
+        (lambda text, data: json.dumps(_first_module_set(data, rank=2.5)), r"a rank is an integer in \[1, "),
+        (lambda text, data: json.dumps(_first_module_set(data, shape=[0, 8])), "not \\[d_out, d_in\\]"),
+        (lambda text, data: json.dumps(_first_module_set(data, shape="8x8")), "not \\[d_out, d_in\\]"),
+        (lambda text, data: json.dumps(_first_module_set(data, theta=None)), "no finite theta"),
+        (lambda text, data: json.dumps(_first_module_set(data, topk=True)), "no finite topk"),
+    ],
+)
+def test_ranks_file_fields_are_validated_on_load(stats, tmp_path, damage, message):
+    allocation = allocate(stats, avg_rank=4)
+    path = tmp_path / "ranks.json"
+    path.write_text(damage(allocation.to_json(), allocation.to_dict()), encoding="utf-8")
+    with pytest.raises(SensiloraError, match=message) as error:
+        RankAllocation.load(path)
+    assert "\n" not in str(error.value)
+
+
+def test_ranks_file_with_a_byte_order_mark_loads(stats, tmp_path):
+    allocation = allocate(stats, avg_rank=4)
+    path = tmp_path / "ranks.json"
+    path.write_text(allocation.to_json(), encoding="utf-8-sig")  # what some Windows editors save
+    assert RankAllocation.load(path).ranks == allocation.ranks
+
+
 def test_pra_respects_max_rank():
     theta = {f"m{i}": float(i) for i in range(6)}
     shapes = {name: (64, 64) for name in theta}

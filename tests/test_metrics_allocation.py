@@ -90,7 +90,10 @@ def test_sra_properties(items, avg_rank, min_rank, budget):
     shapes = {n: (item[1], item[2]) for n, item in zip(names, items)}
     cost = {n: (sum(shapes[n]) if budget == "params" else 1) for n in names}
     total = avg_rank * sum(cost.values())
-    feasible = sum(cost[n] * min_rank for n in names) <= total <= sum(cost[n] * min(shapes[n]) for n in names)
+    largest = {n: max(1, shapes[n][0] * shapes[n][1] // sum(shapes[n])) for n in names}  # adapter <= weight
+    feasible = all(min_rank <= largest[n] for n in names) and (
+        sum(cost[n] * min_rank for n in names) <= total <= sum(cost[n] * largest[n] for n in names)
+    )
     if not feasible:
         with pytest.raises(SensiloraError):
             sra_ranks(theta, shapes, avg_rank, min_rank, budget)
@@ -101,7 +104,8 @@ def test_sra_properties(items, avg_rank, min_rank, budget):
         assert spent == total  # exact integer budget
     else:
         assert spent <= total
-    assert all(min_rank <= ranks[n] <= min(shapes[n]) for n in names)  # bounds
+    assert all(min_rank <= ranks[n] <= largest[n] for n in names)  # bounds
+    assert all(ranks[n] * sum(shapes[n]) <= max(sum(shapes[n]), shapes[n][0] * shapes[n][1]) for n in names)
     for a in names:  # monotone in theta among matrices with the same bounds
         for b in names:
             if shapes[a] == shapes[b] and theta[a] > theta[b]:
@@ -112,7 +116,8 @@ def test_sra_properties(items, avg_rank, min_rank, budget):
 def test_sra_redistributes_clamped_surplus_and_breaks_ties_by_name():
     shapes = {"a": (4, 4), "b": (64, 64), "c": (64, 64)}
     ranks = sra_ranks({"a": 100.0, "b": 1.0, "c": 1.0}, shapes, avg_rank=6)
-    assert ranks == {"a": 4, "b": 7, "c": 7}
+    # a 4x4 weight's adapter stops at 4*4 // (4+4) = 2 (past that it costs more than the weight itself)
+    assert ranks == {"a": 2, "b": 8, "c": 8}
     tied = sra_ranks({"x": 1.0, "y": 1.0, "z": 1.0}, {n: (64, 64) for n in "xyz"}, avg_rank=1, min_rank=1)
     assert tied == {"x": 1, "y": 1, "z": 1}
     assert sra_ranks({"y": 1.0, "x": 1.0}, {"x": (8, 8), "y": (8, 8)}, avg_rank=1) == {"y": 1, "x": 1}

@@ -46,6 +46,13 @@ def _largest_remainder(real, cost, budget, low, high, names) -> np.ndarray:
     return ranks
 
 
+def largest_rank(d_out: int, d_in: int) -> int:
+    """The largest rank an adapter of a d_out x d_in weight may have: its ``r (d_out + d_in)`` parameters
+    never exceed the weight's ``d_out d_in`` (a larger adapter is never right, and it also stays below
+    min(d_out, d_in), the weight's own rank): ``floor(d_out d_in / (d_out + d_in))``, at least 1."""
+    return max(1, (d_out * d_in) // (d_out + d_in))
+
+
 def sra_ranks(
     theta: dict[str, float],
     shapes: dict[str, tuple[int, int]],
@@ -55,7 +62,7 @@ def sra_ranks(
     max_rank: int | None = None,
     rank_multiple: int = 1,
 ) -> dict[str, int]:
-    """eq. 15: ranks proportional to theta within ``[min_rank, min(d_out, d_in, max_rank)]``.
+    """eq. 15: ranks proportional to theta within ``[min_rank, min(largest_rank(d_out, d_in), max_rank)]``.
 
     budget="ranks": ``sum r == avg_rank * #matrices`` exactly. budget="params": the trainable
     parameters ``sum r*(d_out+d_in)`` do not exceed uniform LoRA's at avg_rank (and come as close as
@@ -66,7 +73,8 @@ def sra_ranks(
     check_choice("budget", budget, BUDGETS)
     names = list(theta)
     dims = np.array([shapes[n] for n in names], dtype=np.int64)
-    high = dims.min(axis=1) if max_rank is None else np.minimum(dims.min(axis=1), max_rank)
+    largest = np.array([largest_rank(int(d_out), int(d_in)) for d_out, d_in in dims], dtype=np.int64)
+    high = largest if max_rank is None else np.minimum(largest, max_rank)
     high = high // rank_multiple  # bounds and costs in units of rank_multiple from here on
     low = np.full(len(names), -(-min_rank // rank_multiple), dtype=np.int64)
     if (high < low).any():
@@ -86,7 +94,7 @@ def sra_ranks(
     if total > int((cost * high).sum()):
         raise SensiloraError(
             f"avg_rank={avg_rank} exceeds what the matrices can hold "
-            f"(rank <= min(d_out, d_in, max_rank={max_rank})); lower it"
+            f"(an adapter at most its weight's size, rank <= d_out d_in / (d_out + d_in), and max_rank={max_rank}); lower it"
         )
     values = np.array([theta[n] for n in names], dtype=np.float64)
     if not np.isfinite(values).all():
@@ -116,7 +124,7 @@ def pra_ranks(
     theta: dict[str, float], shapes, avg_rank: int, groups: int = 3, min_rank: int = 1, max_rank: int | None = None
 ) -> dict[str, int]:
     """Sort by theta, split into equal groups, give group c ``avg_rank + offset_c`` (METHOD.md section 4, PRA).
-    Every rank stays within ``[min_rank, min(d_out, d_in, max_rank)]`` or the call fails."""
+    Every rank stays within ``[min_rank, min(largest_rank(d_out, d_in), max_rank)]`` or the call fails."""
     names = sorted(theta, key=lambda n: (-theta[n], n))
     if groups < 1 or groups > len(names):
         raise SensiloraError(f"pra groups must be in [1, {len(names)}], got {groups}")
@@ -139,9 +147,10 @@ def pra_ranks(
     ranks, start = {}, 0
     for size, offset in zip(sizes, offsets):
         for name in names[start : start + size]:
-            if avg_rank + offset > min(shapes[name]):
+            if avg_rank + offset > largest_rank(*shapes[name]):
                 raise SensiloraError(
-                    f"PRA: rank {avg_rank + offset} exceeds min(d_out, d_in) of {name}; lower avg_rank"
+                    f"PRA: rank {avg_rank + offset} would make the adapter of {name} larger than its weight; "
+                    "lower avg_rank"
                 )
             ranks[name] = avg_rank + offset
         start += size

@@ -47,7 +47,8 @@ class AllocationConfig:
     metrics: "both" (theta, eq. 14), "global" (S_global alone) or "local" (S_local alone, eq. 12).
     weighting: "cv" (std/mean^2, eqs. 11 and 13) or "equal" (0.5/mean, the paper's ablation).
     k_frac, alpha: the top-k fraction (eq. 9) and the effective-rank energy (eq. 10).
-    min_rank, max_rank: bounds on every rank (max_rank None: min(d_out, d_in)).
+    min_rank, max_rank: bounds on every rank (max_rank None: the largest whose adapter is no larger than its
+    weight, ``d_out d_in / (d_out + d_in)``; METHOD.md section 4).
     budget: "params" (uniform LoRA's trainable parameters at avg_rank, not exceeded; SRA's default) or
     "ranks" (the paper: sum of ranks = avg_rank x #matrices, whatever parameters that costs; PRA's only).
     pra_groups: PRA's number of groups.

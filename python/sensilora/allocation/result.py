@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -97,6 +98,7 @@ class RankAllocation:
                 config = AllocationConfig(avg_rank=int(data["avg_rank"]), **kept)
                 mode, calibration = settings.get("mode", "diag"), settings.get("calibration", {})
             modules = data["modules"]
+            check_modules(modules, source)
             return cls(
                 ranks={n: int(m["rank"]) for n, m in modules.items()},
                 theta={n: float(m["theta"]) for n, m in modules.items()},
@@ -120,10 +122,13 @@ class RankAllocation:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RankAllocation:
+        """Read and validate a ranks file: every damaged or impossible field is refused in one line."""
         try:
-            data = json.loads(open(path, encoding="utf-8").read())
-        except (OSError, ValueError) as error:
-            raise SensiloraError(f"cannot read ranks file {path}: {error}") from error
+            with open(path, encoding="utf-8-sig") as handle:
+                data = json.loads(handle.read(), parse_constant=_refuse_constant)
+        except (OSError, ValueError, RecursionError) as error:
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).splitlines()[0]
+            raise SensiloraError(f"cannot read ranks file {path}: {reason}") from None
         return cls.from_dict(data, source=str(path))
 
     def for_model(self, model: nn.Module) -> RankAllocation:
@@ -166,3 +171,38 @@ class RankAllocation:
                 f"the ranks file (model {self.model_name!r}) does not fit {type(model).__name__}: "
                 f"missing modules {missing[:3]}, shape mismatches {wrong[:3]}; allocate ranks for this model"
             )
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_modules(modules, source: str) -> None:
+    """Refuse a ranks file's ``modules`` unless each has a shape of two positive integers, an integer rank
+    in [1, min(d_out, d_in)] (an adapter larger than that exceeds its weight's rank) and finite metrics."""
+    if not isinstance(modules, dict) or not modules:
+        raise SensiloraError(f"{source} lists no modules; re-run sensilora allocate")
+    for name, entry in modules.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_positive_int(d) for d in shape)):
+            raise SensiloraError(
+                f"{source}: module {name!r} has shape {shape!r}, not [d_out, d_in]; the file is damaged"
+            )
+        rank = entry.get("rank")
+        if not _positive_int(rank) or rank > min(shape):
+            raise SensiloraError(
+                f"{source}: module {name!r} has rank {rank!r}; a rank is an integer in [1, {min(shape)}] for its "
+                f"{shape[0]} x {shape[1]} weight: re-run sensilora allocate"
+            )
+        fields = ("theta", "global_sensitivity", "topk", "effective_rank")
+        bad = [f for f in fields if not _finite(entry.get(f))]
+        if bad:
+            raise SensiloraError(f"{source}: module {name!r} has no finite {bad[0]}; the file is damaged")

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--k-frac", type=float, default=0.5, help="top-k fraction of a matrix's sensitivities (eq. 9)")
     p.add_argument("--alpha", type=float, default=0.85, help="energy the effective rank must hold (eq. 10)")
     p.add_argument("--min-rank", type=int, default=1, help="smallest rank any matrix gets")
-    p.add_argument("--max-rank", type=int, help="cap on any one rank (unset: min(d_out, d_in))")
+    p.add_argument("--max-rank", type=int, help="cap on any one rank (unset: no adapter larger than its weight)")
     p.add_argument("--aggregation", choices=["paper", "rank"], default="paper", help="metrics as they are, or ranked")
     p.add_argument("--temperature", type=float, default=1.0, help="theta ** T before allocating (0: uniform)")
     p.add_argument("--rank-multiple", type=int, default=1, help="every rank a multiple of N (serving kernels)")
