@@ -6,12 +6,19 @@ then all renamed into place; if any step fails, what this run wrote is removed a
 restored. Symlinks are written through to their target, new files get the umask's mode (a replaced file
 keeps its own), and existing paths that are not regular files (directories, device nodes, FIFOs) are
 refused.
+
+Temporaries are hidden names beside their target that carry the writing process's id
+(``.ranks.json.sensilora-<pid>-<random>.tmp``, ``.bak``, ``.staging``). A run killed outright (SIGKILL, a
+lost node) cannot remove its own; the next write to the same target removes those of processes no longer
+alive, and puts back a file such a run had moved aside but not yet replaced (``clean_stale_temporaries``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -26,6 +33,46 @@ def _umask_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+TEMPORARY = re.compile(r"\.(?P<target>.+)\.sensilora-(?P<pid>\d+)-[^.]+\.(?P<kind>tmp|bak|staging)")
+
+
+def temporary_path(target: Path, kind: str, directory: bool = False) -> Path:
+    """A new, empty hidden temporary beside ``target`` named for this process (``kind``: tmp, bak, staging)."""
+    prefix, suffix = f".{target.name}.sensilora-{os.getpid()}-", f".{kind}"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(target: Path) -> None:
+    """Remove the temporaries that dead sensilora processes left beside ``target``; a ``.bak`` of a target
+    that is missing is the original that run had moved aside: it is put back."""
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        match = TEMPORARY.fullmatch(entry.name)
+        if not match or match["target"] != target.name or _alive(int(match["pid"])):
+            continue
+        if match["kind"] == "bak" and not os.path.lexists(target):
+            os.replace(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def resolve_output(path: str | os.PathLike, label: str = "output") -> Path:
@@ -67,29 +114,29 @@ def commit_outputs(writers: dict[str | os.PathLike, Writer]) -> None:
     staged: list[tuple[Path, Path]] = []  # (temporary, target)
     created_dirs: list[Path] = []
     committed: list[list] = []  # [target, backup of what it replaced or None, whether the original was moved]
+    current = None
     try:
         for path, writer in writers.items():
+            current = path
             target = resolve_output(path)
             missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
             for directory in reversed(missing):
                 directory.mkdir()
                 created_dirs.append(directory)
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            staged.append((Path(name), target))
-            writer(Path(name))
-            os.chmod(name, stat.S_IMODE(target.stat().st_mode) if target.exists() else _umask_mode())
+            clean_stale_temporaries(target)
+            temporary = temporary_path(target, "tmp")
+            staged.append((temporary, target))
+            writer(temporary)
+            os.chmod(temporary, stat.S_IMODE(target.stat().st_mode) if target.exists() else _umask_mode())
         for temporary, target in staged:
             record = [target, None, False]
             committed.append(record)
             if target.exists():
-                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".bak", dir=target.parent)
-                os.close(fd)
-                record[1] = Path(name)
+                record[1] = temporary_path(target, "bak")
                 os.replace(target, record[1])
                 record[2] = True
             os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         for target, backup, moved in reversed(committed):
             if moved:
                 os.replace(backup, target)
@@ -102,7 +149,11 @@ def commit_outputs(writers: dict[str | os.PathLike, Writer]) -> None:
         for directory in reversed(created_dirs):
             if directory.exists() and not any(directory.iterdir()):
                 directory.rmdir()
-        raise
+        if isinstance(error, SensiloraError) or not isinstance(error, Exception):
+            raise
+        # a full disk or a read-only directory (OSError), or a writer's own error type (safetensors')
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SensiloraError(f"writing {current} failed ({reason}); nothing was written") from None
     for _, backup, _ in committed:
         if backup is not None:
             backup.unlink(missing_ok=True)

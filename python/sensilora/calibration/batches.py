@@ -189,6 +189,11 @@ class BatchSource:
                 f"{tuple(ids.shape)}; give one mask entry per token"
             )
         if self.exclude_first:
+            if isinstance(ids, torch.Tensor) and ids.dim() == 2 and self.exclude_first >= ids.shape[1]:
+                raise SensiloraError(
+                    f"exclude_first={self.exclude_first} leaves no token of calibration batch {index}'s "
+                    f"{ids.shape[1]}-token rows: lower exclude_first or use longer sequences"
+                )
             mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
             mask = sequence_start_mask(mask.bool(), self.exclude_first)
         if mask is None:

@@ -48,10 +48,9 @@ class CalibrationCheckpoint:
             write_with_atomic(
                 self.path, lambda tmp: save_file(tensors, str(tmp), metadata={"sensilora": json.dumps(header)})
             )
-        except Exception as error:  # a full disk raises safetensors' own error type, not OSError
+        except SensiloraError as error:  # a full disk, a read-only directory (see io.commit_outputs)
             raise SensiloraError(
-                f"cannot save calibration checkpoint {self.path} ({type(error).__name__}: {error}); "
-                "free space there or give another --checkpoint path"
+                f"cannot save calibration checkpoint: {error}; free space there or give another --checkpoint path"
             ) from None
 
     def restore(self, observer: Observer, devices: dict[str, torch.device]) -> tuple[int, str | None]:

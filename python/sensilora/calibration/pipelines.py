@@ -41,6 +41,16 @@ def forward_kwargs(model: nn.Module, logits: bool = False) -> dict[str, Any]:
     return extra
 
 
+def needs_every_logit(model: nn.Module, observer: Observer) -> bool:
+    """Whether the forward must compute the LM head at every position: for a loss-aware observer, or when
+    the head itself is a target (with logits for the last position only it would see one token a row)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return observer.needs_logits or any(
+        module is head for name, module in model.named_modules() if name in observer.shapes
+    )
+
+
 class WholeModel:
     """Each batch through the whole model, on the device of its first parameter."""
 
@@ -67,7 +77,7 @@ class WholeModel:
         return model_inputs(self.model, observer.prepare(self.model, item.batch))
 
     def run(self, source: BatchSource, observer: Observer, after_batch: AfterBatch) -> None:
-        extra = forward_kwargs(self.model, logits=observer.needs_logits)
+        extra = forward_kwargs(self.model, logits=needs_every_logit(self.model, observer))
         device = self.device
         for item in source:
             with observer.batch(item.mask, item.real_tokens):
@@ -122,7 +132,7 @@ class LayerSequential(WholeModel):
 
     def run(self, source: BatchSource, observer: Observer, after_batch: AfterBatch) -> None:
         items = [(item, self.inputs(observer, item)) for item in source]
-        extra = forward_kwargs(self.model, logits=observer.needs_logits)
+        extra = forward_kwargs(self.model, logits=needs_every_logit(self.model, observer))
         run_sequentially(self.model, self.layers, items, self.layer_device, observer, extra)
 
 

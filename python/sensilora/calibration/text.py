@@ -46,14 +46,31 @@ def _record_text(record, field: str, where: str) -> str:
     return record[field]
 
 
+def read_document(path: Path) -> str:
+    """A calibration file's text: strict UTF-8 (a leading byte-order mark dropped); a file with NUL bytes is
+    binary, not text, and is refused like undecodable bytes, whether given alone or found in a directory."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SensiloraError(f"cannot read calibration file {path}: {error.strerror or error}") from None
+    if b"\x00" in data:
+        raise SensiloraError(f"calibration file {path} holds NUL bytes: it is binary, not text; remove it or give text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SensiloraError(
+            f"calibration file {path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8"
+        ) from None
+
+
 def _jsonl_texts(path: Path, field: str) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_document(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise SensiloraError(
                 f"{path}:{number} is not valid JSON ({error}); JSONL needs one object a line"
             ) from None
@@ -63,8 +80,8 @@ def _jsonl_texts(path: Path, field: str) -> list[str]:
 
 def _json_texts(path: Path, field: str) -> list[str]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
+        data = json.loads(read_document(path))
+    except (ValueError, RecursionError) as error:
         raise SensiloraError(f"{path} is not valid JSON ({error}); give a JSON list, JSONL or plain text") from None
     if not isinstance(data, list):
         raise SensiloraError(
@@ -121,18 +138,17 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise SensiloraError(f"directory {path} holds no .txt files and is not a saved dataset")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    if not path.is_file():
+        return [text for text in (read_document(f) for f in files) if text.strip()]
+    if not path.exists():
         raise SensiloraError(f"calibration file {path} does not exist")
-    try:
-        if path.suffix == ".jsonl":
-            return _jsonl_texts(path, text_field)
-        if path.suffix == ".json":
-            return _json_texts(path, text_field)
-        text = path.read_text(encoding="utf-8")
-        return [text] if text.strip() else []
-    except (OSError, UnicodeDecodeError) as error:
-        raise SensiloraError(f"cannot read calibration file {path}: {error}") from error
+    if not path.is_file():
+        raise SensiloraError(f"calibration path {path} is not a regular file (a FIFO, device or socket); give a file")
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(path, text_field)
+    if path.suffix == ".json":
+        return _json_texts(path, text_field)
+    text = read_document(path)
+    return [text] if text.strip() else []
 
 
 def calibration_batches(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..allocation import AllocationConfig, allocate, check_budget_fits, per_metric_ranks
 from ..calibration import SensitivityStats, calibrate, check_calibration_options
@@ -13,6 +14,7 @@ from ..calibration.models import load_model
 from ..calibration.targets import find_targets, linear_shape
 from ..calibration.text import (
     MIN_CALIBRATION_TOKENS,
+    MIN_SEQ_LEN,
     calibration_batches,
     default_calibration_file,
     file_sha256,
@@ -22,6 +24,7 @@ from ..errors import SensiloraError
 from ..integrations.plots import render_rank_maps
 from ..integrations.report import summary_table
 from ..io import check_output_paths, commit_outputs
+from ..ops import forced_backend
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every option's default shown in --help
 
@@ -36,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--avg-rank", type=int, default=8, help="average LoRA rank (paper: 4 NLU, 8 NLG)")
-    p.add_argument("--mode", choices=["diag", "obs"], default="diag", help="Hessian diagonal, or OBS saliencies")
+    p.add_argument("--mode", choices=["diag", "obs"], help="Hessian diagonal, or OBS saliencies (unset: diag)")
     p.add_argument("--method", choices=["sra", "pra"], default="sra", help="ranks proportional to theta, or offsets")
     p.add_argument("--metrics", choices=["both", "global", "local"], default="both", help="metrics combined")
     p.add_argument("--weighting", choices=["cv", "equal"], default="cv", help="std/mean^2 or 0.5/mean weights")
@@ -49,7 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="theta ** T before allocating (0: uniform)")
     p.add_argument("--rank-multiple", type=int, default=1, help="every rank a multiple of N (serving kernels)")
     p.add_argument("--rslora", action="store_true", help="record rsLoRA scaling (alpha / sqrt(r)) for training")
-    p.add_argument("--statistic", choices=["hessian", "fisher"], default="hessian", help="X^T X, or loss-aware")
+    p.add_argument("--statistic", choices=["hessian", "fisher"], help="X^T X, or loss-aware (unset: hessian)")
     p.add_argument("--exclude-first", type=int, default=0, help="leave out the first K tokens of every window")
     p.add_argument("--target-modules", nargs="+", help="module names/suffixes (unset: every linear layer in blocks)")
     p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
@@ -104,8 +107,54 @@ def summary_lines(allocation) -> list[str]:
     ]
 
 
+# options that only calibration reads: given with --from-stats they would be silently ignored
+CALIBRATION_ONLY = ("stats", "mode", "statistic", "calibration", "checkpoint", "sequential", "keep_grams")
+
+
+def check_sizes(args) -> None:
+    """The calibration sizes, checked before the model loads (its context length is checked once it has)."""
+    for option, value, least in (("--samples", args.samples, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--seq-len", args.seq_len, MIN_SEQ_LEN), ("--min-tokens", args.min_tokens, 0)):  # fmt: skip
+        if value < least:
+            raise SensiloraError(f"{option} {value} is below {least}; give {option} {max(least, 1)} or more")
+    if args.samples * args.seq_len < args.min_tokens:
+        raise SensiloraError(
+            f"--samples {args.samples} x --seq-len {args.seq_len} = {args.samples * args.seq_len} tokens, fewer than "
+            f"--min-tokens {args.min_tokens}: raise --samples, or lower --min-tokens"
+        )
+    if args.exclude_first >= args.seq_len:
+        raise SensiloraError(
+            f"--exclude-first {args.exclude_first} leaves no token of a --seq-len {args.seq_len} window; "
+            "lower it below --seq-len"
+        )
+
+
+def check_context(model, seq_len: int) -> None:
+    """Refuse windows longer than the model's context (positions past it are untrained or out of range)."""
+    config = getattr(model, "config", None)
+    context = next(
+        (getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_seq_len")
+         if isinstance(getattr(config, key, None), int)),
+        None,
+    )  # fmt: skip
+    if context is not None and seq_len > context:
+        raise SensiloraError(
+            f"--seq-len {seq_len} exceeds the model's context of {context} tokens; use at most {context}"
+        )
+
+
 def allocation_config(args):
     """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
+    if args.from_stats:
+        given = [f"--{key.replace('_', '-')}" for key in CALIBRATION_ONLY if getattr(args, key)]
+        if given:
+            raise SensiloraError(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only when calibrating; --from-stats reads them from the statistics "
+                "file: drop them"
+            )
+    else:
+        check_sizes(args)
+    args.mode, args.statistic = args.mode or "diag", args.statistic or "hessian"
     check_calibration_options(
         args.mode, args.statistic, args.exclude_first, args.sequential, args.checkpoint, args.checkpoint_every,
         args.device, args.keep_grams,
@@ -149,6 +198,7 @@ def new_statistics(args, config):
     texts = [text for path in files for text in read_texts(path, args.text_field)]
     home = "cpu" if args.sequential else args.device  # sequential: only one layer at a time on the device
     model, tokenizer, name = load_model(args.model, home, args.dtype, progress=not args.quiet)
+    check_context(model, args.seq_len)
     # everything that depends only on the model's shapes, before the calibration passes
     shapes = {n: linear_shape(m) for n, m in find_targets(model, args.target_modules).items()}
     check_budget_fits(shapes, config)
@@ -166,7 +216,7 @@ def new_statistics(args, config):
         model, batches, mode=args.mode, target_modules=args.target_modules, statistic=args.statistic,
         exclude_first=args.exclude_first, sequential=args.sequential, device=args.device, progress=not args.quiet,
         model_name=name, checkpoint_every=args.checkpoint_every, keep_grams=args.keep_grams,
-        checkpoint=f"{args.checkpoint}.rank{args.rank}" if args.checkpoint and args.world > 1 else args.checkpoint,
+        checkpoint=args.checkpoint_path, remove_checkpoint=False,  # removed once the outputs are written
     )  # fmt: skip
     stats.info.update(
         calibration_files={str(f): file_sha256(f) for f in files}, samples=args.samples, seq_len=args.seq_len,
@@ -190,18 +240,30 @@ def saved_statistics(args, config):
     return stats, model, stats.model_name or str(args.from_stats)
 
 
+def remove_checkpoint(path: str | None) -> None:
+    if path:
+        Path(path).unlink(missing_ok=True)
+
+
 def run_allocate(args) -> int:
 
     # everything that can be checked without the model is checked before it is loaded
     config = allocation_config(args)
-    check_output_paths({"--output": args.output, "--plot": args.plot, "--stats": args.stats})
+    check_output_paths(
+        {"--output": args.output, "--plot": args.plot, "--stats": args.stats, "--checkpoint": args.checkpoint}
+    )
+    forced_backend()  # a bad SENSILORA_BACKEND is refused now, not at the first op after the model loads
     check_device(args.device)
     args.rank, args.world, args.device = join_torchrun(args.device)
+    args.checkpoint_path = (
+        f"{args.checkpoint}.rank{args.rank}" if args.checkpoint and args.world > 1 else args.checkpoint
+    )
     if args.rank != 0:  # only rank 0 reports and writes
         args.quiet = True
     stats, model, name = saved_statistics(args, config) if args.from_stats else new_statistics(args, config)
     allocation = allocate(stats, config, model=model, progress=not args.quiet)
     if args.rank != 0:
+        remove_checkpoint(args.checkpoint_path)
         return 0
     panels = per_metric_ranks(allocation.metrics, allocation.shapes, config)
     panels[f"combined ({config.method}, {config.metrics}, {config.weighting})"] = allocation.ranks
@@ -219,10 +281,8 @@ def run_allocate(args) -> int:
     }
     if args.stats and not args.from_stats:
         outputs[args.stats] = stats.write_to
-    try:
-        commit_outputs(outputs)
-    except OSError as error:
-        raise SensiloraError(f"writing the outputs failed ({error}); nothing was written") from None
+    commit_outputs(outputs)
+    remove_checkpoint(args.checkpoint_path)  # only now: a failed write above keeps the calibration resumable
     for line in summary_lines(allocation):
         print(line)
     print(f"calibration: {stats.info.get('tokens')} tokens in {stats.info.get('seconds', 0.0):.2f} s")

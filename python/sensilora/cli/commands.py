@@ -32,13 +32,18 @@ def export_parser(sub) -> None:
 def run_export(args) -> int:
     from ..allocation import RankAllocation
     from ..calibration.models import load_model
-    from ..integrations.export import export_peft, export_text
+    from ..integrations.export import check_adapter_dir, export_peft, export_text
+    from ..integrations.lora import check_lora_options
     from ..io import check_output_paths, commit_outputs
 
+    check_lora_options(args.lora_alpha, args.lora_dropout)
+    if args.to == "peft":
+        check_adapter_dir(args.out)
+    else:
+        check_output_paths({"out": args.out})
     allocation = RankAllocation.load(args.ranks)
     options = {"lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
     if args.to != "peft":
-        check_output_paths({"out": args.out})
         text = export_text(allocation, args.to, args.adapter_dir, **options)
         commit_outputs({args.out: lambda tmp: tmp.write_text(text, encoding="utf-8")})
     else:

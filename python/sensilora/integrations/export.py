@@ -13,13 +13,14 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from ..allocation.result import RankAllocation
 from ..errors import SensiloraError
+from ..io import clean_stale_temporaries, temporary_path
 from .lora import get_peft_model, lora_config
 
 FORMATS = ("peft", "json", "axolotl")
@@ -84,20 +85,42 @@ def ranks_from_adapter_config(config: dict, module_names: list[str]) -> dict[str
     return {name: int(pattern.get(get_pattern_key(pattern.keys(), name), config["r"])) for name in module_names}
 
 
-def _empty_target(out_dir: Path) -> None:
+def check_adapter_dir(out_dir: str | os.PathLike) -> Path:
+    """Refuse an adapter directory that exists (other than empty), is a symlink, or cannot be created."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise SensiloraError(f"{out_dir} is a symlink; give the path of a new directory for the adapter")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SensiloraError(f"{out_dir} exists and is not an empty directory; give a new directory for the adapter")
+    ancestor = out_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SensiloraError(f"cannot create the adapter directory {out_dir}: {ancestor} is not a writable directory")
+    return out_dir
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give a staged directory and its files the modes a plain mkdir/open would have (mkdtemp makes 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def export_peft(allocation: RankAllocation, model: nn.Module, out_dir: str | os.PathLike, **lora_kwargs) -> Path:
     """Write a peft adapter directory for ``allocation`` on ``model`` (atomically: a temporary directory
     renamed into place), check every rank as peft will read it back, and return the directory."""
-    out_dir = Path(out_dir)
-    _empty_target(out_dir)
+    out_dir = check_adapter_dir(out_dir)
     allocation = allocation.for_model(model)  # the names the adapter will carry
     peft_model = get_peft_model(model, allocation, **lora_kwargs)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out_dir)
+        staging = temporary_path(out_dir, "staging", directory=True)
+    except OSError as error:
+        raise SensiloraError(f"cannot create the adapter directory {out_dir}: {error.strerror or error}") from None
     try:
         peft_model.save_pretrained(staging)
         config_path = staging / "adapter_config.json"
@@ -110,9 +133,12 @@ def export_peft(allocation: RankAllocation, model: nn.Module, out_dir: str | os.
             raise SensiloraError(
                 f"the exported adapter config would give wrong ranks (got, wanted): {dict(list(wrong.items())[:3])}"
             )
+        _apply_umask(staging)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)
+    except (OSError, SafetensorError) as error:  # a full disk: safetensors raises its own type
+        raise SensiloraError(f"writing the adapter {out_dir} failed ({error}); nothing was written") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -48,6 +48,17 @@ def rank_patterns(values: dict[str, float]) -> dict[str, float]:
     return {pattern_key(name): values[name] for name in sorted(values, key=lambda n: (-len(n), n))}
 
 
+def check_lora_options(lora_alpha: float | None, lora_dropout: float) -> None:
+    """Refuse an alpha that is not a finite positive number (None: the default) or a dropout outside [0, 1)."""
+    if lora_alpha is not None and not (
+        isinstance(lora_alpha, (int, float)) and not isinstance(lora_alpha, bool) and math.isfinite(lora_alpha)
+        and lora_alpha > 0
+    ):  # fmt: skip
+        raise SensiloraError(f"lora_alpha must be a finite positive number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise SensiloraError(f"lora_dropout is a probability in [0, 1), got {lora_dropout!r}")
+
+
 def lora_config(
     allocation: RankAllocation, lora_alpha: float | None = None, keep_alpha_ratio: bool = True, **lora_kwargs
 ):
@@ -66,6 +77,7 @@ def lora_config(
     clash = [key for key in RESERVED if key in lora_kwargs]
     if clash:
         raise SensiloraError(f"{clash} are set by the allocation; remove them from the LoRA keyword arguments")
+    check_lora_options(lora_alpha, lora_kwargs.get("lora_dropout", 0.0))
     alpha = float(lora_alpha if lora_alpha is not None else 2 * allocation.avg_rank)
     ratio = alpha / allocation.avg_rank
     rank_pattern = rank_patterns(allocation.ranks)
