@@ -209,29 +209,6 @@ def test_allocate_from_saved_statistics(tiny_model_dir, tmp_path, capsys):
     run_failing(no_model, capsys, "obs-mode statistics: the saliencies need the model's weights; pass --model DIR")
 
 
-def test_sigint_during_calibration_in_a_real_process(tiny_model_dir, tmp_path):
-    """Ctrl-C (SIGINT) while the calibration passes run: one line, exit 130, nothing written."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    text = tmp_path / "long.txt"
-    text.write_text("And God said, Let there be light: and there was light. " * 20000)
-    args = allocate_args(tiny_model_dir, tmp_path / "out", "--calibration", str(text), "--samples", "4000")
-    args.remove("--quiet")  # the progress bar on stderr says when calibration has started
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SENSILORA_BACKEND")}
-    process = subprocess.Popen([sys.executable, "-m", "sensilora", *args], stderr=subprocess.PIPE, text=True, env=env)
-    seen, deadline = "", time.time() + 240
-    while "calibrating" not in seen and time.time() < deadline:
-        seen += process.stderr.read(1)
-    process.send_signal(signal.SIGINT)
-    rest = process.communicate(timeout=120)[1]
-    assert process.returncode == 130, seen + rest
-    assert "sensilora allocate: interrupted; nothing was written" in rest and "Traceback" not in rest
-    assert not (tmp_path / "out").exists()
-
-
 def test_hub_names_fail_at_once_offline(tiny_model_dir, tmp_path, capsys):
     """No network here (nor in CI): hub ids and hub dataset names fail with one line that says what to do."""
     run_failing(allocate_args("HuggingFaceTB/SmolLM2-135M", tmp_path), capsys, "pass its local directory")
