@@ -353,7 +353,7 @@ def _model_input(kind: str, directory: Path, workspace) -> tuple[str, str]:
     if kind == "no-tokenizer":
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             (path / name).unlink(missing_ok=True)
-        return str(path), "tokenizer"
+        return str(path), "has no usable tokenizer"
     raise AssertionError(kind)
 
 

@@ -141,3 +141,46 @@ def test_the_lm_head_as_a_target_sees_every_token():
     assert stats.num_tokens("lm_head") == tokens
     torch.testing.assert_close(stats.hessian_diag("lm_head").double(), expected, rtol=1e-5, atol=1e-8)
     assert allocate(stats, avg_rank=2).ranks["lm_head"] >= 1
+
+
+FULL_DISK = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+@pytest.mark.parametrize("writer", ["allocate --stats", "checkpoint", "merge", "export"])
+def test_a_full_disk_in_safetensors_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, writer):
+    """safetensors raises its own error type (not an OSError) on a full disk: every command that writes
+    with it says so in one line, exit 2, and leaves nothing (a checkpoint that could not be saved included)."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+    from sensilora.calibration import checkpoint as checkpoint_module
+    from sensilora.calibration import stats as stats_module
+
+    stats = tmp_path / "stats.safetensors"
+    assert main([*allocate_args(tiny_model_dir, tmp_path), "--stats", str(stats)]) == 0
+    other = tmp_path / "other.safetensors"
+    assert main([*allocate_args(tiny_model_dir, tmp_path, "--seed", "1"), "--stats", str(other)]) == 0
+    capsys.readouterr()
+    before, out = listing(tmp_path), tmp_path / "out"
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError(FULL_DISK)
+
+    for module, name in ((stats_module, "save_file"), (checkpoint_module, "save_file"),
+                         (peft.peft_model, "safe_save_file")):  # fmt: skip
+        monkeypatch.setattr(module, name, full_disk)
+    args = {
+        "allocate --stats": [*allocate_args(tiny_model_dir, out), "--stats", str(out / "s.safetensors")],
+        "checkpoint": [
+            *allocate_args(tiny_model_dir, out),
+            "--checkpoint",
+            str(out / "c.ckpt"),
+            "--checkpoint-every",
+            "1",
+        ],  # fmt: skip
+        "merge": ["merge", str(stats), str(other), "-o", str(out / "m.safetensors")],
+        "export": ["export", str(tmp_path / "r.json"), str(out / "ad"), "--to", "peft", "--model", str(tiny_model_dir)],
+    }[writer]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "Traceback" not in err, err
+    assert listing(tmp_path) == before and not out.exists()

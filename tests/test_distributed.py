@@ -12,6 +12,7 @@ import sensilora
 import torch
 from sensilora import SensiloraError, SensitivityStats, calibrate
 from sensilora.calibration import merge_statistics
+from sensilora.calibration.batches import combined_fingerprint
 from sensilora.cli import main
 
 from tests.models import random_batches, tiny_llama
@@ -95,6 +96,32 @@ def test_merge_equals_one_run_and_refuses_mismatches(tmp_path, capsys):
         merge_statistics(obs, obs)
 
 
+def test_merge_names_what_differs_refuses_repeated_data_and_keeps_the_model_hash(tmp_path, capsys):
+    """Merging a Hessian and a Fisher file names the statistic (not "different models" of one model); the
+    same data in two files (a copy) is refused rather than counted twice; the merged file keeps the model's
+    config hash, so comparing its ranks with a single run's warns of nothing."""
+    import shutil
+
+    from sensilora.integrations.compare import compare_allocations
+
+    model, batches = tiny_llama(), random_batches(batches=4, seed=3)
+    first, second = calibrate(model, batches[:2], progress=False), calibrate(model, batches[2:], progress=False)
+    fisher = calibrate(model, batches[2:], statistic="fisher", progress=False)
+    with pytest.raises(SensiloraError, match="different statistic \\('hessian' vs 'fisher'\\)"):
+        merge_statistics(first, fisher)
+    first.save(tmp_path / "a.safetensors")
+    shutil.copy(tmp_path / "a.safetensors", tmp_path / "copy.safetensors")
+    assert main(["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "copy.safetensors"),
+                 "-o", str(tmp_path / "m.safetensors")]) == 2  # fmt: skip
+    assert "the same calibration data appears more than once" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+    merged, single = merge_statistics(first, second), calibrate(model, batches, progress=False)
+    assert merged.info["model_config_sha256"] == single.info["model_config_sha256"] is not None
+    assert merged.info["tokens"] == single.info["tokens"]
+    report = compare_allocations(sensilora.allocate(merged, avg_rank=4), sensilora.allocate(single, avg_rank=4))
+    assert not [w for w in report["warnings"] if "model configurations" in w or "statistics differ" in w]
+
+
 def test_obs_statistics_with_their_hessians_merge_like_one_run(tmp_path):
     model, batches = tiny_llama(), random_batches(batches=4, seed=3)
     parts = [calibrate(model, part, mode="obs", keep_grams=True, progress=False) for part in (batches[:1], batches[1:])]
@@ -149,3 +176,6 @@ def test_cli_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):
         n: m["rank"] for n, m in one_data["modules"].items()
     }
     assert two_data["calibration"]["tokens"] == one_data["calibration"]["tokens"]
+    per_rank = two_data["calibration"]["data_sha256_per_rank"]  # every rank's data, not rank 0's alone
+    assert len(per_rank) == 2 and per_rank[0] != per_rank[1]
+    assert two_data["calibration"]["data_sha256"] == combined_fingerprint(per_rank)

@@ -109,6 +109,21 @@ def check_output_paths(paths: dict[str, str | os.PathLike | None]) -> dict[str, 
     return resolved
 
 
+def create_parents(target: Path, created: list[Path]) -> None:
+    """Create the missing directories above ``target``, appending each to ``created`` (outermost first)."""
+    missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir()
+        created.append(directory)
+
+
+def remove_created(created: list[Path]) -> None:
+    """Undo ``create_parents``: remove the directories it made that are still empty, innermost first."""
+    for directory in reversed(created):
+        if directory.exists() and not any(directory.iterdir()):
+            directory.rmdir()
+
+
 def commit_outputs(writers: dict[str | os.PathLike, Writer]) -> None:
     """Write every ``{path: writer}`` entry, all or nothing (see the module docstring)."""
     staged: list[tuple[Path, Path]] = []  # (temporary, target)
@@ -119,10 +134,7 @@ def commit_outputs(writers: dict[str | os.PathLike, Writer]) -> None:
         for path, writer in writers.items():
             current = path
             target = resolve_output(path)
-            missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
-            for directory in reversed(missing):
-                directory.mkdir()
-                created_dirs.append(directory)
+            create_parents(target, created_dirs)
             clean_stale_temporaries(target)
             temporary = temporary_path(target, "tmp")
             staged.append((temporary, target))
@@ -146,9 +158,7 @@ def commit_outputs(writers: dict[str | os.PathLike, Writer]) -> None:
                 target.unlink()
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
-        for directory in reversed(created_dirs):
-            if directory.exists() and not any(directory.iterdir()):
-                directory.rmdir()
+        remove_created(created_dirs)
         if isinstance(error, SensiloraError) or not isinstance(error, Exception):
             raise
         # a full disk or a read-only directory (OSError), or a writer's own error type (safetensors')

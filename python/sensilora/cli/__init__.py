@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = lambda message, *_args, **_kw: print(
                 f"sensilora {args.command}: warning: {message}", file=sys.stderr
             )
+            # one library's deprecated use of another's API (peft of transformers): nothing a user can act on
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"(?!sensilora)")
             return args.run(args)
     except (SensiloraError, BackendUnavailableError) as error:
         print(f"sensilora {args.command}: error: {error}", file=sys.stderr)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..allocation.result import RankAllocation
 from ..errors import SensiloraError
-from ..io import clean_stale_temporaries, temporary_path
+from ..io import clean_stale_temporaries, create_parents, remove_created, temporary_path
 from .lora import get_peft_model, lora_config
 
 FORMATS = ("peft", "json", "axolotl")
@@ -115,11 +115,13 @@ def export_peft(allocation: RankAllocation, model: nn.Module, out_dir: str | os.
     out_dir = check_adapter_dir(out_dir)
     allocation = allocation.for_model(model)  # the names the adapter will carry
     peft_model = get_peft_model(model, allocation, **lora_kwargs)
+    created: list[Path] = []  # the directories above out_dir made here: removed again if the export fails
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        create_parents(out_dir, created)
         clean_stale_temporaries(out_dir)
         staging = temporary_path(out_dir, "staging", directory=True)
     except OSError as error:
+        remove_created(created)
         raise SensiloraError(f"cannot create the adapter directory {out_dir}: {error.strerror or error}") from None
     try:
         peft_model.save_pretrained(staging)
@@ -142,6 +144,7 @@ def export_peft(allocation: RankAllocation, model: nn.Module, out_dir: str | os.
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+            remove_created(created)
     return out_dir
 
 
