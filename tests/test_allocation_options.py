@@ -1,5 +1,6 @@
 """The research options of METHOD.md: the loss-aware (Fisher) statistic, sink exclusion, rank aggregation,
-temperature, rsLoRA. Each is checked against a direct computation; each default leaves the paper's method."""
+temperature, rsLoRA. Each is checked against a direct computation; the default aggregation is "rank" (the
+quality suite's choice), every other default leaves the paper's method; an extreme allocation is flagged."""
 
 import math
 
@@ -96,9 +97,15 @@ def test_rank_aggregation_and_temperature():
     assert all(math.isclose(tempered[n], math.sqrt(paper[n])) for n in metrics)
 
 
-def test_defaults_are_the_paper_and_options_are_recorded(tmp_path):
+def test_the_default_is_rank_aggregation_and_the_paper_is_one_option_away(tmp_path):
     stats = calibrate(tiny_llama(), random_batches(), progress=False)
-    assert allocate(stats, avg_rank=4).ranks == allocate(stats, avg_rank=4, aggregation="paper", temperature=1.0).ranks
+    assert allocate(stats, avg_rank=4).ranks == allocate(stats, avg_rank=4, aggregation="rank", temperature=1.0).ranks
+    paper = allocate(stats, AllocationConfig.paper(avg_rank=4))
+    assert paper.config.aggregation == "paper" and paper.ranks == allocate(stats, avg_rank=4, aggregation="paper").ranks
+    assert paper.ranks != allocate(stats, avg_rank=4).ranks
+    old_file = paper.to_dict()
+    del old_file["config"]["aggregation"]  # written before rank aggregation existed: the paper's
+    assert AllocationConfig.from_dict(old_file["config"]).aggregation == "paper"
     tempered = allocate(stats, avg_rank=4, temperature=0.0)
     assert sum(tempered.ranks.values()) == 4 * len(tempered.ranks)
     assert max(tempered.ranks.values()) - min(tempered.ranks.values()) <= 1
@@ -114,3 +121,43 @@ def test_rslora_scaling():
     plain = lora_config(allocate(stats, avg_rank=4), lora_alpha=8)
     assert not plain.use_rslora and len(plain.alpha_pattern) == len(allocation.ranks)
     assert allocation.to_dict()["config"]["use_rslora"] is True
+
+
+def massive_down_proj_stats(scale: float = 1e7):
+    """The tiny model's statistics with one input channel of every ``down_proj`` scaled up, as the
+    massive activations at attention-sink tokens do on LLaMA-family models."""
+    stats = calibrate(tiny_llama(), random_batches(), progress=False)
+    for name in stats.module_names:
+        if name.endswith("down_proj"):
+            stats.inputs[stats.module_inputs[name]].hessian_diag[0] *= scale
+    return stats
+
+
+def test_an_extreme_allocation_is_named_with_its_share(tmp_path, capsys):
+    from sensilora.cli import main
+    from sensilora.integrations.report import extreme_allocation
+
+    stats = massive_down_proj_stats()
+    paper = allocate(stats, AllocationConfig.paper(avg_rank=4))
+    cost = {n: r * sum(paper.shapes[n]) for n, r in paper.ranks.items()}
+    share = sum(c for n, c in cost.items() if n.endswith("down_proj")) / sum(cost.values())
+    uniform = sum(sum(s) for n, s in paper.shapes.items() if n.endswith("down_proj")) / sum(
+        sum(s) for s in paper.shapes.values()
+    )
+    assert share > 2 * uniform  # the premise: the outliers hand down_proj the budget
+    line = extreme_allocation(paper)
+    assert f"mlp.down_proj {share:.1%} (uniform LoRA {uniform:.1%})" in line and "self_attn" not in line
+    assert "massive activations" in line and "--aggregation rank (the default)" in line
+    assert extreme_allocation(allocate(stats, avg_rank=4, temperature=0.0)) is None  # uniform ranks
+    assert extreme_allocation(allocate(calibrate(tiny_llama(), random_batches(), progress=False), avg_rank=4)) is None
+
+    stats.save(tmp_path / "s.safetensors")
+    args = ["allocate", "--from-stats", str(tmp_path / "s.safetensors"), "--avg-rank", "4", "--quiet",
+            "--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]  # fmt: skip
+    assert main([*args, "--aggregation", "paper"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "extreme allocation" in line]
+    assert len(warned) == 1 and warned[0].startswith(
+        "sensilora allocate: warning: an extreme allocation: mlp.down_proj"
+    )
+    assert main(args) == 0  # rank aggregation: the outlier's scale no longer decides
+    assert "extreme allocation" not in capsys.readouterr().err

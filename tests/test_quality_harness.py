@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from sensilora import AllocationConfig
 
 from benchmarks.quality.paired import holm, paired_difference
 
@@ -31,6 +32,98 @@ def test_run_log_resumes_a_run_only_at_its_learning_rate(tmp_path):
     assert reloaded.get("NLU runs", "lora", 0, 2e-3) is None  # a changed rate is a new run, never a stale one
 
 
+def test_run_log_reuses_a_run_only_with_its_allocation(tmp_path):
+    import dataclasses
+
+    from benchmarks.quality.run_quality import RunLog
+    from benchmarks.quality.train import RunResult
+
+    path = tmp_path / "runs.jsonl"
+    result = RunResult("paper", 0, {"nll": 2.0}, 10, 0.1, None, {4: {"nll": 2.0, "seconds": 1.0}})
+    RunLog(path).add("NLG runs", 1e-3, result, "ranks-a")
+    legacy = {"label": "NLG runs", "lr": 1e-3, **dataclasses.asdict(dataclasses.replace(result, method="rank"))}
+    with path.open("a") as handle:  # a record from before fingerprints were kept
+        handle.write(json.dumps(legacy) + "\n")
+    log = RunLog(path)
+    assert log.get("NLG runs", "paper", 0, 1e-3, "ranks-a") == result
+    assert log.get("NLG runs", "paper", 0, 1e-3, "ranks-b") is None  # other ranks: trained again
+    assert log.get("NLG runs", "rank", 0, 1e-3, "ranks-c", legacy_ok=False) is None
+    assert log.get("NLG runs", "rank", 0, 1e-3, "ranks-c", legacy_ok=True).method == "rank"
+
+
+def test_legacy_runs_are_reused_only_where_the_rank_bound_never_bound():
+    from sensilora.allocation.result import RankAllocation
+
+    from benchmarks.quality import methods
+
+    def context_with(ranks):
+        shapes = {name: (64, 64) for name in ranks}  # the bound: 64 * 64 / 128 = 32
+        allocation = RankAllocation(ranks, {n: 1.0 for n in ranks}, {}, shapes, AllocationConfig(), "diag", {})
+        return methods.TaskContext(None, list(ranks), 8, "CAUSAL_LM", 1, allocations={"paper": allocation})
+
+    assert methods.unchanged_by_the_rank_bound(context_with({"a": 31, "b": 1}), "paper")
+    assert not methods.unchanged_by_the_rank_bound(context_with({"a": 32, "b": 1}), "shuffled")  # at the cap
+    assert methods.unchanged_by_the_rank_bound(context_with({"a": 32}), "lora")  # no allocation behind it
+    fingerprints = {methods.allocation_fingerprint(context_with(r), "paper") for r in ({"a": 3}, {"a": 4})}
+    assert len(fingerprints) == 2 and methods.allocation_fingerprint(context_with({"a": 3}), "eva") is None
+
+
+def test_the_default_rule_ships_the_best_safe_candidate_when_none_wins():
+    from benchmarks.quality.run_quality import PRIMARY, decide
+
+    def row(task, method, improvement, low, high, p):
+        return {"task": task, "method": method, "std": 1.0, "vs_lora_improvement": improvement,
+                "vs_lora_ci_low": low, "vs_lora_ci_high": high, "vs_lora_p": p}  # fmt: skip
+
+    lora = [row("A", "lora", 0, 0, 0, 1.0), row("B", "lora", 0, 0, 0, 1.0)]
+    a, b, c = PRIMARY[:3]
+    rows = lora + [row("A", a, 0.5, -0.1, 1.1, 0.1), row("B", a, -3.0, -4.0, -2.0, 1e-4),  # worse on B: unsafe
+                   row("A", b, 0.4, -0.2, 1.0, 0.2), row("B", b, 0.1, -0.3, 0.5, 0.6),  # safe, best of the safe
+                   row("A", c, -0.2, -0.9, 0.5, 0.5), row("B", c, 0.0, -0.4, 0.4, 0.9)]  # fmt: skip
+    decision = decide(rows)
+    assert not decision["beats_lora"] and decision["default"] == b and set(decision["safe"]) == {b, c}
+    rows.append(row("B", c, 5.0, 4.0, 6.0, 1e-6))  # c now wins with Holm p < 0.05 and is safe: it qualifies
+    rows = [r for r in rows if not (r["method"] == c and r["vs_lora_improvement"] == 0.0)]
+    assert decide(rows)["default"] == c and decide(rows)["beats_lora"]
+    unsafe = lora + [row("A", a, -1.0, -2.0, -0.5, 1e-3), row("B", a, 0.0, -0.1, 0.1, 1.0)]
+    assert decide(unsafe)["default"] == "uniform ranks"
+
+
+def test_regime_verdict_is_the_named_contrast():
+    from benchmarks.quality import regime
+    from benchmarks.quality.train import RunResult
+
+    generator = np.random.default_rng(0)
+    results = []
+    for seed in range(5):
+        noise = generator.normal(0, 0.01)
+        for rank in regime.RANKS:
+            nll = 2.0 - 0.1 * np.log2(rank) + noise + generator.normal(0, 0.002)
+            results.append(RunResult(f"lora-rs r={rank}", seed, {"nll": nll}, rank * 100, 0.1, None, {}))
+    rows, verdict = regime.summarise("T", results)
+    low = np.array([r.metrics["nll"] for r in results if r.method == "lora-rs r=1"])
+    high = np.array([r.metrics["nll"] for r in results if r.method == "lora-rs r=8"])
+    assert verdict["gain"] == pytest.approx(float((low - high).mean()))
+    assert verdict["ratio"] == pytest.approx(float((low - high).mean() / (low - high).std(ddof=1)))
+    assert verdict["passes"] and [r["rank"] for r in rows] == list(regime.RANKS)
+    flat = [RunResult(r.method, r.seed, {"nll": 2.0 + generator.normal(0, 0.01)}, 1, 0.1, None, {}) for r in results]
+    assert not regime.summarise("T", flat)[1]["passes"]
+
+
+@pytest.mark.slow
+def test_regime_smoke(tmp_path):
+    from benchmarks.quality import regime
+
+    assert regime.main(["--smoke", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "regime_smoke.json").read_text())
+    assert {(r["task"], r["rank"]) for r in data["rows"]} == {
+        (regime.TASKS[k][0], rank) for k in regime.TASKS for rank in regime.RANKS
+    }
+    assert [v["task"] for v in data["environment"]["verdicts"]] == [regime.TASKS[k][0] for k in regime.TASKS]
+    assert all(r["trainable_params"] > 0 and "nll_mean" in r for r in data["rows"])
+    assert (tmp_path / "regime_smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.slow
 def test_quality_smoke(tmp_path):
     from benchmarks.quality import methods, run_quality
@@ -44,7 +137,7 @@ def test_quality_smoke(tmp_path):
         if row["method"] in methods.SENSILORA_VARIANTS or row["method"] == "shuffled":
             assert row["trainable_params"] <= lora["trainable_params"]  # same parameter budget (or just under)
     assert all(0.0 <= row["mean"] <= 1.0 for row in nlu)
-    assert data["environment"]["decision"]["default"] in run_quality.PRIMARY
+    assert data["environment"]["decision"]["default"] in (*run_quality.PRIMARY, "uniform ranks")
     assert (tmp_path / "quality_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 

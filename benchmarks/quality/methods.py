@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,13 +26,15 @@ from sensilora.integrations.lora import pattern_key
 from benchmarks.quality.hyperadalora import HyperAdaLoraModel, adapter_parameters
 
 # name -> (calibrate keyword arguments, AllocationConfig overrides)
+# (every variant but "rank" is the paper's aggregation, named: the library default is now rank aggregation)
+PAPER = {"aggregation": "paper"}
 SENSILORA_VARIANTS = {
-    "paper": ({}, {}),
-    "paper-obs": ({"mode": "obs"}, {}),
+    "paper": ({}, PAPER),
+    "paper-obs": ({"mode": "obs"}, PAPER),
     "rank": ({}, {"aggregation": "rank"}),
-    "tempered": ({}, {"temperature": 0.5}),
-    "sink-excluded": ({"exclude_first": 1}, {}),
-    "fisher": ({"statistic": "fisher"}, {}),
+    "tempered": ({}, {**PAPER, "temperature": 0.5}),
+    "sink-excluded": ({"exclude_first": 1}, PAPER),
+    "fisher": ({"statistic": "fisher"}, PAPER),
 }
 ALL_METHODS = ("lora", *SENSILORA_VARIANTS, "shuffled", "eva", "eva-ranks", "adalora", "hyperadalora")
 # A method name with this suffix is that method trained at its own learning rate, chosen on dev like LoRA's
@@ -158,6 +162,32 @@ def build(method: str, context: TaskContext, seed: int):
         shuffled_allocation(context.allocations["paper"], seed) if method == "shuffled" else context.allocations[method]
     )
     return sensilora.get_peft_model(model, allocation, lora_alpha=alpha, task_type=context.task_type), None
+
+
+def allocated(context: TaskContext, method: str):
+    """The allocation a method trains with (the shuffled control: the one it permutes), or None."""
+    method = method.removesuffix(OWN_LR)
+    return context.allocations.get("paper" if method == "shuffled" else method)
+
+
+def allocation_fingerprint(context: TaskContext, method: str) -> str | None:
+    """SHA-256 of the ranks behind ``method``'s adapter; None for a method without a sensilora allocation."""
+    allocation = allocated(context, method)
+    if allocation is None:
+        return None
+    return hashlib.sha256(json.dumps(sorted(allocation.ranks.items())).encode()).hexdigest()
+
+
+def unchanged_by_the_rank_bound(context: TaskContext, method: str) -> bool:
+    """Whether a run logged before 2026-12 trained with the allocation sensilora gives now. Ranks were then
+    capped at min(d_out, d_in) and are now capped lower, at d_out d_in / (d_out + d_in); where no matrix sits
+    at the new cap, it never bound, the looser old one could not have either, and the allocation is the same."""
+    from sensilora.allocation.budgets import largest_rank
+
+    allocation = allocated(context, method)
+    return allocation is None or all(
+        rank < largest_rank(*allocation.shapes[name]) for name, rank in allocation.ranks.items()
+    )
 
 
 def trainable(model) -> int:

@@ -42,9 +42,11 @@ def report(rows: list[dict], decision: dict) -> str:
     verdict = (
         f"default by the rule ({decision['rule']}): **{decision['default']}**"
         if decision["beats_lora"]
-        else "no candidate beat uniform LoRA by the rule; the paper's method stays the default, with that warning"
+        else f"no candidate beat uniform LoRA by the rule; the best-ranked safe one ships: **{decision['default']}**"
     )
-    return "\n".join(lines + ["", verdict, f"qualified (score): {decision['qualified']}"])
+    return "\n".join(
+        lines + ["", verdict, f"qualified (score): {decision['qualified']}", f"safe (score): {decision.get('safe')}"]
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:

