@@ -68,6 +68,50 @@ def test_fisher_needs_labels_outside_causal_lms():
         calibrate(tiny_llama(), random_batches(), mode="obs", statistic="fisher", progress=False)
 
 
+def test_robust_statistic_drops_outlier_tokens_and_is_the_paper_without_them():
+    """hessian-robust = (2/N) sum x^2 over each input's tokens with norm <= 10x the median's, by direct
+    computation on activations with planted massive tokens; without outliers it equals the paper's exactly."""
+    from sensilora.calibration.observers.robust import OUTLIER_RATIO
+
+    model, batches = tiny_llama(), random_batches()
+    plain = calibrate(model, batches, progress=False)
+    robust = calibrate(model, batches, statistic="hessian-robust", progress=False)
+    for name in plain.module_names:  # random weights: no token 10x the median norm anywhere
+        torch.testing.assert_close(robust.hessian_diag(name), plain.hessian_diag(name), rtol=0, atol=0)
+        assert robust.num_tokens(name) == plain.num_tokens(name)
+
+    module = dict(model.named_modules())[NAME]  # plant massive activations in the down_proj input
+    planted = {(0, 0), (1, 4), (2, 7)}  # (row, position): the sink and two tokens further on
+
+    def massive(_module, args):
+        x = args[0].clone()
+        for row, position in planted:
+            x[row, position] *= 500.0
+        return (x,)
+
+    handle = module.register_forward_pre_hook(massive)
+    try:
+        with_outliers = calibrate(model, batches, statistic="hessian-robust", progress=False)
+        as_paper = calibrate(model, batches, progress=False)
+        seen = captured(model, NAME, batches)  # the hook above runs first: these are the planted inputs
+    finally:
+        handle.remove()
+    total, tokens = torch.zeros(with_outliers.module_shapes[NAME][1], dtype=torch.float64), 0
+    for (x,), batch in zip(((x,) for x, _ in seen), batches):
+        norms = x.double().norm(dim=-1)
+        real = batch["attention_mask"].bool()
+        keep = real & (norms <= OUTLIER_RATIO * norms[real].median())
+        assert {(int(r), int(p)) for r, p in (real & ~keep).nonzero()} == {t for t in planted if real[t]}
+        total += x.double().square()[keep].sum(0)
+        tokens += int(keep.sum())
+    torch.testing.assert_close(with_outliers.hessian_diag(NAME).double(), 2 * total / tokens, rtol=1e-5, atol=1e-12)
+    assert with_outliers.num_tokens(NAME) == tokens < as_paper.num_tokens(NAME)
+    assert as_paper.hessian_diag(NAME).sum() > 1000 * with_outliers.hessian_diag(NAME).sum()  # what the sink did
+    assert with_outliers.info["statistic"] == "hessian-robust"
+    with pytest.raises(SensiloraError, match="use it with mode='diag'"):
+        calibrate(model, batches, mode="obs", statistic="hessian-robust", progress=False)
+
+
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_exclude_first_tokens(k):
     model, batches = tiny_llama(), random_batches(pad_tail=True)

@@ -35,6 +35,7 @@ SENSILORA_VARIANTS = {
     "tempered": ({}, {**PAPER, "temperature": 0.5}),
     "sink-excluded": ({"exclude_first": 1}, PAPER),
     "fisher": ({"statistic": "fisher"}, PAPER),
+    "robust": ({"statistic": "hessian-robust"}, PAPER),
 }
 ALL_METHODS = ("lora", *SENSILORA_VARIANTS, "shuffled", "eva", "eva-ranks", "adalora", "hyperadalora")
 # A method name with this suffix is that method trained at its own learning rate, chosen on dev like LoRA's

@@ -72,8 +72,10 @@ def calibrate(
     input_ids tensors (B, T), or one of these alone. Padding (``attention_mask == 0``) is excluded.
     mode: ``"diag"`` (the paper: per-column sums of squared activations) or ``"obs"`` (full ``X^T X``
     per distinct input, then the damped inverse diagonal). statistic: ``"hessian"`` (the layer-wise
-    Hessian proxy, forward passes only, no autograd graph) or ``"fisher"`` (diag mode: squared activations
-    weighted per token by the squared output-gradient norm of the model's loss; one backward pass a batch).
+    Hessian proxy, forward passes only, no autograd graph), ``"fisher"`` (diag mode: squared activations
+    weighted per token by the squared output-gradient norm of the model's loss; one backward pass a batch)
+    or ``"hessian-robust"`` (diag mode: the Hessian diagonal over each input's tokens whose activation norm
+    is within 10x the median token's, dropping massive activations; METHOD.md section 1d).
     exclude_first: leave out the first k real tokens of every sequence (0: every token, exact).
     sequential: run the decoder layers one at a time on ``device`` (default: CUDA if present), the model
     staying where it is: for models larger than the device (``pipelines.LayerSequential``).

@@ -12,6 +12,7 @@ from ..allocation import AllocationConfig, allocate, check_budget_fits, per_metr
 from ..calibration import SensitivityStats, calibrate, check_calibration_options
 from ..calibration.distributed import join_torchrun
 from ..calibration.models import load_model
+from ..calibration.observers import STATISTICS
 from ..calibration.targets import find_targets, linear_shape
 from ..calibration.text import (
     MIN_CALIBRATION_TOKENS,
@@ -58,7 +59,11 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="theta ** T before allocating (0: uniform)")
     p.add_argument("--rank-multiple", type=int, default=1, help="every rank a multiple of N (serving kernels)")
     p.add_argument("--rslora", action="store_true", help="record rsLoRA scaling (alpha / sqrt(r)) for training")
-    p.add_argument("--statistic", choices=["hessian", "fisher"], help="X^T X, or loss-aware (unset: hessian)")
+    p.add_argument(
+        "--statistic",
+        choices=STATISTICS,
+        help="X^T X, loss-aware (fisher), or X^T X without outlier tokens (hessian-robust); unset: hessian",
+    )
     p.add_argument("--exclude-first", type=int, default=0, help="leave out the first K tokens of every window")
     p.add_argument("--target-modules", nargs="+", help="module names/suffixes (unset: every linear layer in blocks)")
     p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")

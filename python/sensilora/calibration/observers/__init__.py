@@ -11,9 +11,10 @@ from ...errors import SensiloraError
 from .base import Accumulator, ColumnSumsq, Gram, Observer
 from .fisher import FisherDiagonal
 from .hessian import HessianDiagonal, HessianInverse
+from .robust import RobustHessianDiagonal
 
 OBSERVERS: dict[tuple[str, str], type[Observer]] = {
-    (cls.mode, cls.statistic): cls for cls in (HessianDiagonal, HessianInverse, FisherDiagonal)
+    (cls.mode, cls.statistic): cls for cls in (HessianDiagonal, HessianInverse, FisherDiagonal, RobustHessianDiagonal)
 }
 MODES = tuple(dict.fromkeys(mode for mode, _ in OBSERVERS))
 STATISTICS = tuple(dict.fromkeys(statistic for _, statistic in OBSERVERS))
@@ -46,5 +47,6 @@ __all__ = [
     "HessianDiagonal",
     "HessianInverse",
     "Observer",
+    "RobustHessianDiagonal",
     "observer_class",
 ]
