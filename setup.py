@@ -9,7 +9,7 @@ built when possible and skipped with a warning otherwise. Build it with
 import os
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/column_sumsq.cu", "csrc/radix_select.cu"]
 MIN_CAPABILITY = (8, 0)  # __reduce_add_sync (csrc/radix_select.cu)
@@ -55,7 +55,9 @@ def cuda_build():
 ext_modules, cmdclass = cuda_build()
 
 setup(
-    packages=["sensilora", "sensilora.ops", "sensilora_kernels"],
+    # every subpackage (calibration/observers, allocation, integrations, cli, ops; the Triton backend's folder)
+    packages=[f"sensilora.{p}" for p in find_packages("python/sensilora")] + ["sensilora"]
+    + [f"sensilora_kernels.{p}" for p in find_packages("sensilora_kernels")] + ["sensilora_kernels"],
     package_dir={"sensilora": "python/sensilora", "sensilora_kernels": "sensilora_kernels"},
     package_data={"sensilora": ["METHOD.md"]},
     ext_modules=ext_modules,

@@ -124,7 +124,7 @@ def triton_selection_instructions() -> dict[str, float] | None:
     import triton
     from triton.compiler import ASTSource
 
-    from sensilora_kernels.selection import CHUNK
+    from sensilora_kernels.triton_backend.selection import CHUNK
     from tests import triton_aot
 
     found = {}
@@ -150,7 +150,7 @@ def _counted(backend: str, count):
 
 def bounds() -> list[dict]:
     """One row per op and backend: the H100 SXM bound in seconds at the LLaMA-3.1-8B shapes, and what binds."""
-    from sensilora_kernels.selection import RADIX_BITS as TRITON_BITS
+    from sensilora_kernels.triton_backend.selection import RADIX_BITS as TRITON_BITS
 
     bandwidth, issue = H100_SXM["hbm_bytes_per_s"], H100_SXM["warp_issue_per_s"]
     rows = []

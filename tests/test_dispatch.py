@@ -21,8 +21,8 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from sensilora_kernels import gram  # noqa: E402  (conftest set TRITON_INTERPRET before this import)
 from sensilora_kernels.registry import CPU_PREFERENCE, PREFERENCE, available_kernels, choose, use_backend  # noqa: E402
+from sensilora_kernels.triton_backend import gram  # noqa: E402  (conftest set TRITON_INTERPRET before this import)
 
 ALL_OPS = {name: object() for name in ops.OP_NAMES}
 

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.interpreter  # the CPU tests run Triton under TRITON_IN
 
 from sensilora.ops import reference  # noqa: E402
 
-from sensilora_kernels import column_sumsq, gram, inverse_diagonal, selection  # noqa: E402  (after TRITON_INTERPRET)
 from sensilora_kernels.radix_select import make_saliency_selection, make_selection  # noqa: E402
 from sensilora_kernels.registry import available_kernels  # noqa: E402
+from sensilora_kernels.triton_backend import column_sumsq, gram, inverse_diagonal, selection  # noqa: E402  (after TRITON_INTERPRET)
 from tests.kernel_cases import (  # noqa: E402
     DTYPES,
     ROWS,

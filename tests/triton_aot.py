@@ -16,9 +16,9 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from sensilora_kernels.column_sumsq import _column_sumsq_kernel
-from sensilora_kernels.gram import _gram_kernel, launch_config
-from sensilora_kernels.selection import BLOCK, CHUNK, RADIX_BITS, _radix_histogram_kernel
+from sensilora_kernels.triton_backend.column_sumsq import _column_sumsq_kernel
+from sensilora_kernels.triton_backend.gram import _gram_kernel, launch_config
+from sensilora_kernels.triton_backend.selection import BLOCK, CHUNK, RADIX_BITS, _radix_histogram_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 # LLaMA-3.1-8B-sized launches: (8, 2048, 4096) activations, contiguous or with every other column of a

@@ -4,7 +4,6 @@ render, then commit every output at once."""
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ..calibration.text import (
 )
 from ..errors import SensiloraError
 from ..integrations.plots import render_rank_maps
-from ..integrations.report import extreme_allocation, summary_table
+from ..integrations.report import extreme_allocation, full_table, summary_lines, summary_table
 from ..io import check_output_paths, commit_outputs
 from ..ops import forced_backend
 
@@ -87,35 +86,6 @@ def add_parser(sub) -> None:
     p.add_argument("--min-tokens", type=int, default=MIN_CALIBRATION_TOKENS, help="refuse less calibration text")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary table")
     p.add_argument("--full-table", action="store_true", help="print every module's metrics and rank")
-
-
-def print_table(allocation, out=None) -> None:
-    out = out or sys.stdout
-    header = (
-        f"{'module':<44} {'d_out x d_in':>13} {'S_global':>10} {'S_topk':>10} {'S_eff':>10} {'theta':>10} {'rank':>5}"
-    )
-    print(header, file=out)
-    print("-" * len(header), file=out)
-    for name, rank in allocation.ranks.items():
-        m = allocation.metrics[name]
-        d_out, d_in = allocation.shapes[name]
-        print(
-            f"{name[-44:]:<44} {f'{d_out}x{d_in}':>13} {m.global_sensitivity:>10.3e} {m.topk:>10.3e} "
-            f"{m.effective_rank:>10d} {allocation.theta[name]:>10.3e} {rank:>5d}",
-            file=out,
-        )
-
-
-def summary_lines(allocation) -> list[str]:
-    ranks = allocation.ranks.values()
-    ours, uniform = allocation.trainable_parameters, allocation.uniform_parameters
-    return [
-        f"matrices: {len(allocation.ranks)}   rank sum: {sum(ranks)} (uniform LoRA: {allocation.avg_rank} x "
-        f"{len(allocation.ranks)} = {allocation.avg_rank * len(allocation.ranks)})   "
-        f"min/max rank: {min(ranks)}/{max(ranks)}",
-        f"trainable LoRA parameters: sensilora {ours:,} vs uniform LoRA r={allocation.avg_rank} {uniform:,} "
-        f"({ours / uniform:.3f}x; budget: {allocation.config.budget})",
-    ]
 
 
 # options that only calibration reads: given with --from-stats they would be silently ignored
@@ -284,7 +254,7 @@ def run_allocate(args) -> int:
     title = f"Sensitivity-LoRA ranks: {name}, {stats.mode} mode, avg rank {config.avg_rank}"
     png = render_rank_maps(panels, title=title)
     if args.full_table:
-        print_table(allocation)
+        print(full_table(allocation))
     elif not args.quiet:
         print(summary_table(allocation))
     # everything is computed and rendered; only now is anything written, all files or none

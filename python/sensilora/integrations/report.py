@@ -39,6 +39,35 @@ def budget_by_kind(allocation: RankAllocation) -> dict[str, dict[str, float]]:
     }
 
 
+def full_table(allocation: RankAllocation) -> str:
+    """Every module's shape, metrics (eqs. 8-10), theta (eq. 14) and rank, one line each."""
+    header = (
+        f"{'module':<44} {'d_out x d_in':>13} {'S_global':>10} {'S_topk':>10} {'S_eff':>10} {'theta':>10} {'rank':>5}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, rank in allocation.ranks.items():
+        m = allocation.metrics[name]
+        d_out, d_in = allocation.shapes[name]
+        lines.append(
+            f"{name[-44:]:<44} {f'{d_out}x{d_in}':>13} {m.global_sensitivity:>10.3e} {m.topk:>10.3e} "
+            f"{m.effective_rank:>10d} {allocation.theta[name]:>10.3e} {rank:>5d}"
+        )
+    return "\n".join(lines)
+
+
+def summary_lines(allocation: RankAllocation) -> list[str]:
+    """The rank sum and trainable parameters beside uniform LoRA's: the lines ``sensilora allocate`` ends with."""
+    ranks = allocation.ranks.values()
+    ours, uniform = allocation.trainable_parameters, allocation.uniform_parameters
+    return [
+        f"matrices: {len(allocation.ranks)}   rank sum: {sum(ranks)} (uniform LoRA: {allocation.avg_rank} x "
+        f"{len(allocation.ranks)} = {allocation.avg_rank * len(allocation.ranks)})   "
+        f"min/max rank: {min(ranks)}/{max(ranks)}",
+        f"trainable LoRA parameters: sensilora {ours:,} vs uniform LoRA r={allocation.avg_rank} {uniform:,} "
+        f"({ours / uniform:.3f}x; budget: {allocation.config.budget})",
+    ]
+
+
 EXTREME_SHARE = 2.0  # a module type past this multiple of its uniform LoRA share is flagged
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .radix_select import make_saliency_selection, make_selection
+from ..radix_select import make_saliency_selection, make_selection
 
 BLOCK = 4096  # elements a program histograms
 RADIX_BITS = 4  # 16 buckets a pass, 8 passes: a chunk's one-hot tile is (CHUNK, 16), not (CHUNK, 256)

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import optional_pointer, token_arguments, token_partition, token_rows
-from .views import token_view
+from .._layout import optional_pointer, token_arguments, token_partition, token_rows
+from ..views import token_view
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""The Triton backend's kernels by op name (imported only where Triton is installed)."""
+"""The Triton backend: one module per op (``_kernel`` -> launcher -> the op's entry), and ``KERNELS``, its
+kernels by op name (imported only where Triton is installed)."""
 
 from __future__ import annotations
 
