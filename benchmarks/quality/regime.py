@@ -29,16 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS, environment, write_results
 from benchmarks.quality import methods as M
 from benchmarks.quality.paired import paired_difference
-from benchmarks.quality.run_quality import RunLog
+from benchmarks.quality.run_quality import RunLog, run_methods
 from benchmarks.quality.setups import nlg_setup, nlu_setup
-from benchmarks.quality.train import RunResult, train
+from benchmarks.quality.train import RunResult
 
 RANKS = (1, 2, 4, 8, 16)
+METHODS = {f"lora-rs r={rank}": rank for rank in RANKS}  # the run log's method names
 LOW, HIGH = 1, 8  # the contrast named before the run
 PASS_RATIO = 3.0  # gain / paired spread at which a task passes
 CONFIGS = {
@@ -70,32 +70,24 @@ def uniform_rslora(setup, rank: int, avg_rank: int):
 
 
 def run_task(key: str, config: dict, device: torch.device, log: RunLog) -> tuple[list[RunResult], float]:
-    """Every (seed, rank) run of one task, resumed from ``log``; returns (results, seconds spent here)."""
+    """Every (seed, rank) run of one task, resumed from ``log`` (the method comparison's loop: the same head
+    initialisation and dropout stream at every rank of a seed); returns (results, seconds spent here)."""
     label, make = TASKS[key]
     started = time.perf_counter()
     setup = make(config, device)
-    steps, lr, avg = config[f"{key}_steps"], config[f"{key}_lr"], config[f"{key}_avg_rank"]
-    results = []
-    seeds = config[f"{key}_seeds"]
-    for seed, rank in tqdm([(s, r) for s in range(seeds) for r in RANKS], desc=f"regime {label}"):
-        method = f"lora-rs r={rank}"
-        done = log.get(label, method, seed, lr)
-        if done is None:
-            torch.manual_seed(seed)  # the same head initialisation and dropout stream at every rank of a seed
-            if hasattr(setup.base, "classifier"):
-                setup.base.classifier.reset_parameters()
-            model = uniform_rslora(setup, rank, avg)
-            step_s, peak, curve = train(model, setup.epoch, steps, lr, seed, None, setup.evaluators["test"](model),
-                                        config[f"{key}_checkpoints"])  # fmt: skip
-            done = RunResult(method, seed, curve[max(curve)], M.trainable(model), step_s, peak, curve)
-            log.add(label, lr, done)
-        results.append(done)
+    avg = config[f"{key}_avg_rank"]
+    context = M.TaskContext(setup.base, setup.targets, avg, setup.task_type, config[f"{key}_steps"], epoch=setup.epoch)
+    results = run_methods(
+        context, list(METHODS), config[f"{key}_seeds"], setup.epoch, config[f"{key}_lr"], setup.evaluators["test"],
+        config[f"{key}_checkpoints"], label, log,
+        build=lambda method, _context, _seed: (uniform_rslora(setup, METHODS[method], avg), None),
+    )  # fmt: skip
     return results, time.perf_counter() - started
 
 
 def summarise(task: str, results: list[RunResult]) -> tuple[list[dict], dict]:
     """Rows per rank (mean and seed std of each metric) and the task's verdict on the named contrast."""
-    by_rank = {r: sorted((x for x in results if x.method == f"lora-rs r={r}"), key=lambda x: x.seed) for r in RANKS}
+    by_rank = {r: sorted((x for x in results if x.method == m), key=lambda x: x.seed) for m, r in METHODS.items()}
     rows = []
     for rank, runs in by_rank.items():
         row = {"task": task, "rank": rank, "seeds": len(runs), "trainable_params": runs[0].trainable_parameters,

@@ -119,20 +119,24 @@ class RunLog:
                 handle.write(json.dumps(record) + "\n")
 
 
-def run_methods(context, methods, seeds, epoch, lr, evaluate, checkpoints, label, log: RunLog) -> list[RunResult]:
+def run_methods(
+    context, methods, seeds, epoch, lr, evaluate, checkpoints, label, log: RunLog, build=M.build
+) -> list[RunResult]:
+    """Every (seed, method) run, resumed from ``log``; ``build(method, context, seed)`` gives a fresh
+    (peft model, per-step hook or None) for a method (default: the comparison's methods)."""
     results = []
     for seed, method in tqdm([(s, m) for s in range(seeds) for m in methods], desc=label):
         fingerprint = M.allocation_fingerprint(context, method)
         done = log.get(label, method, seed, lr, fingerprint, legacy_ok=M.unchanged_by_the_rank_bound(context, method))
         if done is not None:
             if not done.parameters:  # logged before counts were recorded: a fixed-rank method's are seed-free
-                done.parameters = M.parameter_counts(M.build(method, context, seed)[0])
+                done.parameters = M.parameter_counts(build(method, context, seed)[0])
             results.append(done)
             continue
         torch.manual_seed(seed)  # same head initialisation and dropout stream for every method of a seed
         if hasattr(context.base, "classifier"):
             context.base.classifier.reset_parameters()
-        model, hook = M.build(method, context, seed)
+        model, hook = build(method, context, seed)
         step_s, peak, curve = train(model, epoch, context.steps, lr, seed, hook, evaluate(model), checkpoints)
         final = curve[max(curve)]
         counts = M.parameter_counts(model)
@@ -192,7 +196,7 @@ def summarise(task: str, metric: str, higher: bool, results: list[RunResult], co
     for method in dict.fromkeys(r.method for r in results):
         runs = sorted((r for r in results if r.method == method), key=lambda r: r.seed)
         values = np.array([r.metrics[metric] for r in runs])
-        allocation = context.allocations.get(method if method != "shuffled" else "paper")
+        allocation = M.allocated(context, method)
         row = {
             "task": task, "method": method, "metric": metric, "seeds": len(runs),
             "trainable_params": runs[0].trainable_parameters, "mean": float(values.mean()),
