@@ -110,6 +110,48 @@ def test_regime_verdict_is_the_named_contrast():
     assert not regime.summarise("T", flat)[1]["passes"]
 
 
+def test_update_norms_are_the_scaled_lora_products():
+    import peft
+    import torch
+
+    from benchmarks.quality.train import update_norms
+    from tests.models import tiny_llama
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_rslora=True)
+    model = peft.get_peft_model(tiny_llama(), config)
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight)
+    norms = update_norms(model)
+    assert len(norms) == 4 and all(value > 0 for value in norms.values())
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    product = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (8 / 4**0.5)
+    assert norms["model.layers.1.mlp.down_proj"] == pytest.approx(float(product.detach().norm()), rel=1e-5)
+
+
+def test_confirmation_contrasts_are_paired_and_holm_corrected():
+    from benchmarks.quality import confirm
+    from benchmarks.quality.train import RunResult
+
+    generator = np.random.default_rng(1)
+    results = []
+    for seed in range(4):
+        base = 3.9 + generator.normal(0, 0.01)
+        for shift, method in zip((0.0, 0.01, -0.02, 0.0), (confirm.BASELINE, *confirm.CANDIDATES)):
+            nll = base + shift + generator.normal(0, 0.001)
+            results.append(RunResult(method, seed, {"nll": nll, "perplexity": np.exp(nll)}, 10, 0.1, None, {},
+                                     update_norms={"model.layers.0.mlp.down_proj": 1.0 + shift}))  # fmt: skip
+    rows, contrasts = confirm.summarise(results)
+    by_name = {c["contrast"]: c for c in contrasts}
+    paper = by_name[f"paper-rs vs {confirm.BASELINE}"]
+    nll = {m: np.array([r.metrics["nll"] for r in results if r.method == m]) for m in (confirm.BASELINE, "paper-rs")}
+    assert paper["improvement"] == pytest.approx(float((nll[confirm.BASELINE] - nll["paper-rs"]).mean()))
+    assert paper["improvement"] < 0 and by_name[f"shuffled-rs vs {confirm.BASELINE}"]["improvement"] > 0
+    assert all(c["p_holm"] >= c["p"] for c in contrasts) and len(contrasts) == len(confirm.CONTRASTS)
+    assert {r["method"] for r in rows} == {confirm.BASELINE, *confirm.CANDIDATES}
+    assert rows[0]["update_norm_by_type"] == {"mlp.down_proj": pytest.approx(1.0)}
+
+
 @pytest.mark.slow
 def test_regime_smoke(tmp_path):
     from benchmarks.quality import regime
@@ -122,6 +164,33 @@ def test_regime_smoke(tmp_path):
     assert [v["task"] for v in data["environment"]["verdicts"]] == [regime.TASKS[k][0] for k in regime.TASKS]
     assert all(r["trainable_params"] > 0 and "nll_mean" in r for r in data["rows"])
     assert (tmp_path / "regime_smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_screen_smoke(tmp_path):
+    """The teacher screen end to end on the encoder task (the decoder's path is the same code, minutes longer)."""
+    from benchmarks.quality import screen
+
+    assert screen.main(["--smoke", "--tasks", "nlu", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "screen_smoke.json").read_text())
+    rows = {r["rule"]: r for r in data["rows"]}
+    assert {"uniform", "oracle", "oracle (other teacher)", "shuffled", "eva-ranks", "gora", "structural"} <= set(rows)
+    assert set(screen.VARIANTS) <= set(rows)
+    assert rows["uniform"]["gap_closed"] == 0.0 and rows["oracle"]["gap_closed"] == pytest.approx(1.0)
+    assert all(r["spend"] <= 1.0 + 1e-9 for r in data["rows"])
+    assert all(-1.0 <= r["halves_spearman"] <= 1.0 for r in data["rows"] if "halves_spearman" in r)
+    assert (tmp_path / "screen_smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_confirmation_smoke(tmp_path):
+    from benchmarks.quality import confirm
+
+    assert confirm.main(["--smoke", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "confirm_smoke.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {confirm.BASELINE, *confirm.CANDIDATES}
+    assert len(data["environment"]["contrasts"]) == len(confirm.CONTRASTS)
+    assert all(r["update_norm_by_type"] for r in data["rows"])
 
 
 @pytest.mark.slow

@@ -115,6 +115,12 @@ def eva_config(context: TaskContext, init):
     )
 
 
+def eva_ranks(context: TaskContext) -> dict[str, int]:
+    """The ranks EVA redistributed (its state holds one (r, d_in) component matrix per module)."""
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): int(tensor.shape[0]) for name, tensor in context.eva_state.items()}
+
+
 def shuffled_allocation(allocation, seed: int):
     """The allocation's ranks permuted among matrices of equal shape (seeded)."""
     generator = np.random.default_rng(seed)
@@ -151,8 +157,7 @@ def build(method: str, context: TaskContext, seed: int):
         )
         return peft_model, None
     if method == "eva-ranks":  # EVA's rank redistribution with LoRA's standard initialisation
-        prefix = "base_model.model."
-        ranks = {name.removeprefix(prefix): int(tensor.shape[0]) for name, tensor in context.eva_state.items()}
+        ranks = eva_ranks(context)
         config = peft.LoraConfig(
             r=context.avg_rank, lora_alpha=alpha, target_modules=context.targets, task_type=context.task_type,
             rank_pattern={pattern_key(n): r for n, r in ranks.items()},

@@ -20,7 +20,6 @@ method comparison on that task says nothing about allocation. Every run is logge
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -30,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, environment, write_results
+from benchmarks.common import environment, write_results
 from benchmarks.quality import methods as M
+from benchmarks.quality.options import parse
 from benchmarks.quality.paired import paired_difference
 from benchmarks.quality.run_quality import RunLog, run_methods
 from benchmarks.quality.setups import nlg_setup, nlu_setup
@@ -134,15 +134,7 @@ def plot(rows: list[dict], verdicts: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks the harness")
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
-    parser.add_argument("--seeds", type=int, help="paired seeds of every task (default: the configuration's, per task)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(__doc__, argv, TASKS, "paired seeds of every task (default: the configuration's, per task)")
     name = "smoke" if args.smoke else "cpu"
     config, device = CONFIGS[name], torch.device("cpu")
     if args.seeds:

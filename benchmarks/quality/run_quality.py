@@ -45,7 +45,7 @@ from benchmarks.quality import methods as M
 from benchmarks.quality.paired import holm, paired_difference
 from benchmarks.quality.report import plot, report
 from benchmarks.quality.setups import nlg_setup, nlu_setup
-from benchmarks.quality.train import RunResult, train
+from benchmarks.quality.train import RunResult, train, update_norms
 
 # "robust" (the Hessian diagonal without outlier tokens) joined the family on 2026-12-04, before any run of it
 PRIMARY = ("paper", "rank", "tempered", "sink-excluded", "fisher", "robust")
@@ -140,7 +140,8 @@ def run_methods(
         step_s, peak, curve = train(model, epoch, context.steps, lr, seed, hook, evaluate(model), checkpoints)
         final = curve[max(curve)]
         counts = M.parameter_counts(model)
-        results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve, counts))
+        norms = update_norms(model)
+        results.append(RunResult(method, seed, final, M.trainable(model), step_s, peak, curve, counts, norms))
         log.add(label, lr, results[-1], fingerprint)
     return results
 

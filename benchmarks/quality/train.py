@@ -20,6 +20,24 @@ class RunResult:
     peak_memory_gib: float | None
     curve: dict  # {step: metrics} at the checkpoints
     parameters: dict = field(default_factory=dict)  # {"adapter": final adapter, "hypernetwork": ...}
+    update_norms: dict = field(default_factory=dict)  # {module: ||Delta W||_F at the end} (LoRA layers)
+
+
+def update_norms(peft_model, adapter: str = "default") -> dict[str, float]:
+    """``||Delta W||_F`` (the scaled ``B A``) of every LoRA layer, by the base model's module name: how far
+    training moved each matrix, so step-size effects of heterogeneous ranks are visible. Empty for a model
+    without peft LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    with torch.no_grad():
+        return {
+            name.removeprefix(prefix): float(module.get_delta_weight(adapter).float().norm())
+            for name, module in peft_model.named_modules()
+            if isinstance(module, LoraLayer)
+            and adapter in getattr(module, "r", {})
+            and hasattr(module, "get_delta_weight")
+        }
 
 
 def reset_peak_rss() -> bool:
