@@ -137,7 +137,9 @@ def test_confirmation_contrasts_are_paired_and_holm_corrected():
     results = []
     for seed in range(4):
         base = 3.9 + generator.normal(0, 0.01)
-        for shift, method in zip((0.0, 0.01, -0.02, 0.0), (confirm.BASELINE, *confirm.CANDIDATES)):
+        for shift, method in zip(
+            (0.0, 0.01, -0.02, 0.0, 0.03, 0.0), (confirm.BASELINE, *confirm.CANDIDATES), strict=True
+        ):
             nll = base + shift + generator.normal(0, 0.001)
             results.append(RunResult(method, seed, {"nll": nll, "perplexity": np.exp(nll)}, 10, 0.1, None, {},
                                      update_norms={"model.layers.0.mlp.down_proj": 1.0 + shift}))  # fmt: skip

@@ -21,11 +21,14 @@ where it closes at least half the gap (GAP_TO_TRAIN). Stability: each data-drive
 disjoint halves of the calibration batches; the Spearman correlation of the two rank vectors and the share
 of the budget they spend alike. Secondary: the share of the unwhitened energy ``||Delta W_m||_F^2``.
 Every rule spends at most the budget (``spend`` in the table: EVA redistributes ranks, not parameters).
+Each task's screen is logged as it ends (``screen_<config>.tasks.jsonl``); a rerun with the same settings
+reuses it and only rewrites the tables and the plot.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -191,6 +194,24 @@ def screen_task(key: str, config: dict, device: torch.device) -> tuple[list[dict
     return rows, record
 
 
+def read_log(path: Path | None, config: dict) -> dict[str, tuple[list[dict], dict]]:
+    """The tasks already screened with these settings ({label: (rows, record)}): a rerun skips them."""
+    done = {}
+    if path is not None and path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if entry["settings"] == json.loads(json.dumps(config)):
+                done[entry["task"]] = (entry["rows"], entry["record"])
+    return done
+
+
+def append_log(path: Path | None, label: str, config: dict, rows: list[dict], record: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"task": label, "settings": config, "rows": rows, "record": record}) + "\n")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """The gap each rule closes, per task (0: uniform LoRA, 1: the teacher's oracle)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -216,9 +237,15 @@ def main(argv=None) -> int:
     args = parse(__doc__, argv, TASKS)
     name = "smoke" if args.smoke else "cpu"
     config, device = CONFIGS[name], torch.device("cpu")
+    log = None if args.smoke else args.results / f"screen_{name}.tasks.jsonl"
+    done = read_log(log, config)
     rows, records = [], {}
     for key in args.tasks:
-        task_rows, records[TASKS[key][0]] = screen_task(key, config, device)
+        label = TASKS[key][0]
+        if label not in done:
+            done[label] = screen_task(key, config, device)
+            append_log(log, label, config, *done[label])
+        task_rows, records[label] = done[label]
         rows += task_rows
     env = {**environment(device), "config": name, "settings": config, "gap_to_train": GAP_TO_TRAIN,
            "shuffles": SHUFFLES, "tasks": records}  # fmt: skip
