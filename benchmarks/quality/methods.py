@@ -54,6 +54,7 @@ class TaskContext:
     steps: int
     allocations: dict = field(default_factory=dict)  # variant -> RankAllocation
     calibration_seconds: dict = field(default_factory=dict)  # variant -> seconds
+    stats: dict = field(default_factory=dict)  # calibrate options (sorted items) -> SensitivityStats
     eva_state: dict | None = None
     eva_seconds: float = 0.0
     epoch: Callable | None = None  # epoch(generator) -> the training batches in that generator's order
@@ -67,17 +68,16 @@ def prepare(context: TaskContext, methods, calibration_batches, eva_batches) -> 
     import peft
 
     needed = {m for m in methods if m in SENSILORA_VARIANTS} | ({"paper"} if "shuffled" in methods else set())
-    stats_cache = {}
     for variant in sorted(needed):
         calibrate_options, allocation_options = SENSILORA_VARIANTS[variant]
         key = tuple(sorted(calibrate_options.items()))
         start = time.perf_counter()
-        if key not in stats_cache:
-            stats_cache[key] = sensilora.calibrate(
+        if key not in context.stats:
+            context.stats[key] = sensilora.calibrate(
                 context.base, calibration_batches, progress=False, **calibrate_options
             )
         config = sensilora.AllocationConfig(avg_rank=context.avg_rank, budget="params", **allocation_options)
-        context.allocations[variant] = sensilora.allocate(stats_cache[key], config, model=context.base)
+        context.allocations[variant] = sensilora.allocate(context.stats[key], config, model=context.base)
         context.calibration_seconds[variant] = time.perf_counter() - start
     if {"eva", "eva-ranks"} & set(methods):
         start = time.perf_counter()

@@ -20,19 +20,17 @@ trainable-parameter budget ``avg_rank * sum(d_out + d_in)``. Each returns ``{mod
 from __future__ import annotations
 
 import heapq
-import re
 
 import numpy as np
 import torch
 from sensilora.allocation.budgets import largest_rank, sra_ranks
-
-LAYER_INDEX = re.compile(r"\.(\d+)\.")
+from sensilora.calibration.targets import layer_and_kind
 
 
 def depth_and_type(name: str) -> tuple[int, str]:
     """``model.layers.11.mlp.down_proj`` -> (11, ``mlp.down_proj``); a name without a layer index: (0, name)."""
-    found = LAYER_INDEX.search(name)
-    return (int(found.group(1)), name[found.end() :]) if found else (0, name)
+    layer, kind = layer_and_kind(name)
+    return layer or 0, kind
 
 
 def parameter_budget(shapes: dict[str, tuple[int, int]], avg_rank: int) -> int:

@@ -28,14 +28,15 @@ reuses it and only rewrites the tables and the plot.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import sensilora
 import torch
+from sensilora.integrations.report import budget_by_kind
 from tqdm import tqdm
 
 from benchmarks.common import environment, write_results
@@ -101,8 +102,9 @@ def mean_gradients(setup, batches) -> dict[str, torch.Tensor]:
     return {name: module.weight.grad / len(batches) for name, module in modules.items()}
 
 
-def allocations(setup, batches, avg_rank: int, with_eva: bool) -> dict[str, dict[str, int]]:
-    """Every rule's ranks from the calibration ``batches`` (the data-driven rules read nothing else)."""
+def allocations(setup, batches, avg_rank: int, with_eva: bool) -> tuple[dict[str, dict[str, int]], M.TaskContext]:
+    """Every rule's ranks from the calibration ``batches`` (the data-driven rules read nothing else), and the
+    context that holds the library variants' allocations and statistics."""
     context = M.TaskContext(setup.base, setup.targets, avg_rank, setup.task_type, steps=1)
     M.prepare(context, [*VARIANTS, *(["eva-ranks"] if with_eva else [])], batches, batches)
     found = {variant: context.allocations[variant].ranks for variant in VARIANTS}
@@ -110,8 +112,7 @@ def allocations(setup, batches, avg_rank: int, with_eva: bool) -> dict[str, dict
     for variant in ("paper", "rank"):
         found[f"{variant}-pooled"] = R.pooled_ranks(context.allocations[variant].theta, shapes, avg_rank)
     gradients = mean_gradients(setup, batches)
-    stats = sensilora.calibrate(setup.base, batches, progress=False)
-    hessians = {name: stats.hessian_diag(name) for name in shapes}
+    hessians = {name: hessian_stats(context).hessian_diag(name) for name in shapes}
     modules = dict(setup.base.named_modules())
     found["gora"] = R.gora_ranks({n: modules[n].weight.detach() for n in shapes}, gradients, shapes, avg_rank)
     found["gradient-spectrum"] = R.greedy_ranks(R.gradient_spectrum_values(gradients, hessians), shapes, avg_rank)
@@ -121,18 +122,19 @@ def allocations(setup, batches, avg_rank: int, with_eva: bool) -> dict[str, dict
         found[f"shuffled#{seed}"] = M.shuffled_allocation(context.allocations["paper"], seed).ranks
     found["uniform"] = dict.fromkeys(shapes, avg_rank)
     found["structural"] = R.structural_ranks(shapes, avg_rank)
-    return found
+    return found, context
 
 
-def type_share_ratio(ranks, shapes) -> float:
-    """The largest (module type's share of the parameters) / (its share under uniform ranks)."""
-    spent, uniform = {}, {}
-    for name, (d_out, d_in) in shapes.items():
-        kind = R.depth_and_type(name)[1]
-        spent[kind] = spent.get(kind, 0) + ranks[name] * (d_out + d_in)
-        uniform[kind] = uniform.get(kind, 0) + d_out + d_in
-    total, total_uniform = sum(spent.values()), sum(uniform.values())
-    return max((spent[k] / total) / (uniform[k] / total_uniform) for k in spent)
+def hessian_stats(context: M.TaskContext):
+    """The Hessian-diagonal statistics ``M.prepare`` calibrated for the paper's variant (no options)."""
+    return context.stats[tuple(sorted(M.SENSILORA_VARIANTS["paper"][0].items()))]
+
+
+def type_share_ratio(ranks, template) -> float:
+    """The largest (module type's share of the parameters) / (its share under uniform ranks), for ``ranks``
+    on the matrices of the allocation ``template``."""
+    shares = budget_by_kind(dataclasses.replace(template, ranks=ranks))
+    return max(row["share"] / row["uniform_share"] for row in shares.values())
 
 
 def screen_task(key: str, config: dict, device: torch.device) -> tuple[list[dict], dict]:
@@ -145,11 +147,11 @@ def screen_task(key: str, config: dict, device: torch.device) -> tuple[list[dict
         raise SystemExit(
             f"{label}: {len(setup.calibration)} calibration batch(es); the halves need 2: raise calibration_samples"
         )
-    full = allocations(setup, setup.calibration, avg, with_eva=True)
-    halves = [allocations(setup, setup.calibration[part::2], avg, with_eva=False) for part in (0, 1)]
+    full, context = allocations(setup, setup.calibration, avg, with_eva=True)
+    halves = [allocations(setup, setup.calibration[part::2], avg, with_eva=False)[0] for part in (0, 1)]
     rules_seconds = time.perf_counter() - started
-    shapes = {n: tuple(dict(setup.base.named_modules())[n].weight.shape) for n in setup.targets}
-    hessians = sensilora.calibrate(setup.base, setup.calibration, progress=False)
+    template = context.allocations["paper"]
+    shapes, hessians = template.shapes, hessian_stats(context)
     teachers, whitened, plain = [], [], []
     for seed in tqdm(range(config["teacher_seeds"]), desc=f"{label}: teachers"):
         deltas, record = train_teacher(setup, config[f"{key}_teacher_steps"], config[f"{key}_teacher_lr"], seed)
@@ -172,7 +174,7 @@ def screen_task(key: str, config: dict, device: torch.device) -> tuple[list[dict
         ranks = ranks_per_teacher[0]
         spend = sum(ranks[n] * sum(shapes[n]) for n in shapes) / budget
         result = {"task": label, "rule": rule, **scores(ranks_per_teacher), "spend": spend,
-                  "type_share_ratio": type_share_ratio(ranks, shapes), "max_rank": max(ranks.values())}  # fmt: skip
+                  "type_share_ratio": type_share_ratio(ranks, template), "max_rank": max(ranks.values())}  # fmt: skip
         if stable is not None:
             result["halves_spearman"] = R.spearman(*stable)
             result["halves_shared_budget"] = R.shared_parameters(*stable, shapes)
