@@ -134,24 +134,49 @@ def test_confirmation_contrasts_are_paired_and_holm_corrected():
     from benchmarks.quality.train import RunResult
 
     generator = np.random.default_rng(1)
+    uniform = confirm.baseline(2)
     results = []
     for seed in range(4):
         base = 3.9 + generator.normal(0, 0.01)
-        for shift, method in zip(
-            (0.0, 0.01, -0.02, 0.0, 0.03, 0.0), (confirm.BASELINE, *confirm.CANDIDATES), strict=True
-        ):
-            nll = base + shift + generator.normal(0, 0.001)
-            results.append(RunResult(method, seed, {"nll": nll, "perplexity": np.exp(nll)}, 10, 0.1, None, {},
+        for shift, method in zip((0.0, 0.01, -0.02, 0.0, 0.03, 0.0), (uniform, *confirm.CANDIDATES), strict=True):
+            kl = base + shift + generator.normal(0, 0.001)
+            results.append(RunResult(method, seed, {"kl": kl, "nll": 0.0}, 10, 0.1, None, {},
                                      update_norms={"model.layers.0.mlp.down_proj": 1.0 + shift}))  # fmt: skip
-    rows, contrasts = confirm.summarise(results)
+    rows, contrasts = confirm.summarise(results, uniform, "kl")
     by_name = {c["contrast"]: c for c in contrasts}
-    paper = by_name[f"paper-rs vs {confirm.BASELINE}"]
-    nll = {m: np.array([r.metrics["nll"] for r in results if r.method == m]) for m in (confirm.BASELINE, "paper-rs")}
-    assert paper["improvement"] == pytest.approx(float((nll[confirm.BASELINE] - nll["paper-rs"]).mean()))
-    assert paper["improvement"] < 0 and by_name[f"shuffled-rs vs {confirm.BASELINE}"]["improvement"] > 0
+    paper = by_name[f"paper-rs vs {uniform}"]
+    kl = {m: np.array([r.metrics["kl"] for r in results if r.method == m]) for m in (uniform, "paper-rs")}
+    assert paper["improvement"] == pytest.approx(float((kl[uniform] - kl["paper-rs"]).mean()))
+    assert paper["improvement"] < 0 and by_name[f"shuffled-rs vs {uniform}"]["improvement"] > 0
     assert all(c["p_holm"] >= c["p"] for c in contrasts) and len(contrasts) == len(confirm.CONTRASTS)
-    assert {r["method"] for r in rows} == {confirm.BASELINE, *confirm.CANDIDATES}
+    assert {r["method"] for r in rows} == {uniform, *confirm.CANDIDATES}
     assert rows[0]["update_norm_by_type"] == {"mlp.down_proj": pytest.approx(1.0)}
+    assert rows[0]["kl_mean"] == pytest.approx(float(kl[uniform].mean()))
+
+
+def test_token_kl_is_the_direct_sum():
+    import torch
+
+    from benchmarks.quality.setups import token_kl
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 7, generator=generator)
+    teacher = torch.log_softmax(torch.randn(2, 5, 7, generator=generator), -1)
+    mask = torch.tensor([[True, True, False, True, True], [True, False, True, True, True]])
+    q = torch.log_softmax(student, -1)
+    expected = [sum(teacher[b, t, v].exp() * (teacher[b, t, v] - q[b, t, v]) for v in range(7))
+                for b in range(2) for t in range(5) if mask[b, t]]  # fmt: skip
+    assert float(token_kl(student, teacher.half(), mask)) == pytest.approx(float(sum(expected) / 8), rel=2e-3)
+    assert float(token_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kjv_chapters_split_every_fifth_chapter():
+    from benchmarks.quality.tasks import kjv_chapters
+
+    split = kjv_chapters()
+    assert len(split["train"]) + len(split["test"]) == 1189 and len(split["test"]) == 238
+    assert split["test"][0].startswith("In the beginning God created the heaven and the earth.")
+    assert not set(split["train"]) & set(split["test"])
 
 
 @pytest.mark.slow
@@ -163,8 +188,13 @@ def test_regime_smoke(tmp_path):
     assert {(r["task"], r["rank"]) for r in data["rows"]} == {
         (regime.TASKS[k][0], rank) for k in regime.TASKS for rank in regime.RANKS
     }
-    assert [v["task"] for v in data["environment"]["verdicts"]] == [regime.TASKS[k][0] for k in regime.TASKS]
+    verdicts = data["environment"]["verdicts"]
+    assert [v["task"] for v in verdicts] == [regime.TASKS[k][0] for k in regime.TASKS]
+    assert [v["metric"] for v in verdicts] == ["nll", "nll", "nll", "kl"]
     assert all(r["trainable_params"] > 0 and "nll_mean" in r for r in data["rows"])
+    distilled = [r for r in data["rows"] if r["task"] == regime.TASKS["distill"][0]]
+    assert all(r["kl_mean"] >= 0 for r in distilled)
+    assert "teacher" in data["environment"]["cost"][regime.TASKS["distill"][0]]["setup"]
     assert (tmp_path / "regime_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -188,9 +218,11 @@ def test_screen_smoke(tmp_path):
 def test_confirmation_smoke(tmp_path):
     from benchmarks.quality import confirm
 
-    assert confirm.main(["--smoke", "--results", str(tmp_path)]) == 0
+    assert confirm.main(["--smoke", "--tasks", "distill", "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "confirm_smoke.json").read_text())
-    assert {r["method"] for r in data["rows"]} == {confirm.BASELINE, *confirm.CANDIDATES}
+    uniform = confirm.baseline(confirm.CONFIGS["smoke"]["distill_avg_rank"])
+    assert {r["method"] for r in data["rows"]} == {uniform, *confirm.CANDIDATES}
+    assert all(r["metric"] == "kl" for r in data["rows"])
     assert len(data["environment"]["contrasts"]) == len(confirm.CONTRASTS)
     assert all(r["update_norm_by_type"] for r in data["rows"])
 

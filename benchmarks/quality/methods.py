@@ -58,6 +58,7 @@ class TaskContext:
     eva_state: dict | None = None
     eva_seconds: float = 0.0
     epoch: Callable | None = None  # epoch(generator) -> the training batches in that generator's order
+    loss: Callable | None = None  # loss(model, batch), where the task's loss is not the model's own
 
 
 def prepare(context: TaskContext, methods, calibration_batches, eva_batches) -> None:

@@ -8,12 +8,12 @@ Uniform LoRA with rsLoRA scaling (``alpha / sqrt(r)``, one alpha for every rank,
 change with the rank) at r = 1, 2, 4, 8, 16, with the same seeds, data order and head initialisation per
 seed at every rank, trained at one stable learning rate per task (a grid step below the best rate the
 method comparison found, which is itself a step below divergence). Scored by held-out NLL (lower is better;
-accuracy and perplexity are recorded beside it).
+accuracy and perplexity are recorded beside it); the distillation task by held-out KL(teacher || student).
 
 Named before the run. A task is in the regime where an allocation can show (PASS) when capacity matters:
 the paired gain of r = 8 over r = 1 (per seed, NLL(r=1) - NLL(r=8)) is positive and at least PASS_RATIO
 times the standard deviation of those paired differences (a paired t statistic of PASS_RATIO * sqrt(n)).
-Below that, heterogeneous ranks cannot be told apart from uniform LoRA with the seeds we can afford, and a
+(On the distillation task the same contrast on the held-out KL.) Below that, heterogeneous ranks cannot be told apart from uniform LoRA with the seeds we can afford, and a
 method comparison on that task says nothing about allocation. Every run is logged as it ends
 (``regime_<config>.runs.jsonl``): a later invocation resumes, so the check can span sessions.
 """
@@ -34,7 +34,7 @@ from benchmarks.quality import methods as M
 from benchmarks.quality.options import parse
 from benchmarks.quality.paired import paired_difference
 from benchmarks.quality.run_quality import RunLog, run_methods
-from benchmarks.quality.setups import nlg_setup, nlu_setup
+from benchmarks.quality.setups import distill_setup, kjv_setup, nlg_setup, nlu_setup
 from benchmarks.quality.train import RunResult
 
 RANKS = (1, 2, 4, 8, 16)
@@ -48,15 +48,28 @@ CONFIGS = {
         "nlu_steps": 360, "nlu_lr": 2e-3, "nlu_checkpoints": (120, 240, 360), "nlu_avg_rank": 4,
         "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 120, "nlg_lr": 1e-3, "nlg_eval_windows": 24,
         "nlg_checkpoints": (40, 80, 120), "nlg_avg_rank": 8, "calibration_samples": 32,
+        # KJV text (a second domain): the NLG settings; 2 seeds first (about 1.3 s a step)
+        "kjv_seeds": 2, "kjv_steps": 120, "kjv_lr": 1e-3, "kjv_checkpoints": (40, 80, 120), "kjv_avg_rank": 8,
+        # distillation: a teacher fully fine-tuned on KJV text (120 steps at 1e-4, about 4 min); students at a
+        # low average rank learn its distributions on 80 training batches, one pass
+        "distill_seeds": 3, "distill_steps": 80, "distill_lr": 1e-3, "distill_checkpoints": (40, 80),
+        "distill_avg_rank": 2, "distill_teacher_steps": 120, "distill_teacher_lr": 1e-4, "distill_windows": 80, "distill_cache": True,
     },
     "smoke": {
         "nlu_seeds": 2, "nlg_seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 3,
         "nlu_lr": 1e-3, "nlu_checkpoints": (3,), "nlu_avg_rank": 4, "nlg_docs": 8, "nlg_len": 16, "nlg_batch": 2,
         "nlg_steps": 2, "nlg_lr": 1e-3, "nlg_eval_windows": 2, "nlg_checkpoints": (2,), "nlg_avg_rank": 8,
-        "calibration_samples": 4,
+        "calibration_samples": 4, "kjv_seeds": 2, "kjv_steps": 2, "kjv_lr": 1e-3, "kjv_checkpoints": (2,),
+        "kjv_avg_rank": 8, "distill_seeds": 2, "distill_steps": 2, "distill_lr": 1e-3, "distill_checkpoints": (2,),
+        "distill_avg_rank": 2, "distill_teacher_steps": 2, "distill_teacher_lr": 1e-4, "distill_windows": 2,
     },
 }  # fmt: skip
-TASKS = {"nlu": ("NLU (MiniLM-L6, KJV genres)", nlu_setup), "nlg": ("NLG (SmolLM2-135M, BBC text)", nlg_setup)}
+TASKS = {
+    "nlu": ("NLU (MiniLM-L6, KJV genres)", nlu_setup),
+    "nlg": ("NLG (SmolLM2-135M, BBC text)", nlg_setup),
+    "kjv": ("NLG (SmolLM2-135M, KJV text)", kjv_setup),
+    "distill": ("Distillation (SmolLM2-135M, KJV teacher)", distill_setup),
+}
 
 
 def uniform_rslora(setup, rank: int, avg_rank: int):
@@ -69,24 +82,27 @@ def uniform_rslora(setup, rank: int, avg_rank: int):
     return peft.get_peft_model(copy.deepcopy(setup.base), config)
 
 
-def run_task(key: str, config: dict, device: torch.device, log: RunLog) -> tuple[list[RunResult], float]:
+def run_task(key: str, config: dict, device: torch.device, log: RunLog):
     """Every (seed, rank) run of one task, resumed from ``log`` (the method comparison's loop: the same head
-    initialisation and dropout stream at every rank of a seed); returns (results, seconds spent here)."""
+    initialisation and dropout stream at every rank of a seed); returns (results, the task's setup, seconds
+    spent here)."""
     label, make = TASKS[key]
     started = time.perf_counter()
     setup = make(config, device)
     avg = config[f"{key}_avg_rank"]
-    context = M.TaskContext(setup.base, setup.targets, avg, setup.task_type, config[f"{key}_steps"], epoch=setup.epoch)
+    context = M.TaskContext(setup.base, setup.targets, avg, setup.task_type, config[f"{key}_steps"],
+                            epoch=setup.epoch, loss=setup.loss)  # fmt: skip
     results = run_methods(
         context, list(METHODS), config[f"{key}_seeds"], setup.epoch, config[f"{key}_lr"], setup.evaluators["test"],
         config[f"{key}_checkpoints"], label, log,
         build=lambda method, _context, _seed: (uniform_rslora(setup, METHODS[method], avg), None),
     )  # fmt: skip
-    return results, time.perf_counter() - started
+    return results, setup, time.perf_counter() - started
 
 
-def summarise(task: str, results: list[RunResult]) -> tuple[list[dict], dict]:
-    """Rows per rank (mean and seed std of each metric) and the task's verdict on the named contrast."""
+def summarise(task: str, results: list[RunResult], primary: str = "nll") -> tuple[list[dict], dict]:
+    """Rows per rank (mean and seed std of each metric) and the task's verdict on the named contrast, on the
+    held-out metric ``primary`` (lower is better)."""
     by_rank = {r: sorted((x for x in results if x.method == m), key=lambda x: x.seed) for m, r in METHODS.items()}
     rows = []
     for rank, runs in by_rank.items():
@@ -98,13 +114,13 @@ def summarise(task: str, results: list[RunResult]) -> tuple[list[dict], dict]:
                 row[f"{metric}_mean"] = float(values.mean())
                 row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         rows.append(row)
-    low = np.array([x.metrics["nll"] for x in by_rank[LOW]])
-    high = np.array([x.metrics["nll"] for x in by_rank[HIGH]])
+    low = np.array([x.metrics[primary] for x in by_rank[LOW]])
+    high = np.array([x.metrics[primary] for x in by_rank[HIGH]])
     contrast = paired_difference(high, low, higher_is_better=False)  # improvement = NLL(r=1) - NLL(r=8)
     spread = float((low - high).std(ddof=1)) if len(low) > 1 else float("nan")
     ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
     verdict = {
-        "task": task, "contrast": f"NLL(r={LOW}) - NLL(r={HIGH})", "gain": contrast["improvement"],
+        "task": task, "metric": primary, "contrast": f"{primary.upper()}(r={LOW}) - {primary.upper()}(r={HIGH})", "gain": contrast["improvement"],
         "ci_low": contrast["ci_low"], "ci_high": contrast["ci_high"], "p": contrast["p"], "paired_std": spread,
         "ratio": float(ratio), "passes": bool(contrast["improvement"] > 0 and ratio >= PASS_RATIO),
     }  # fmt: skip
@@ -122,14 +138,15 @@ def plot(rows: list[dict], verdicts: list[dict], path: Path) -> None:
     for index, task in enumerate(tasks):
         axis = figure.add_subplot(1, len(tasks), index + 1)
         mine = [r for r in rows if r["task"] == task]
-        axis.errorbar([r["rank"] for r in mine], [r["nll_mean"] for r in mine], yerr=[r["nll_std"] for r in mine],
-                      marker="o", capsize=3)  # fmt: skip
-        axis.set_xscale("log", base=2)
         verdict = next(v for v in verdicts if v["task"] == task)
+        metric = verdict.get("metric", "nll")
+        axis.errorbar([r["rank"] for r in mine], [r[f"{metric}_mean"] for r in mine],
+                      yerr=[r[f"{metric}_std"] for r in mine], marker="o", capsize=3)  # fmt: skip
+        axis.set_xscale("log", base=2)
         axis.set_title(f"{task}\n{'PASS' if verdict['passes'] else 'fail'}: gain/spread {verdict['ratio']:.1f}",
                        fontsize=9)  # fmt: skip
         axis.set_xlabel("uniform LoRA rank (rsLoRA)")
-        axis.set_ylabel("held-out NLL")
+        axis.set_ylabel(f"held-out {metric.upper()}")
     figure.savefig(path, dpi=120)
 
 
@@ -142,12 +159,13 @@ def main(argv=None) -> int:
     log = RunLog(None if args.smoke else args.results / f"regime_{name}.runs.jsonl")
     rows, verdicts, cost = [], [], {}
     for key in args.tasks:
-        results, seconds = run_task(key, config, device, log)
-        task_rows, verdict = summarise(TASKS[key][0], results)
+        results, setup, seconds = run_task(key, config, device, log)
+        task_rows, verdict = summarise(TASKS[key][0], results, setup.primary)
         trained = sum(x.curve[max(x.curve)]["seconds"] for x in results)
         cost[TASKS[key][0]] = {
             "seconds_this_invocation": round(seconds, 1),
             "training_seconds_logged": round(trained, 1),
+            **({"setup": setup.record} if setup.record else {}),
         }
         rows += task_rows
         verdicts.append(verdict)

@@ -137,7 +137,8 @@ def run_methods(
         if hasattr(context.base, "classifier"):
             context.base.classifier.reset_parameters()
         model, hook = build(method, context, seed)
-        step_s, peak, curve = train(model, epoch, context.steps, lr, seed, hook, evaluate(model), checkpoints)
+        step_s, peak, curve = train(model, epoch, context.steps, lr, seed, hook, evaluate(model), checkpoints,
+                                    loss_fn=context.loss)  # fmt: skip
         final = curve[max(curve)]
         counts = M.parameter_counts(model)
         norms = update_norms(model)

@@ -44,7 +44,7 @@ from benchmarks.quality import methods as M
 from benchmarks.quality import rules as R
 from benchmarks.quality.options import parse
 from benchmarks.quality.setups import nlg_setup, nlu_setup
-from benchmarks.quality.train import train
+from benchmarks.quality.train import train_teacher, trainable_targets
 
 GAP_TO_TRAIN = 0.5
 SHUFFLES = 5  # permutations of the paper's ranks averaged for the shuffled control
@@ -65,31 +65,6 @@ CONFIGS = {
     },
 }  # fmt: skip
 TASKS = {"nlu": ("NLU (MiniLM-L6, KJV genres)", nlu_setup), "nlg": ("NLG (SmolLM2-135M, BBC text)", nlg_setup)}
-
-
-def trainable_targets(model, targets, seed: int) -> dict[str, torch.nn.Module]:
-    """Freeze ``model`` but the target weights (and a classification head, re-initialised with ``seed``)."""
-    modules = dict(model.named_modules())
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for name in targets:
-        modules[name].weight.requires_grad_(True)
-    if hasattr(model, "classifier"):
-        torch.manual_seed(seed)
-        model.classifier.reset_parameters()
-        model.classifier.requires_grad_(True)
-    return {name: modules[name] for name in targets}
-
-
-def train_teacher(setup, steps: int, lr: float, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """Full fine-tuning of the target matrices; returns ({name: Delta W (d_out, d_in) fp32}, its record)."""
-    model = copy.deepcopy(setup.base)
-    modules = trainable_targets(model, setup.targets, seed)
-    before = {name: module.weight.detach().clone() for name, module in modules.items()}
-    evaluate = setup.evaluators["test"](model)
-    step_s, _, curve = train(model, setup.epoch, steps, lr, seed, evaluate=evaluate, checkpoints=(steps,))
-    deltas = {name: (module.weight.detach() - before[name]).float() for name, module in modules.items()}
-    return deltas, {"seed": seed, "step_s": step_s, **curve[steps]}
 
 
 def mean_gradients(setup, batches) -> dict[str, torch.Tensor]:

@@ -1,15 +1,19 @@
 """The quality tasks as a trainer sees them: a base model, a seeded epoch of training batches, evaluators on
-held-out splits, calibration batches. Shared by the method comparison (``run_quality``) and the regime
-check (``regime``), so both train and score exactly alike.
+held-out splits, calibration batches. Shared by the method comparison (``run_quality``), the regime check
+(``regime``), the teacher screen and the confirmation runs, so all train and score exactly alike.
 
 NLU: MiniLM-L6 classifies KJV verses by the genre of their book (8 classes; fixed stratified train/dev/test
 splits); scored by accuracy and by held-out NLL (mean cross-entropy of the labels). NLG: SmolLM2-135M on
-BBC News text; scored by held-out perplexity and NLL (mean cross-entropy per token)."""
+BBC News text, and on KJV text (a second domain: held-out chapters); scored by held-out perplexity and NLL
+(mean cross-entropy per token). Distillation: SmolLM2-135M with low-rank adapters learns the next-token
+distributions of a teacher, the same model with every target matrix fully fine-tuned on KJV text (dense
+targets, so an adapter's capacity binds within few steps); scored by the held-out KL(teacher || student)
+per token."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +21,7 @@ from sensilora.calibration.models import load_model
 from sensilora.calibration.targets import find_targets
 from sensilora.calibration.text import calibration_batches
 
-from benchmarks.quality.tasks import bbc_news, kjv_genres
+from benchmarks.quality.tasks import bbc_news, kjv_chapters, kjv_genres
 
 Evaluator = Callable[[torch.nn.Module], Callable[[], dict]]  # evaluator(model)() -> {metric: value}
 
@@ -30,6 +34,9 @@ class TaskSetup:
     epoch: Callable  # epoch(generator) -> training batches in that generator's order
     evaluators: dict[str, Evaluator]  # split name ("dev", "test") -> evaluator
     calibration: list[dict]
+    loss: Callable | None = None  # loss(model, batch) where the task's loss is not the model's own .loss
+    primary: str = "nll"  # the held-out metric (lower is better) the regime check and confirmations compare
+    record: dict = field(default_factory=dict)  # what building the task measured (a teacher's metrics, cost)
 
 
 def nlu_setup(config: dict, device: torch.device) -> TaskSetup:
@@ -83,44 +90,157 @@ def with_labels(batch: dict) -> dict:
 
 
 def nlg_setup(config: dict, device: torch.device) -> TaskSetup:
-    """config keys: nlg_docs, nlg_len, nlg_batch, nlg_eval_windows, calibration_samples. One held-out split
-    (windows of the test articles); the learning rate is fixed, not tuned on it."""
-    model, tokenizer, _ = load_model(device=str(device), progress=False)
+    """Causal-LM fine-tuning on BBC News text (see ``lm_setup``)."""
     data = bbc_news()
-    step = max(1, len(data["train"]) // config["nlg_docs"])
-    train_docs = [t for t, _ in data["train"]][::step][: config["nlg_docs"]]
-    test_docs = [t for t, _ in data["test"]]
-    length, batch = config["nlg_len"], config["nlg_batch"]
-    train_batches = calibration_batches(tokenizer, train_docs, 10**6, length, batch, seed=1)
-    test_windows = calibration_batches(tokenizer, test_docs, config["nlg_eval_windows"], length, 8, seed=2)
+    return lm_setup(config, device, [t for t, _ in data["train"]], [t for t, _ in data["test"]])
+
+
+def kjv_setup(config: dict, device: torch.device) -> TaskSetup:
+    """Causal-LM fine-tuning on KJV text: training chapters, held-out chapters (see ``lm_setup``)."""
+    data = kjv_chapters()
+    return lm_setup(config, device, data["train"], data["test"])
+
+
+@dataclass
+class TextWindows:
+    """A causal-LM task's text: training batches (B, T), held-out windows (8, T), calibration batches."""
+
+    train: list[dict]
+    test: list[dict]
+    calibration: list[dict]
+
+
+def text_windows(config: dict, tokenizer, train_texts: list[str], test_texts: list[str]) -> TextWindows:
+    """Windows of ``nlg_len`` tokens: training batches of ``nlg_batch`` from ``nlg_docs`` of ``train_texts``
+    (evenly spaced), ``nlg_eval_windows`` held-out windows of ``test_texts``, ``calibration_samples``
+    calibration windows of the training documents (another seed)."""
+    step = max(1, len(train_texts) // config["nlg_docs"])
+    train_docs = train_texts[::step][: config["nlg_docs"]]
+    length = config["nlg_len"]
+    return TextWindows(
+        [with_labels(b) for b in calibration_batches(tokenizer, train_docs, 10**6, length, config["nlg_batch"], seed=1)],
+        calibration_batches(tokenizer, test_texts, config["nlg_eval_windows"], length, 8, seed=2),
+        [with_labels(b) for b in calibration_batches(tokenizer, train_docs, config["calibration_samples"], length, 8, seed=3)],
+    )  # fmt: skip
+
+
+def epoch_over(batches: list[dict]) -> Callable:
+    """epoch(generator): ``batches`` in that generator's order."""
 
     def epoch(generator):
-        for index in torch.randperm(len(train_batches), generator=generator).tolist():
-            yield with_labels(train_batches[index])
+        for index in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[index]
 
-    def scores_on(batches) -> Evaluator:
-        def evaluate(peft_model):
-            def run():  # cross-entropy from the logits: a model's .loss may carry a regulariser (AdaLoRA's does)
-                total, count = 0.0, 0
-                for b in batches:
-                    b = {k: v.to(device) for k, v in with_labels(b).items()}
-                    logits = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    labels = b["labels"][:, 1:]
-                    total += float(
-                        torch.nn.functional.cross_entropy(
-                            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
-                        )
-                    )
-                    count += int((labels != -100).sum())
-                return {"perplexity": float(np.exp(total / count)), "nll": total / count}
+    return epoch
 
-            return run
 
-        return evaluate
+def lm_setup(config: dict, device: torch.device, train_texts: list[str], test_texts: list[str]) -> TaskSetup:
+    """SmolLM2-135M fine-tuned on windows of ``train_texts``, scored on windows of ``test_texts`` (see
+    ``text_windows`` for the config keys). One held-out split; the learning rate is fixed, not tuned on it."""
+    model, tokenizer, _ = load_model(device=str(device), progress=False)
+    text = text_windows(config, tokenizer, train_texts, test_texts)
+    return TaskSetup(model, sorted(find_targets(model)), "CAUSAL_LM", epoch_over(text.train),
+                     {"test": lambda m: lambda: next_token_scores(m, text.test, device)}, text.calibration)  # fmt: skip
 
-    calibration = [
-        with_labels(b)
-        for b in calibration_batches(tokenizer, train_docs, config["calibration_samples"], length, 8, seed=3)
-    ]
-    return TaskSetup(model, sorted(find_targets(model)), "CAUSAL_LM", epoch,
-                     {"test": scores_on(test_windows)}, calibration)  # fmt: skip
+
+@torch.no_grad()
+def next_token_scores(model, batches, device, teacher_logprobs=None) -> dict:
+    """Held-out next-token metrics of ``model`` on ``batches``: NLL per token and perplexity, and where the
+    teacher's log-probabilities (one (B, T-1, V) tensor per batch) are given, KL(teacher || model) per
+    token. From the logits: a model's .loss may carry a regulariser (AdaLoRA's does)."""
+    total, divergence, count = 0.0, 0.0, 0
+    for index, b in enumerate(batches):
+        b = {k: v.to(device) for k, v in with_labels(b).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                         reduction="sum"))  # fmt: skip
+        if teacher_logprobs is not None:
+            mask = labels != -100
+            divergence += float(token_kl(logits, teacher_logprobs[index].to(device), mask) * mask.sum())
+        count += int((labels != -100).sum())
+    scores = {"perplexity": float(np.exp(total / count)), "nll": total / count}
+    return scores if teacher_logprobs is None else {**scores, "kl": divergence / count}
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where ``mask`` is true of KL(teacher || student) in nats, fp32.
+    student_logits (B, T, V), teacher_logprobs (B, T, V) any float dtype, mask (B, T) bool."""
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    teacher = teacher_logprobs.float()
+    per_token = (teacher.exp() * (teacher - student)).sum(-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cached_teacher(setup: TaskSetup, config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The distillation teacher's updates and record (``train.train_teacher``, seed 0), kept between
+    invocations in ``SENSILORA_QUALITY_CACHE`` (default ~/.cache/sensilora-quality) under the SHA-256 of the
+    settings that make it, where ``distill_cache`` is set; a teacher trained elsewhere is not reused."""
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.quality.train import train_teacher
+
+    steps, lr = config["distill_teacher_steps"], config["distill_teacher_lr"]
+    if not config.get("distill_cache"):
+        return train_teacher(setup, steps, lr, seed=0)
+    keys = ("nlg_docs", "nlg_len", "nlg_batch", "nlg_eval_windows", "distill_teacher_steps", "distill_teacher_lr")
+    digest = hashlib.sha256(json.dumps({k: config[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("SENSILORA_QUALITY_CACHE", Path.home() / ".cache" / "sensilora-quality"))
+    path = folder / f"distill-teacher-{digest}.safetensors"
+    if path.exists():
+        return load_file(path), json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    deltas, record = train_teacher(setup, steps, lr, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in deltas.items()}, path.with_suffix(".tmp"))
+    path.with_suffix(".json").write_text(json.dumps(record), encoding="utf-8")
+    path.with_suffix(".tmp").rename(path)
+    return deltas, record
+
+
+def distill_setup(config: dict, device: torch.device) -> TaskSetup:
+    """The student is SmolLM2-135M; the teacher the same model with every target matrix fully fine-tuned on
+    KJV text (``distill_teacher_steps`` at ``distill_teacher_lr``, seed 0, on every training window). The
+    student learns the teacher's next-token distributions (KL(teacher || student) per token) on the first
+    ``distill_windows`` training batches and is scored on the held-out chapters' windows; calibration reads
+    the training text. The teacher's log-probabilities are computed once (fp16) and reused by every run."""
+    import copy
+    import time
+
+    started = time.perf_counter()
+    model, tokenizer, _ = load_model(device=str(device), progress=False)
+    data = kjv_chapters()
+    text = text_windows(config, tokenizer, data["train"], data["test"])
+    targets = sorted(find_targets(model))
+    teacher = copy.deepcopy(model)
+    as_lm = TaskSetup(teacher, targets, "CAUSAL_LM", epoch_over(text.train),
+                      {"test": lambda m: lambda: next_token_scores(m, text.test, device)}, text.calibration)  # fmt: skip
+    deltas, record = cached_teacher(as_lm, config)
+    modules = dict(teacher.named_modules())
+    teacher.eval()
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            modules[name].weight.add_(delta.to(modules[name].weight.dtype))
+        del deltas
+
+        def logprobs(batch):  # (B, T-1, V) fp16: the teacher's next-token distribution at each position
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            logits = teacher(**inputs).logits
+            return torch.log_softmax(logits[:, :-1].float(), dim=-1).half()
+
+        train = [{**b, "teacher_logprobs": logprobs(b)} for b in text.train[: config["distill_windows"]]]
+        test_logprobs = [logprobs(b) for b in text.test]
+    base_scores = next_token_scores(model, text.test, device, test_logprobs)
+
+    def loss(student, batch):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return token_kl(logits, batch["teacher_logprobs"], batch["labels"][:, 1:] != -100)
+
+    record = {"teacher": record, "base_model": base_scores, "seconds": round(time.perf_counter() - started, 1)}
+    return TaskSetup(model, targets, "CAUSAL_LM", epoch_over(train),
+                     {"test": lambda m: lambda: next_token_scores(m, text.test, device, test_logprobs)},
+                     text.calibration, loss=loss, primary="kl", record=record)  # fmt: skip

@@ -76,3 +76,21 @@ def kjv_genres(train: int, dev: int, test: int) -> dict[str, list[tuple[str, int
             taken[name] += 1
             split[name].append((text, label))
     return split
+
+
+def kjv_chapters() -> dict[str, list[str]]:
+    """{'train', 'test'}: the KJV's 1,189 chapters as texts (verses joined by spaces), in canonical order;
+    every 5th chapter is test."""
+    import json
+
+    from sensilora.calibration.text import default_calibration_file
+
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for line in default_calibration_file().read_text(encoding="utf-8").splitlines():
+        if line:
+            record = json.loads(line)
+            chapters.setdefault((record["book"], record["chapter"]), []).append(record["text"])
+    split = {"train": [], "test": []}
+    for index, verses in enumerate(chapters.values()):
+        split["test" if index % 5 == 0 else "train"].append(" ".join(verses))
+    return split

@@ -80,10 +80,12 @@ def train(
     evaluate=None,
     checkpoints=(),
     warmup: float = 0.1,
+    loss_fn=None,
 ) -> tuple[float, float | None, dict[int, dict]]:
     """AdamW over ``steps`` batches in the seed's order, learning rate warmed up linearly over the first
     ``warmup`` fraction of the steps then decayed linearly to 0; ``evaluate()`` (a metrics dict) runs
-    after each step in ``checkpoints``. Returns (median step seconds, peak memory GiB, {step: metrics}).
+    after each step in ``checkpoints``. ``loss_fn(model, batch)`` replaces the model's own ``.loss`` where
+    given (distillation). Returns (median step seconds, peak memory GiB, {step: metrics}).
 
     Peak memory: GPU memory allocated on CUDA; on the CPU the process's peak resident set during
     training (base model included, so only differences between methods are meaningful), or None."""
@@ -104,7 +106,8 @@ def train(
         for batch in batches_for_epoch(generator):
             peft_model.train()
             start = time.perf_counter()
-            loss = peft_model(**{k: v.to(device) for k, v in batch.items()}).loss
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = peft_model(**batch).loss if loss_fn is None else loss_fn(peft_model, batch)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -127,3 +130,32 @@ def train(
         else (peak_rss_gib() if cpu_peak else None)
     )
     return float(np.median(times)), peak, curve
+
+
+def trainable_targets(model, targets, seed: int) -> dict[str, torch.nn.Module]:
+    """Freeze ``model`` but the target weights (and a classification head, re-initialised with ``seed``)."""
+    modules = dict(model.named_modules())
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in targets:
+        modules[name].weight.requires_grad_(True)
+    if hasattr(model, "classifier"):
+        torch.manual_seed(seed)
+        model.classifier.reset_parameters()
+        model.classifier.requires_grad_(True)
+    return {name: modules[name] for name in targets}
+
+
+def train_teacher(setup, steps: int, lr: float, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full fine-tuning of the target matrices of ``setup`` (a quality task); returns ({name: Delta W
+    (d_out, d_in) fp32}, its record: seed, step seconds and the test metrics at the end)."""
+    import copy
+
+    model = copy.deepcopy(setup.base)
+    modules = trainable_targets(model, setup.targets, seed)
+    before = {name: module.weight.detach().clone() for name, module in modules.items()}
+    evaluate = setup.evaluators["test"](model)
+    step_s, _, curve = train(model, setup.epoch, steps, lr, seed, evaluate=evaluate, checkpoints=(steps,),
+                             loss_fn=setup.loss)  # fmt: skip
+    deltas = {name: (module.weight.detach() - before[name]).float() for name, module in modules.items()}
+    return deltas, {"seed": seed, "step_s": step_s, **curve[steps]}
