@@ -91,9 +91,10 @@ def test_gradient_spectrum_is_the_best_rank_k_reduction():
             assert float((gradient * other).sum() + 0.5 * (other**2 * h).sum()) >= model
 
 
-def test_damped_keeps_dead_columns_finite():
-    h = torch.tensor([0.0, 2.0, 4.0])
-    assert torch.equal(R.damped(h, 0.5), torch.tensor([1.0, 3.0, 5.0]))
+def test_gradient_spectrum_damps_dead_columns():
+    gradient, h = torch.ones(1, 3), torch.tensor([0.0, 2.0, 4.0])  # damped: h + 0.01 * 2 = [0.02, 2.02, 4.02]
+    (value,) = R.gradient_spectrum_values({"m": gradient}, {"m": h})["m"]
+    assert value == pytest.approx(1 / 0.02 + 1 / 2.02 + 1 / 4.02, rel=1e-5)
 
 
 def test_gora_ranks_bounds_and_order():

@@ -1,16 +1,19 @@
-"""``allocate``: statistics -> metrics (eqs. 8-10) -> theta (eqs. 11-14) -> ranks (eq. 15 or PRA)."""
+"""``allocate``: statistics -> metrics (eqs. 8-10) -> theta (eqs. 11-14, or another rule of METHOD.md
+section 5) -> ranks (eq. 15, PRA, or the gradient spectrum's greedy)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..calibration.stats import SensitivityStats
 from ..errors import SensiloraError
-from .budgets import assign_ranks
+from .budgets import assign_ranks, largest_rank, sra_ranks
 from .combination import combine
-from .config import AllocationConfig
+from .config import GRADIENT_RULES, AllocationConfig
 from .metrics import compute_metrics
 from .result import RankAllocation
+from .rules import gora_importance, gradient_spectrum_values, greedy_ranks, pooled_theta, structural_theta
 
 
 def allocate(
@@ -18,6 +21,7 @@ def allocate(
     config: AllocationConfig | None = None,
     *,
     model: nn.Module | None = None,
+    gradients: dict[str, torch.Tensor] | None = None,
     progress: bool = False,
     **overrides,
 ) -> RankAllocation:
@@ -25,15 +29,56 @@ def allocate(
 
     config: an ``AllocationConfig`` (default: the paper's SRA at avg_rank 8); ``overrides`` replace
     fields of it, e.g. ``allocate(stats, avg_rank=4, max_rank=16)``. ``model`` (the calibrated model)
-    is needed in obs mode only, for the weights in the saliencies. progress: a bar over the obs metrics.
+    is needed in obs mode and by ``rule="gora"``, for the weights. ``gradients``: {name: (d_out, d_in) mean
+    loss gradient} (``calibration.mean_gradients``) for the gradient rules. progress: a bar over the obs
+    metrics.
     """
     if config is not None and not isinstance(config, AllocationConfig):
         raise SensiloraError(
             f"allocate's second argument is an AllocationConfig, got {type(config).__name__}; pass avg_rank=... by name"
         )
     config = (config or AllocationConfig()).replace(**overrides)
+    if config.rule in GRADIENT_RULES:
+        check_gradients(stats, gradients, config.rule, model)
     module_metrics = compute_metrics(stats, config.k_frac, config.alpha, model=model, progress=progress)
     theta = combine(module_metrics, config.metrics, config.weighting, config.aggregation, config.temperature)
     shapes = {n: tuple(stats.module_shapes[n]) for n in theta}
-    ranks = assign_ranks(theta, shapes, config)
+    if config.rule == "structural":
+        theta = structural_theta(shapes)
+    elif config.rule == "gora":
+        modules = dict(model.named_modules())
+        theta = gora_importance({n: modules[n].weight.detach() for n in shapes}, gradients)
+    elif config.rule == "gradient-spectrum":
+        values = gradient_spectrum_values({n: gradients[n] for n in shapes}, {n: stats.hessian_diag(n) for n in shapes})
+        theta = {n: float(v.sum()) for n, v in values.items()}  # the whole whitened gradient energy, for reports
+    if config.pooling == "type-depth":
+        theta = pooled_theta(theta)
+    if config.rule == "gradient-spectrum":
+        ceilings = {n: min(largest_rank(*shapes[n]), config.max_rank or largest_rank(*shapes[n])) for n in shapes}
+        ranks = greedy_ranks(values, shapes, config.avg_rank * sum(map(sum, shapes.values())), ceilings)
+    elif config.rule == "gora":  # GoRA's clip: [avg / 2, 4 avg] within the configured bounds
+        low = max(config.min_rank, config.avg_rank // 2, 1)
+        high = min(config.max_rank or 4 * config.avg_rank, 4 * config.avg_rank)
+        ranks = sra_ranks(theta, shapes, config.avg_rank, low, "params", high)
+    else:
+        ranks = assign_ranks(theta, shapes, config)
     return RankAllocation(ranks, theta, module_metrics, shapes, config, stats.mode, dict(stats.info), stats.model_name)
+
+
+def check_gradients(stats: SensitivityStats, gradients, rule: str, model: nn.Module | None) -> None:
+    """Refuse, before any work, a gradient rule without the gradients (or, for GoRA, the model's weights)
+    of every calibrated matrix, shapes matching."""
+    if gradients is None:
+        raise SensiloraError(
+            f"rule={rule!r} needs the mean loss gradients: allocate(stats, config, "
+            "gradients=sensilora.calibration.mean_gradients(model, batches))"
+        )
+    missing = [n for n in stats.module_names if n not in gradients]
+    if missing:
+        raise SensiloraError(f"gradients lack {len(missing)} calibrated module(s), e.g. {missing[0]!r}; recompute them")
+    wrong = [n for n in stats.module_names if tuple(gradients[n].shape) != tuple(stats.module_shapes[n])]
+    if wrong:
+        raise SensiloraError(f"gradient of {wrong[0]!r} has shape {tuple(gradients[wrong[0]].shape)}, "
+                             f"the module {tuple(stats.module_shapes[wrong[0]])}; recompute them")  # fmt: skip
+    if rule == "gora" and model is None:
+        raise SensiloraError("rule='gora' needs the model's weights (mean |W * G|): pass model=")

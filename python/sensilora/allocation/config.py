@@ -12,6 +12,9 @@ METRIC_SETS = ("both", "global", "local")
 WEIGHTINGS = ("cv", "equal")
 BUDGETS = ("ranks", "params")
 AGGREGATIONS = ("paper", "rank")
+RULES = ("sensitivity", "structural", "gora", "gradient-spectrum")
+GRADIENT_RULES = ("gora", "gradient-spectrum")  # these read the mean loss gradient (``calibration.gradients``)
+POOLINGS = ("none", "type-depth")
 
 
 def check_choice(label: str, value: object, choices: tuple[str, ...]) -> None:
@@ -60,6 +63,11 @@ class AllocationConfig:
     temperature: theta ** temperature before allocating (1: as combined; 0: uniform; in between: tempered).
     use_rslora: train with rsLoRA scaling alpha / sqrt(r) (one alpha for every rank) instead of alpha / r.
     rank_multiple: every rank a multiple of this (SRA; serving stacks such as vLLM prefer 8 or 16).
+    rule: where theta comes from (METHOD.md section 5): "sensitivity" (the metrics, as above), "structural"
+    (no data: depth + 1), "gora" (GoRA's mean |W * G|, ranks in [avg/2, 4 avg]) or "gradient-spectrum"
+    (greedy on the whitened gradient's singular values); the gradient rules need ``allocate(...,
+    gradients=calibration.mean_gradients(model, batches))``.
+    pooling: "none" or "type-depth" (theta averaged within module type x depth third before the ranks).
     """
 
     avg_rank: int = 8
@@ -76,6 +84,8 @@ class AllocationConfig:
     temperature: float = 1.0
     use_rslora: bool = False
     rank_multiple: int = 1
+    rule: str = "sensitivity"
+    pooling: str = "none"
 
     def __post_init__(self) -> None:
         if self.budget is None:  # frozen: the resolved default is stored as if it had been given
@@ -116,6 +126,18 @@ class AllocationConfig:
             raise SensiloraError(f"max_rank={self.max_rank} is below rank_multiple={self.rank_multiple}; raise it")
         if self.method == "pra" and self.budget != "ranks":
             raise SensiloraError("PRA assigns rank offsets; use budget='ranks' with method='pra'")
+        check_choice("rule", self.rule, RULES)
+        check_choice("pooling", self.pooling, POOLINGS)
+        if self.rule in GRADIENT_RULES and (self.method, self.budget, self.rank_multiple) != ("sra", "params", 1):
+            raise SensiloraError(
+                f"rule={self.rule!r} spends uniform LoRA's parameters rank by rank: use it with method='sra', "
+                "budget='params', rank_multiple=1"
+            )
+        if self.rule == "gradient-spectrum" and (self.pooling != "none" or self.min_rank != 1):
+            raise SensiloraError(
+                "rule='gradient-spectrum' ranks each matrix's own singular values from rank 1: use it with "
+                "pooling='none' and min_rank=1"
+            )
 
     def replace(self, **changes) -> AllocationConfig:
         """A copy with ``changes`` applied (and validated); unknown names are an error."""

@@ -4,10 +4,12 @@
 (``pipelines``: how batches reach the layers) and the lifecycle around the loop (``lifecycle``:
 hooks and flags, checkpoint/resume, the process group, provenance). The batches come from ``batches``
 (the forms users have them in) or ``text`` (files, datasets), the model from ``models``; the result is a
-``SensitivityStats`` (``stats``), merged across runs by ``merge``.
+``SensitivityStats`` (``stats``), merged across runs by ``merge``. ``gradients`` measures the mean loss
+gradient of each target weight, which the gradient allocation rules read.
 """
 
 from .calibrator import calibrate, check_calibration_options
+from .gradients import mean_gradients
 from .merge import merge_statistics
 from .pipelines import forward_kwargs
 from .stats import InputStats, SensitivityStats
@@ -18,5 +20,6 @@ __all__ = [
     "calibrate",
     "check_calibration_options",
     "forward_kwargs",
+    "mean_gradients",
     "merge_statistics",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -168,3 +169,20 @@ def offload_folder() -> str:
     folder = tempfile.mkdtemp(prefix="sensilora-offload-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def with_loss_labels(model: torch.nn.Module, batch: dict[str, Any], needed_by: str) -> dict[str, Any]:
+    """The batch with ``labels`` for the model's own loss: given ones are kept; a causal LM predicts its
+    input (padding set to -100); other models need labels in the calibration batches (``needed_by`` names
+    what asked, for the message)."""
+    if "labels" in batch:
+        return batch
+    if not is_causal_lm_architecture(type(model).__name__):
+        raise SensiloraError(
+            f"{needed_by} needs the loss: give {type(model).__name__} calibration batches with 'labels' "
+            "(e.g. the task's training examples), or use statistic='hessian'"
+        )
+    labels = batch["input_ids"].clone()
+    if batch.get("attention_mask") is not None:
+        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return {**batch, "labels": labels}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...errors import SensiloraError
-from ..models import is_causal_lm_architecture
+from ..models import with_loss_labels
 from .base import ColumnSumsq, Observer
 
 
@@ -75,17 +75,7 @@ class FisherDiagonal(Observer):
     def prepare(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch with ``labels`` for the model's own loss: given ones are kept; a causal LM predicts its
         input (padding set to -100); other models need labels in the calibration batches."""
-        if "labels" in batch:
-            return batch
-        if not is_causal_lm_architecture(type(model).__name__):
-            raise SensiloraError(
-                f"statistic='fisher' needs the loss: give {type(model).__name__} calibration batches with 'labels' "
-                "(e.g. the task's training examples), or use statistic='hessian'"
-            )
-        labels = batch["input_ids"].clone()
-        if batch.get("attention_mask") is not None:
-            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-        return {**batch, "labels": labels}
+        return with_loss_labels(model, batch, "statistic='fisher'")
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
         """Forward with labels, then backward from the model's loss (the hooks collect on the way back)."""
