@@ -128,3 +128,19 @@ def test_rule_options_survive_the_ranks_file(calibrated, tmp_path):
     allocation.save(tmp_path / "ranks.json")
     loaded = RankAllocation.load(tmp_path / "ranks.json")
     assert loaded.config == allocation.config and loaded.ranks == allocation.ranks
+
+
+def test_cli_allocates_with_a_gradient_rule_and_pooling(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from sensilora.cli import main
+
+    base = ["allocate", "--model", str(tiny_model_dir), "--samples", "8", "--seq-len", "64", "--avg-rank", "4",
+            "--min-tokens", "512",
+            "--quiet"]  # fmt: skip
+    for extra in (["--rule", "gora"], ["--rule", "structural", "--pooling", "type-depth"]):
+        output = tmp_path / f"{extra[1]}.json"
+        assert main([*base, *extra, "--output", str(output), "--plot", str(tmp_path / "p.png")]) == 0
+        config = json.loads(output.read_text())["config"]
+        assert config["rule"] == extra[1] and config["pooling"] == (extra[3] if len(extra) > 2 else "none")
+    capsys.readouterr()

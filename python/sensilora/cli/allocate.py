@@ -8,7 +8,8 @@ import warnings
 from pathlib import Path
 
 from ..allocation import AllocationConfig, allocate, check_budget_fits, per_metric_ranks
-from ..calibration import SensitivityStats, calibrate, check_calibration_options
+from ..allocation.config import GRADIENT_RULES, POOLINGS, RULES
+from ..calibration import SensitivityStats, calibrate, check_calibration_options, mean_gradients
 from ..calibration.distributed import join_torchrun
 from ..calibration.models import load_model
 from ..calibration.observers import STATISTICS
@@ -58,6 +59,8 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="theta ** T before allocating (0: uniform)")
     p.add_argument("--rank-multiple", type=int, default=1, help="every rank a multiple of N (serving kernels)")
     p.add_argument("--rslora", action="store_true", help="record rsLoRA scaling (alpha / sqrt(r)) for training")
+    p.add_argument("--rule", choices=RULES, default="sensitivity", help="theta from the metrics, depth, or gradients")
+    p.add_argument("--pooling", choices=POOLINGS, default="none", help="theta averaged per module type x depth third")
     p.add_argument(
         "--statistic",
         choices=STATISTICS,
@@ -144,7 +147,7 @@ def allocation_config(args):
         avg_rank=args.avg_rank, method=args.method, metrics=args.metrics, weighting=args.weighting, k_frac=args.k_frac,
         alpha=args.alpha, min_rank=args.min_rank, max_rank=args.max_rank, budget=args.budget,
         aggregation=args.aggregation, temperature=args.temperature, use_rslora=args.rslora,
-        rank_multiple=args.rank_multiple,
+        rank_multiple=args.rank_multiple, rule=args.rule, pooling=args.pooling,
     )  # fmt: skip
 
 
@@ -203,7 +206,10 @@ def new_statistics(args, config):
         calibration_files={str(f): file_sha256(f) for f in files}, samples=args.samples, seq_len=args.seq_len,
         seed=args.seed, text_field=args.text_field,
     )  # fmt: skip
-    return stats, model, name
+    gradients = None
+    if config.rule in GRADIENT_RULES:
+        gradients = mean_gradients(model, batches, args.target_modules, progress=not args.quiet)
+    return stats, model, name, gradients
 
 
 def saved_statistics(args, config):
@@ -218,7 +224,17 @@ def saved_statistics(args, config):
                 "pass --model DIR"
             )
         model, _, _ = load_model(args.model, args.device, args.dtype, progress=not args.quiet, tokenizer=False)
-    return stats, model, stats.model_name or str(args.from_stats)
+    return stats, model, stats.model_name or str(args.from_stats), None
+
+
+def check_gradient_rule(args, config) -> None:
+    """A gradient rule reads the loss gradients of the whole model on this process's calibration text."""
+    if config.rule not in GRADIENT_RULES:
+        return
+    for refused, why in ((args.from_stats, "--from-stats (saved statistics hold no gradients)"),
+                         (args.sequential, "--sequential"), (args.world > 1, "torchrun")):  # fmt: skip
+        if refused:
+            raise SensiloraError(f"--rule {config.rule} computes the mean gradients in one process: drop {why}")
 
 
 def remove_checkpoint(path: str | None) -> None:
@@ -236,13 +252,14 @@ def run_allocate(args) -> int:
     forced_backend()  # a bad SENSILORA_BACKEND is refused now, not at the first op after the model loads
     check_device(args.device)
     args.rank, args.world, args.device = join_torchrun(args.device)
+    check_gradient_rule(args, config)
     args.checkpoint_path = (
         f"{args.checkpoint}.rank{args.rank}" if args.checkpoint and args.world > 1 else args.checkpoint
     )
     if args.rank != 0:  # only rank 0 reports and writes
         args.quiet = True
-    stats, model, name = saved_statistics(args, config) if args.from_stats else new_statistics(args, config)
-    allocation = allocate(stats, config, model=model, progress=not args.quiet)
+    stats, model, name, gradients = (saved_statistics if args.from_stats else new_statistics)(args, config)
+    allocation = allocate(stats, config, model=model, gradients=gradients, progress=not args.quiet)
     if args.rank != 0:
         remove_checkpoint(args.checkpoint_path)
         return 0
