@@ -1,6 +1,6 @@
 """The screen's view of the allocation rules (``screen.py``): each returns ``{module name: rank}`` at
 uniform LoRA's trainable-parameter budget ``avg_rank * sum(d_out + d_in)``. The rules themselves are the
-library's (``sensilora.allocation.rules``, METHOD.md section 5: the structural prior, pooling, GoRA, the
+library's (``sensilora.allocation.rules``, METHOD.md section 4b: the structural prior, pooling, GoRA, the
 whitened gradient spectrum and its greedy); here they are applied to the screen's inputs, with what only
 the screen needs: the teacher's whitened update spectra and the share of them an allocation captures, and
 the stability measures between calibration halves.

@@ -1,5 +1,5 @@
 """``allocate``: statistics -> metrics (eqs. 8-10) -> theta (eqs. 11-14, or another rule of METHOD.md
-section 5) -> ranks (eq. 15, PRA, or the gradient spectrum's greedy)."""
+section 4b) -> ranks (eq. 15, PRA, or the gradient spectrum's greedy)."""
 
 from __future__ import annotations
 

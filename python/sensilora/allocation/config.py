@@ -63,7 +63,7 @@ class AllocationConfig:
     temperature: theta ** temperature before allocating (1: as combined; 0: uniform; in between: tempered).
     use_rslora: train with rsLoRA scaling alpha / sqrt(r) (one alpha for every rank) instead of alpha / r.
     rank_multiple: every rank a multiple of this (SRA; serving stacks such as vLLM prefer 8 or 16).
-    rule: where theta comes from (METHOD.md section 5): "sensitivity" (the metrics, as above), "structural"
+    rule: where theta comes from (METHOD.md section 4b): "sensitivity" (the metrics, as above), "structural"
     (no data: depth + 1), "gora" (GoRA's mean |W * G|, ranks in [avg/2, 4 avg]) or "gradient-spectrum"
     (greedy on the whitened gradient's singular values); the gradient rules need ``allocate(...,
     gradients=calibration.mean_gradients(model, batches))``.

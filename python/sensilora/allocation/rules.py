@@ -1,4 +1,4 @@
-"""Allocation rules beside the paper's theta (METHOD.md section 5), chosen by ``AllocationConfig.rule`` and
+"""Allocation rules beside the paper's theta (METHOD.md section 4b), chosen by ``AllocationConfig.rule`` and
 ``AllocationConfig.pooling``. Every rule spends uniform LoRA's trainable parameters at ``avg_rank``.
 
 - ``structural``: no data; theta proportional to depth + 1 for every module type, the baseline a

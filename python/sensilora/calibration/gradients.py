@@ -1,5 +1,5 @@
 """The loss gradient of every target weight averaged over the calibration batches: the statistic of the
-gradient rules (``AllocationConfig(rule="gora")`` and ``rule="gradient-spectrum"``, METHOD.md section 5).
+gradient rules (``AllocationConfig(rule="gora")`` and ``rule="gradient-spectrum"``, METHOD.md section 4b).
 
 One forward and backward pass a batch with only the target weights requiring a gradient (every flag restored
 after); the gradients are summed in fp32 and divided by the number of batches. Memory: one fp32 matrix per
