@@ -138,7 +138,7 @@ def test_confirmation_contrasts_are_paired_and_holm_corrected():
     results = []
     for seed in range(4):
         base = 3.9 + generator.normal(0, 0.01)
-        for shift, method in zip((0.0, 0.01, -0.02, 0.0, 0.03, 0.0), (uniform, *confirm.CANDIDATES), strict=True):
+        for shift, method in zip((0.0, 0.01, -0.02, 0.0, 0.03, 0.0, 0.0), (uniform, *confirm.CANDIDATES), strict=True):
             kl = base + shift + generator.normal(0, 0.001)
             results.append(RunResult(method, seed, {"kl": kl, "nll": 0.0}, 10, 0.1, None, {},
                                      update_norms={"model.layers.0.mlp.down_proj": 1.0 + shift}))  # fmt: skip
@@ -152,6 +152,27 @@ def test_confirmation_contrasts_are_paired_and_holm_corrected():
     assert {r["method"] for r in rows} == {uniform, *confirm.CANDIDATES}
     assert rows[0]["update_norm_by_type"] == {"mlp.down_proj": pytest.approx(1.0)}
     assert rows[0]["kl_mean"] == pytest.approx(float(kl[uniform].mean()))
+
+
+def test_default_decision_combines_tasks_and_refuses_a_loss():
+    from benchmarks.quality import confirm
+
+    def contrast(task, candidate, improvement, p, p_holm):
+        return {"task": task, "contrast": f"{candidate} vs lora-rs r=8", "improvement": improvement, "p": p,
+                "p_holm": p_holm}  # fmt: skip
+
+    contrasts = []
+    for task in ("A", "B", "C"):
+        contrasts += [contrast(task, "rank", +0.01, 0.001, 0.005), contrast(task, "paper", +0.05, 0.0001, 0.001),
+                      contrast(task, "rank-rs", -0.001, 0.8, 1.0)]  # fmt: skip
+    contrasts[-2] = contrast("C", "paper", -0.02, 0.001, 0.004)  # the paper loses on C: never the default
+    decision = confirm.decide(contrasts)
+    assert decision["candidates"]["paper"]["worse_on"] == ["C"] and not decision["candidates"]["paper"]["qualifies"]
+    assert decision["default"] == "rank" and decision["why"] == "qualifies"
+    assert decision["candidates"]["rank"]["p_holm"] >= decision["candidates"]["rank"]["p"]
+    only_losses = [c for c in contrasts if not c["contrast"].startswith("rank vs")]
+    assert confirm.decide(only_losses)["default"] == "rank-rs"  # safe, not qualifying
+    assert "none qualifies" in confirm.decide(only_losses)["why"]
 
 
 def test_token_kl_is_the_direct_sum():

@@ -18,9 +18,15 @@ over each task's family; the paper's allocation against its shuffled control (do
 theta know more than the shape of its rank distribution?) and against itself with alpha / r scaling (does
 rsLoRA change it?); Holm over the family. Candidates: the paper's allocation with rsLoRA (the issue's first
 rerun) and with the plain alpha / r scaling the comparison used, its shuffled control with rsLoRA, the
-default (rank aggregation) with rsLoRA, and ``hessian-robust`` with rsLoRA, the rule the teacher screen
-(``screen.py``) scored best on the BBC task. Seeds in the CPU configuration: what a session affords
-(``--seeds 8`` extends every arm from the logs).
+default (rank aggregation) as it ships (alpha / r) and with rsLoRA, and ``hessian-robust`` with rsLoRA,
+the rule the teacher screen (``screen.py``) scored best on the BBC task. Seeds in the CPU configuration:
+what a session affords (``--seeds 8`` extends every arm from the logs).
+
+The default, by the rule named before the run (``decide``; DEFAULTS: every candidate but the control):
+over the tasks run together, Stouffer's combination of each task's one-sided paired p-value of an
+improvement, Holm over the candidates; a candidate qualifies when that is significant and it is
+significantly worse (Holm within the task) on no task; the best qualifying one by Z ships. If none
+qualifies, the best-ranked candidate worse on no task ships, and the result says so.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ from benchmarks.quality import methods as M
 from benchmarks.quality import regime
 from benchmarks.quality import rules as R
 from benchmarks.quality.options import parse
-from benchmarks.quality.paired import holm, paired_difference
+from benchmarks.quality.paired import holm, one_sided, paired_difference, stouffer
 from benchmarks.quality.run_quality import RunLog, run_methods
 
 RSLORA = "-rs"  # a candidate whose name ends so trains with rsLoRA scaling; the others with alpha / r
-CANDIDATES = ("paper-rs", "shuffled-rs", "rank-rs", "paper", "robust-rs")
+CANDIDATES = ("paper-rs", "shuffled-rs", "rank-rs", "paper", "robust-rs", "rank")
+DEFAULTS = ("rank", "rank-rs", "paper", "paper-rs", "robust-rs")  # may ship; the shuffled control may not
+ALPHA = 0.05
 UNIFORM = "uniform"  # stands for the regime check's arm at the task's average rank in CONTRASTS
 CONTRASTS = [(c, UNIFORM) for c in CANDIDATES] + [("paper-rs", "shuffled-rs"), ("paper-rs", "paper")]
 CONFIGS = {
@@ -116,6 +124,35 @@ def summarise(results, uniform: str, primary: str = "nll") -> tuple[list[dict], 
     return rows, contrasts
 
 
+def decide(contrasts: list[dict]) -> dict:
+    """The default by the rule named before the run. Per candidate in DEFAULTS and task, its paired
+    contrast with uniform LoRA (Holm within the task); over the tasks, Stouffer's combination of the
+    one-sided p-values of an improvement (Holm over the candidates). A candidate *qualifies* when that
+    combined test is significant and on no task is it significantly worse (improvement < 0, Holm p < ALPHA);
+    the best qualifying one by Z ships. If none qualifies, the best-ranked *safe* one (worse on no task)
+    ships, and the decision says so; if none is safe, uniform ranks."""
+    tasks = sorted({c["task"] for c in contrasts})
+    found = {}
+    for candidate in DEFAULTS:
+        mine = {c["task"]: c for c in contrasts if c["contrast"].startswith(f"{candidate} vs lora-rs")}
+        if set(mine) != set(tasks) or not all(np.isfinite(c["p"]) for c in mine.values()):
+            continue
+        z, p = stouffer([one_sided(mine[t]) for t in tasks])
+        worse = [t for t in tasks if mine[t]["improvement"] < 0 and mine[t]["p_holm"] < ALPHA]
+        found[candidate] = {"z": z, "p": p, "worse_on": worse,
+                            "improvement": {t: mine[t]["improvement"] for t in tasks}}  # fmt: skip
+    adjusted = holm({c: v["p"] for c, v in found.items()})
+    for candidate, value in found.items():
+        value["p_holm"] = adjusted[candidate]
+        value["qualifies"] = bool(value["p_holm"] < ALPHA and value["z"] > 0 and not value["worse_on"])
+    ranked = sorted(found, key=lambda c: -found[c]["z"])
+    winners = [c for c in ranked if found[c]["qualifies"]]
+    safe = [c for c in ranked if not found[c]["worse_on"]]
+    default = (winners or safe or ["uniform ranks"])[0]
+    why = "qualifies" if winners else ("best-ranked safe candidate; none qualifies" if safe else "none is safe")
+    return {"tasks": tasks, "candidates": found, "default": default, "why": why, "alpha": ALPHA}
+
+
 def confirm_task(key: str, config: dict, device: torch.device, results_dir, smoke: bool):
     """One task's arms (resumed from the logs): (rows, contrasts, record)."""
     label, make_setup = TASKS[key]
@@ -151,12 +188,17 @@ def main(argv=None) -> int:
         task_rows, task_contrasts, records[TASKS[key][0]] = confirm_task(key, config, device, args.results, args.smoke)
         rows += task_rows
         contrasts += task_contrasts
+    decision = decide(contrasts)
     env = {**environment(device), "config": name, "settings": config, "candidates": list(CANDIDATES),
-           "contrasts": contrasts, "tasks": records}  # fmt: skip
+           "contrasts": contrasts, "tasks": records, "decision": decision}  # fmt: skip
     write_results(f"confirm_{name}", env, rows, args.results)
     for c in contrasts:
         print(f"{c['task']}: {c['contrast']}: {c['improvement']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
               f"p {c['p']:.3g} Holm {c['p_holm']:.3g} (n={c['n']})")  # fmt: skip
+    for candidate, value in decision["candidates"].items():
+        print(f"{candidate}: Stouffer Z {value['z']:+.2f}, Holm p {value['p_holm']:.3g}, "
+              f"worse on {value['worse_on'] or 'no task'}")  # fmt: skip
+    print(f"default: {decision['default']} ({decision['why']})")
     return 0
 
 

@@ -38,3 +38,15 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
         running = max(running, min(1.0, (len(order) - rank) * p_values[key]))
         adjusted[key] = running
     return adjusted
+
+
+def one_sided(contrast: dict) -> float:
+    """The one-sided p-value of an improvement > 0 from a two-sided paired test (``paired_difference``)."""
+    p = contrast["p"]
+    return p / 2 if contrast["improvement"] > 0 else 1 - p / 2
+
+
+def stouffer(one_sided_p: list[float]) -> tuple[float, float]:
+    """Stouffer's combination of independent one-sided p-values (one per task): (Z, its one-sided p)."""
+    z = float(np.sum(stats.norm.isf(np.clip(one_sided_p, 1e-300, 1 - 1e-16))) / np.sqrt(len(one_sided_p)))
+    return z, float(stats.norm.sf(z))
