@@ -244,6 +244,8 @@ def test_confirmation_smoke(tmp_path):
     uniform = confirm.baseline(confirm.CONFIGS["smoke"]["distill_avg_rank"])
     assert {r["method"] for r in data["rows"]} == {uniform, *confirm.CANDIDATES}
     assert all(r["metric"] == "kl" for r in data["rows"])
+    assert data["environment"]["decision"]["default"] in (*confirm.DEFAULTS, "uniform ranks")
+    assert (tmp_path / "confirm_smoke.png").read_bytes()[:4] == b"\x89PNG"
     assert len(data["environment"]["contrasts"]) == len(confirm.CONTRASTS)
     assert all(r["update_norm_by_type"] for r in data["rows"])
 

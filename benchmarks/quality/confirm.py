@@ -153,6 +153,29 @@ def decide(contrasts: list[dict]) -> dict:
     return {"tasks": tasks, "candidates": found, "default": default, "why": why, "alpha": ALPHA}
 
 
+def plot(contrasts: list[dict], decision: dict, path) -> None:
+    """Each candidate's paired improvement over uniform LoRA with its 95 % interval, one panel per task."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(c["task"] for c in contrasts))
+    figure = Figure(figsize=(5 * len(tasks), 3.8), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    for index, task in enumerate(tasks):
+        axis = figure.add_subplot(1, len(tasks), index + 1)
+        mine = [c for c in contrasts if c["task"] == task and " vs lora-rs" in c["contrast"]]
+        names = [c["contrast"].split(" vs ")[0] for c in mine]
+        means = np.array([c["improvement"] for c in mine])
+        low, high = np.array([c["ci_low"] for c in mine]), np.array([c["ci_high"] for c in mine])
+        colours = ["tab:green" if n == decision["default"] else "tab:blue" for n in names]
+        axis.barh(names, means, color=colours, xerr=np.nan_to_num([means - low, high - means]), capsize=3)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.invert_yaxis()
+        axis.set_title(f"{task} (n = {mine[0]['n'] if mine else 0} seeds)", fontsize=9)
+        axis.set_xlabel(f"improvement over uniform LoRA ({(mine[0].get('metric') or 'nll').upper() if mine else ''})")
+    figure.savefig(path, dpi=120)
+
+
 def confirm_task(key: str, config: dict, device: torch.device, results_dir, smoke: bool):
     """One task's arms (resumed from the logs): (rows, contrasts, record)."""
     label, make_setup = TASKS[key]
@@ -173,6 +196,8 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     rows, contrasts = summarise(results, baseline(avg), setup.primary)
     for item in (*rows, *contrasts):
         item["task"] = label
+    for contrast in contrasts:
+        contrast["metric"] = setup.primary
     record = {"baseline": baseline(avg), "seconds": round(time.perf_counter() - started, 1), "metric": setup.primary,
               "max_rank": {m: max(a.ranks.values()) for m, a in allocations.items()}}  # fmt: skip
     return rows, contrasts, record
@@ -192,6 +217,7 @@ def main(argv=None) -> int:
     env = {**environment(device), "config": name, "settings": config, "candidates": list(CANDIDATES),
            "contrasts": contrasts, "tasks": records, "decision": decision}  # fmt: skip
     write_results(f"confirm_{name}", env, rows, args.results)
+    plot(contrasts, decision, args.results / f"confirm_{name}.png")
     for c in contrasts:
         print(f"{c['task']}: {c['contrast']}: {c['improvement']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
               f"p {c['p']:.3g} Holm {c['p_holm']:.3g} (n={c['n']})")  # fmt: skip
