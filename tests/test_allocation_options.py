@@ -205,3 +205,41 @@ def test_an_extreme_allocation_is_named_with_its_share(tmp_path, capsys):
     )
     assert main(args) == 0  # rank aggregation: the outlier's scale no longer decides
     assert "extreme allocation" not in capsys.readouterr().err
+
+
+def test_clipped_statistic_scales_outlier_tokens_to_the_bound():
+    """hessian-clipped = (2/N) sum_n min(1, (10 m / ||x_n||)^2) x_n^2 over every real token, by direct
+    computation on activations with planted massive tokens; without outliers it equals the paper's exactly."""
+    from sensilora.calibration.observers.robust import OUTLIER_RATIO
+
+    model, batches = tiny_llama(), random_batches()
+    plain = calibrate(model, batches, progress=False)
+    clipped = calibrate(model, batches, statistic="hessian-clipped", progress=False)
+    for name in plain.module_names:
+        torch.testing.assert_close(clipped.hessian_diag(name), plain.hessian_diag(name), rtol=1e-6, atol=0)
+        assert clipped.num_tokens(name) == plain.num_tokens(name)
+
+    module = dict(model.named_modules())[NAME]
+
+    def massive(_module, args):
+        x = args[0].clone()
+        x[0, 0] *= 500.0
+        x[2, 7] *= 300.0
+        return (x,)
+
+    handle = module.register_forward_pre_hook(massive)
+    try:
+        with_outliers = calibrate(model, batches, statistic="hessian-clipped", progress=False)
+        seen = captured(model, NAME, batches)
+    finally:
+        handle.remove()
+    total, tokens = torch.zeros(with_outliers.module_shapes[NAME][1], dtype=torch.float64), 0
+    for (x, _), batch in zip(seen, batches):
+        norms = x.double().norm(dim=-1)
+        real = batch["attention_mask"].bool()
+        weight = (OUTLIER_RATIO * norms[real].median() / norms).square().clamp(max=1.0)
+        assert int((weight[real] < 1).sum()) >= 1
+        total += (x.double().square() * weight[..., None])[real].sum(0)
+        tokens += int(real.sum())
+    torch.testing.assert_close(with_outliers.hessian_diag(NAME).double(), 2 * total / tokens, rtol=1e-5, atol=1e-12)
+    assert with_outliers.num_tokens(NAME) == tokens and with_outliers.info["statistic"] == "hessian-clipped"

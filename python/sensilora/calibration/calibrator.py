@@ -74,8 +74,9 @@ def calibrate(
     per distinct input, then the damped inverse diagonal). statistic: ``"hessian"`` (the layer-wise
     Hessian proxy, forward passes only, no autograd graph), ``"fisher"`` (diag mode: squared activations
     weighted per token by the squared output-gradient norm of the model's loss; one backward pass a batch)
-    or ``"hessian-robust"`` (diag mode: the Hessian diagonal over each input's tokens whose activation norm
-    is within 10x the median token's, dropping massive activations; METHOD.md section 1d).
+    ``"hessian-robust"`` (diag mode: the Hessian diagonal over each input's tokens whose activation norm
+    is within 10x the median token's, dropping massive activations; METHOD.md section 1d) or
+    ``"hessian-clipped"`` (diag mode: every token kept, its activation norm clipped at 10x the median's).
     exclude_first: leave out the first k real tokens of every sequence (0: every token, exact).
     sequential: run the decoder layers one at a time on ``device`` (default: CUDA if present), the model
     staying where it is: for models larger than the device (``pipelines.LayerSequential``).

@@ -64,7 +64,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--statistic",
         choices=STATISTICS,
-        help="X^T X, loss-aware (fisher), or X^T X without outlier tokens (hessian-robust); unset: hessian",
+        help="X^T X, loss-aware (fisher), X^T X without or with clipped outlier tokens (hessian-robust, "
+        "hessian-clipped); unset: hessian",
     )
     p.add_argument("--exclude-first", type=int, default=0, help="leave out the first K tokens of every window")
     p.add_argument("--target-modules", nargs="+", help="module names/suffixes (unset: every linear layer in blocks)")

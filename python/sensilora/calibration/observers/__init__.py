@@ -11,10 +11,11 @@ from ...errors import SensiloraError
 from .base import Accumulator, ColumnSumsq, Gram, Observer
 from .fisher import FisherDiagonal
 from .hessian import HessianDiagonal, HessianInverse
-from .robust import RobustHessianDiagonal
+from .robust import ClippedHessianDiagonal, RobustHessianDiagonal
 
 OBSERVERS: dict[tuple[str, str], type[Observer]] = {
-    (cls.mode, cls.statistic): cls for cls in (HessianDiagonal, HessianInverse, FisherDiagonal, RobustHessianDiagonal)
+    (cls.mode, cls.statistic): cls
+    for cls in (HessianDiagonal, HessianInverse, FisherDiagonal, RobustHessianDiagonal, ClippedHessianDiagonal)
 }
 MODES = tuple(dict.fromkeys(mode for mode, _ in OBSERVERS))
 STATISTICS = tuple(dict.fromkeys(statistic for _, statistic in OBSERVERS))
@@ -41,6 +42,7 @@ __all__ = [
     "OBSERVERS",
     "STATISTICS",
     "Accumulator",
+    "ClippedHessianDiagonal",
     "ColumnSumsq",
     "FisherDiagonal",
     "Gram",

@@ -38,3 +38,26 @@ class RobustHessianDiagonal(HessianDiagonal):
         mask, _ = super()._mask_for(name, x)
         kept = typical_tokens(x, mask)
         return kept, int(kept.sum())
+
+
+def clipping_weights(x: torch.Tensor, mask: torch.Tensor | None, ratio: float = OUTLIER_RATIO) -> torch.Tensor:
+    """(x.shape[:-1]) fp32 per-token weights of the squared activations that clip each token's L2 norm at
+    ``ratio`` times the median norm of the real tokens (``mask``; None: all): ``min(1, (ratio m / ||x_n||)^2)``,
+    1 for a zero token. x: (..., d) any float dtype."""
+    norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32)
+    real = norms if mask is None else norms[mask.bool()]
+    if not real.numel():
+        return torch.ones_like(norms)
+    return (ratio * real.median() / norms).square().nan_to_num(posinf=1.0).clamp(max=1.0)
+
+
+class ClippedHessianDiagonal(HessianDiagonal):
+    """``diag(H)`` with every token's activation scaled down to at most ``OUTLIER_RATIO`` times the median
+    token's norm at that input (METHOD.md section 1d): an outlier token still counts, as a typical large
+    one; ``num_tokens`` counts every real token. Where no token is an outlier, the paper's statistic."""
+
+    statistic = "hessian-clipped"
+
+    def observe(self, name: str, x: torch.Tensor, row_weight: torch.Tensor | None = None) -> None:
+        mask, _ = self._mask_for(name, x)
+        super().observe(name, x, clipping_weights(x, mask))
