@@ -108,6 +108,8 @@ def test_regime_verdict_is_the_named_contrast():
     assert verdict["passes"] and [r["rank"] for r in rows] == list(regime.RANKS)
     flat = [RunResult(r.method, r.seed, {"nll": 2.0 + generator.normal(0, 0.01)}, 1, 0.1, None, {}) for r in results]
     assert not regime.summarise("T", flat)[1]["passes"]
+    one_seed = [r for r in results if r.seed == 0]
+    assert not regime.summarise("T", one_seed)[1]["passes"]  # no spread, no verdict
 
 
 def test_update_norms_are_the_scaled_lora_products():

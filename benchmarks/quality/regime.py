@@ -117,12 +117,14 @@ def summarise(task: str, results: list[RunResult], primary: str = "nll") -> tupl
     low = np.array([x.metrics[primary] for x in by_rank[LOW]])
     high = np.array([x.metrics[primary] for x in by_rank[HIGH]])
     contrast = paired_difference(high, low, higher_is_better=False)  # improvement = NLL(r=1) - NLL(r=8)
-    spread = float((low - high).std(ddof=1)) if len(low) > 1 else float("nan")
+    spread = float((low - high).std(ddof=1)) if len(low) > 1 else float("nan")  # one seed: no verdict
     ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
+    ratio = ratio if len(low) > 1 else float("nan")
     verdict = {
         "task": task, "metric": primary, "contrast": f"{primary.upper()}(r={LOW}) - {primary.upper()}(r={HIGH})", "gain": contrast["improvement"],
         "ci_low": contrast["ci_low"], "ci_high": contrast["ci_high"], "p": contrast["p"], "paired_std": spread,
-        "ratio": float(ratio), "passes": bool(contrast["improvement"] > 0 and ratio >= PASS_RATIO),
+        "ratio": float(ratio), "seeds": len(low),
+        "passes": bool(contrast["improvement"] > 0 and ratio >= PASS_RATIO),
     }  # fmt: skip
     return rows, verdict
 
