@@ -48,8 +48,7 @@ def gradient_spectrum_values(gradients: dict[str, torch.Tensor], hessian_diags: 
 
 def gora_ranks(weights, gradients, shapes, avg_rank: int) -> dict[str, int]:
     """GoRA's importance, ranks in [avg/2, 4 avg] (as ``allocate(rule="gora")``)."""
-    importance = rules.gora_importance(weights, gradients)
-    return sra_ranks(importance, shapes, avg_rank, max(1, avg_rank // 2), "params", 4 * avg_rank)
+    return rules.gora_ranks(rules.gora_importance(weights, gradients), shapes, avg_rank)
 
 
 def structural_ranks(shapes, avg_rank: int) -> dict[str, int]:

@@ -138,8 +138,12 @@ def lm_setup(config: dict, device: torch.device, train_texts: list[str], test_te
     """SmolLM2-135M fine-tuned on windows of ``train_texts``, scored on windows of ``test_texts`` (see
     ``text_windows`` for the config keys). One held-out split; the learning rate is fixed, not tuned on it."""
     model, tokenizer, _ = load_model(device=str(device), progress=False)
-    text = text_windows(config, tokenizer, train_texts, test_texts)
-    return TaskSetup(model, sorted(find_targets(model)), "CAUSAL_LM", epoch_over(text.train),
+    return lm_task(model, sorted(find_targets(model)), text_windows(config, tokenizer, train_texts, test_texts), device)
+
+
+def lm_task(model, targets: list[str], text: TextWindows, device: torch.device) -> TaskSetup:
+    """Causal-LM fine-tuning of ``model``'s ``targets`` on ``text``, scored on its held-out windows."""
+    return TaskSetup(model, targets, "CAUSAL_LM", epoch_over(text.train),
                      {"test": lambda m: lambda: next_token_scores(m, text.test, device)}, text.calibration)  # fmt: skip
 
 
@@ -153,12 +157,12 @@ def next_token_scores(model, batches, device, teacher_logprobs=None) -> dict:
         b = {k: v.to(device) for k, v in with_labels(b).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         labels = b["labels"][:, 1:]
+        mask = labels != -100
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                                          reduction="sum"))  # fmt: skip
         if teacher_logprobs is not None:
-            mask = labels != -100
             divergence += float(token_kl(logits, teacher_logprobs[index].to(device), mask) * mask.sum())
-        count += int((labels != -100).sum())
+        count += int(mask.sum())
     scores = {"perplexity": float(np.exp(total / count)), "nll": total / count}
     return scores if teacher_logprobs is None else {**scores, "kl": divergence / count}
 
@@ -217,9 +221,7 @@ def distill_setup(config: dict, device: torch.device) -> TaskSetup:
     text = text_windows(config, tokenizer, data["train"], data["test"])
     targets = sorted(find_targets(model))
     teacher = copy.deepcopy(model)
-    as_lm = TaskSetup(teacher, targets, "CAUSAL_LM", epoch_over(text.train),
-                      {"test": lambda m: lambda: next_token_scores(m, text.test, device)}, text.calibration)  # fmt: skip
-    deltas, record = cached_teacher(as_lm, config)
+    deltas, record = cached_teacher(lm_task(teacher, targets, text, device), config)
     modules = dict(teacher.named_modules())
     teacher.eval()
     with torch.no_grad():

@@ -8,12 +8,12 @@ from torch import nn
 
 from ..calibration.stats import SensitivityStats
 from ..errors import SensiloraError
-from .budgets import assign_ranks, largest_rank, sra_ranks
+from .budgets import assign_ranks, largest_rank
 from .combination import combine
 from .config import GRADIENT_RULES, AllocationConfig
 from .metrics import compute_metrics
 from .result import RankAllocation
-from .rules import gora_importance, gradient_spectrum_values, greedy_ranks, pooled_theta, structural_theta
+from .rules import gora_importance, gora_ranks, gradient_spectrum_values, greedy_ranks, pooled_theta, structural_theta
 
 
 def allocate(
@@ -56,10 +56,8 @@ def allocate(
     if config.rule == "gradient-spectrum":
         ceilings = {n: min(largest_rank(*shapes[n]), config.max_rank or largest_rank(*shapes[n])) for n in shapes}
         ranks = greedy_ranks(values, shapes, config.avg_rank * sum(map(sum, shapes.values())), ceilings)
-    elif config.rule == "gora":  # GoRA's clip: [avg / 2, 4 avg] within the configured bounds
-        low = max(config.min_rank, config.avg_rank // 2, 1)
-        high = min(config.max_rank or 4 * config.avg_rank, 4 * config.avg_rank)
-        ranks = sra_ranks(theta, shapes, config.avg_rank, low, "params", high)
+    elif config.rule == "gora":
+        ranks = gora_ranks(theta, shapes, config.avg_rank, config.min_rank, config.max_rank)
     else:
         ranks = assign_ranks(theta, shapes, config)
     return RankAllocation(ranks, theta, module_metrics, shapes, config, stats.mode, dict(stats.info), stats.model_name)

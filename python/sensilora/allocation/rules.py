@@ -55,6 +55,22 @@ def gora_importance(weights: dict[str, torch.Tensor], gradients: dict[str, torch
     return {name: float((weights[name].float() * gradients[name].float()).abs().mean()) for name in gradients}
 
 
+def gora_ranks(
+    importance: dict[str, float],
+    shapes: dict[str, tuple[int, int]],
+    avg_rank: int,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+) -> dict[str, int]:
+    """SRA on GoRA's importance at uniform LoRA's parameters, ranks clipped to GoRA's ``[avg/2, 4 avg]``
+    within ``[min_rank, max_rank]``."""
+    from .budgets import sra_ranks
+
+    low = max(min_rank, avg_rank // 2, 1)
+    high = 4 * avg_rank if max_rank is None else min(max_rank, 4 * avg_rank)
+    return sra_ranks(importance, shapes, avg_rank, low, "params", high)
+
+
 def gradient_spectrum_values(
     gradients: dict[str, torch.Tensor], hessian_diags: dict[str, torch.Tensor], damp: float = GRADIENT_DAMP
 ) -> dict[str, np.ndarray]:

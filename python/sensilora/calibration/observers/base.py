@@ -158,7 +158,11 @@ class Observer:
         if not torch.is_floating_point(x):
             raise SensiloraError(f"module {name!r} received a {x.dtype} input; expected floating point activations")
         mask, tokens = self._mask_for(name, x)
-        accumulator.add(x, mask, tokens, row_weight)
+        accumulator.add(x, mask, tokens, self._row_weight(x, mask, row_weight))
+
+    def _row_weight(self, x: torch.Tensor, mask: torch.Tensor | None, row_weight: torch.Tensor | None):
+        """The per-token weights of ``x``'s squares (None for 1): the caller's; a statistic may derive its own."""
+        return row_weight
 
     def _mask_for(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         lead = tuple(x.shape[:-1])

@@ -58,6 +58,5 @@ class ClippedHessianDiagonal(HessianDiagonal):
 
     statistic = "hessian-clipped"
 
-    def observe(self, name: str, x: torch.Tensor, row_weight: torch.Tensor | None = None) -> None:
-        mask, _ = self._mask_for(name, x)
-        super().observe(name, x, clipping_weights(x, mask))
+    def _row_weight(self, x: torch.Tensor, mask: torch.Tensor | None, row_weight: torch.Tensor | None):
+        return clipping_weights(x, mask)
