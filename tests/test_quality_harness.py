@@ -140,7 +140,8 @@ def test_confirmation_contrasts_are_paired_and_holm_corrected():
     results = []
     for seed in range(4):
         base = 3.9 + generator.normal(0, 0.01)
-        for shift, method in zip((0.0, 0.01, -0.02, 0.0, 0.03, 0.0, 0.0), (uniform, *confirm.CANDIDATES), strict=True):
+        shifts = (0.0, 0.01, -0.02, 0.0, 0.03, 0.0, 0.0, 0.0)
+        for shift, method in zip(shifts, (uniform, *confirm.CANDIDATES), strict=True):
             kl = base + shift + generator.normal(0, 0.001)
             results.append(RunResult(method, seed, {"kl": kl, "nll": 0.0}, 10, 0.1, None, {},
                                      update_norms={"model.layers.0.mlp.down_proj": 1.0 + shift}))  # fmt: skip
@@ -160,8 +161,8 @@ def test_default_decision_combines_tasks_and_refuses_a_loss():
     from benchmarks.quality import confirm
 
     def contrast(task, candidate, improvement, p, p_holm):
-        return {"task": task, "contrast": f"{candidate} vs lora-rs r=8", "improvement": improvement, "p": p,
-                "p_holm": p_holm}  # fmt: skip
+        return {"task": task, "contrast": f"{candidate} vs lora-rs r=8", "method": candidate,
+                "baseline": confirm.UNIFORM, "improvement": improvement, "p": p, "p_holm": p_holm}  # fmt: skip
 
     contrasts = []
     for task in ("A", "B", "C"):
@@ -172,7 +173,7 @@ def test_default_decision_combines_tasks_and_refuses_a_loss():
     assert decision["candidates"]["paper"]["worse_on"] == ["C"] and not decision["candidates"]["paper"]["qualifies"]
     assert decision["default"] == "rank" and decision["why"] == "qualifies"
     assert decision["candidates"]["rank"]["p_holm"] >= decision["candidates"]["rank"]["p"]
-    only_losses = [c for c in contrasts if not c["contrast"].startswith("rank vs")]
+    only_losses = [c for c in contrasts if c["method"] != "rank"]
     assert confirm.decide(only_losses)["default"] == "rank-rs"  # safe, not qualifying
     assert "none qualifies" in confirm.decide(only_losses)["why"]
 
@@ -191,6 +192,20 @@ def test_token_kl_is_the_direct_sum():
                 for b in range(2) for t in range(5) if mask[b, t]]  # fmt: skip
     assert float(token_kl(student, teacher.half(), mask)) == pytest.approx(float(sum(expected) / 8), rel=2e-3)
     assert float(token_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hidden_distance_is_the_direct_sum():
+    import torch
+
+    from benchmarks.quality.setups import hidden_distance
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 4, 3, generator=generator), torch.randn(2, 4, 3, generator=generator)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    expected = [sum((student[b, t, h] - teacher[b, t, h]) ** 2 for h in range(3))
+                for b in range(2) for t in range(4) if mask[b, t]]  # fmt: skip
+    assert float(hidden_distance(student.half(), teacher, mask)) == pytest.approx(float(sum(expected) / 5), rel=2e-3)
+    assert float(hidden_distance(teacher, teacher, mask)) == 0.0
 
 
 def test_kjv_chapters_split_every_fifth_chapter():
@@ -213,11 +228,15 @@ def test_regime_smoke(tmp_path):
     }
     verdicts = data["environment"]["verdicts"]
     assert [v["task"] for v in verdicts] == [regime.TASKS[k][0] for k in regime.TASKS]
-    assert [v["metric"] for v in verdicts] == ["nll", "nll", "nll", "kl"]
-    assert all(r["trainable_params"] > 0 and "nll_mean" in r for r in data["rows"])
+    assert [v["metric"] for v in verdicts] == ["nll", "nll", "nll", "kl", "distance"]
+    assert all(r["trainable_params"] > 0 for r in data["rows"])
+    assert all("nll_mean" in r for r in data["rows"] if r["task"] != regime.TASKS["enc_distill"][0])
     distilled = [r for r in data["rows"] if r["task"] == regime.TASKS["distill"][0]]
     assert all(r["kl_mean"] >= 0 for r in distilled)
-    assert "teacher" in data["environment"]["cost"][regime.TASKS["distill"][0]]["setup"]
+    encoded = [r for r in data["rows"] if r["task"] == regime.TASKS["enc_distill"][0]]
+    setup = data["environment"]["cost"][regime.TASKS["enc_distill"][0]]["setup"]
+    assert all(0 <= r["distance_mean"] for r in encoded) and setup["base_model"]["distance"] > 0
+    assert "teacher" in data["environment"]["cost"][regime.TASKS["distill"][0]]["setup"] and "teacher" in setup
     assert (tmp_path / "regime_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sensilora.allocation.budgets import largest_rank
+from sensilora.allocation.rules import depth_and_type
 
 from benchmarks.quality import rules as R
 
@@ -26,9 +27,9 @@ def spent(ranks, shapes=SHAPES):
 
 
 def test_depth_and_type():
-    assert R.depth_and_type("model.layers.11.mlp.down_proj") == (11, "mlp.down_proj")
-    assert R.depth_and_type("bert.encoder.layer.3.attention.self.query") == (3, "attention.self.query")
-    assert R.depth_and_type("lm_head") == (0, "lm_head")
+    assert depth_and_type("model.layers.11.mlp.down_proj") == (11, "mlp.down_proj")
+    assert depth_and_type("bert.encoder.layer.3.attention.self.query") == (3, "attention.self.query")
+    assert depth_and_type("lm_head") == (0, "lm_head")
 
 
 def test_greedy_equals_brute_force_at_equal_costs():

@@ -6,23 +6,26 @@
     python -m benchmarks.quality.confirm --smoke               # seconds: checks the harness
 
 The tasks that passed the regime check (``regime.py``): SmolLM2-135M on BBC text (120 steps at 1e-3,
-average rank 8) and the distillation of a fully fine-tuned KJV teacher (80 steps at 1e-3, average rank 2);
+average rank 8), the distillation of a fully fine-tuned KJV teacher (80 steps at 1e-3, average rank 2) and
+MiniLM-L6's distillation of a fully fine-tuned genre classifier (240 steps at 1e-3, average rank 2);
 KJV text joins them (one line in TASKS) once it passes. Every allocation is trained with rsLoRA scaling (``alpha / sqrt(r)``, equal to uniform
 LoRA's scale at the average rank), so a high-rank matrix does not take larger first steps than the rest.
 Uniform LoRA is the regime check's arm at the task's average rank (the same seeds, data order and scale:
 its runs are read from the regime log and extended there). Each run logs every matrix's ``||Delta W||_F``.
 
 Named before the run (CANDIDATES, CONTRASTS): each candidate against uniform LoRA on the task's held-out
-metric (NLL; KL for distillation; paired by seed, improvement = metric(uniform) - metric(candidate)), Holm
+metric (NLL; KL, or the squared distance to the teacher's hidden states, for distillation; paired by seed, improvement = metric(uniform) - metric(candidate)), Holm
 over each task's family; the paper's allocation against its shuffled control (does
 theta know more than the shape of its rank distribution?) and against itself with alpha / r scaling (does
 rsLoRA change it?); Holm over the family. Candidates: the paper's allocation with rsLoRA (the issue's first
 rerun) and with the plain alpha / r scaling the comparison used, its shuffled control with rsLoRA, the
 default (rank aggregation) as it ships (alpha / r) and with rsLoRA, and ``hessian-robust`` with rsLoRA,
-the rule the teacher screen (``screen.py``) scored best on the BBC task. Seeds in the CPU configuration:
+the rule the teacher screen (``screen.py``) scored best on the BBC task; and peft's EVA ranks (its rank
+redistribution, rho = 2, with LoRA's standard initialisation) with rsLoRA, a comparison arm (added on
+2026-12-06 before its runs, with the encoder distillation task). Seeds in the CPU configuration:
 what a session affords (``--seeds 8`` extends every arm from the logs).
 
-The default, by the rule named before the run (``decide``; DEFAULTS: every candidate but the control):
+The default, by the rule named before the run (``decide``; DEFAULTS: every candidate but the control and EVA):
 over the tasks run together, Stouffer's combination of each task's one-sided paired p-value of an
 improvement, Holm over the candidates; a candidate qualifies when that is significant and it is
 significantly worse (Holm within the task) on no task; the best qualifying one by Z ships. If none
@@ -39,18 +42,20 @@ import time
 import numpy as np
 import sensilora
 import torch
+from sensilora.allocation.rules import depth_and_type
 
 from benchmarks.common import environment, write_results
 from benchmarks.quality import methods as M
 from benchmarks.quality import regime
-from benchmarks.quality import rules as R
 from benchmarks.quality.options import parse
 from benchmarks.quality.paired import holm, one_sided, paired_difference, stouffer
 from benchmarks.quality.run_quality import RunLog, run_methods
 
 RSLORA = "-rs"  # a candidate whose name ends so trains with rsLoRA scaling; the others with alpha / r
-CANDIDATES = ("paper-rs", "shuffled-rs", "rank-rs", "paper", "robust-rs", "rank")
-DEFAULTS = ("rank", "rank-rs", "paper", "paper-rs", "robust-rs")  # may ship; the shuffled control may not
+CANDIDATES = ("paper-rs", "shuffled-rs", "rank-rs", "paper", "robust-rs", "rank", "eva-ranks-rs")
+# may ship; the shuffled control may not, nor EVA's ranks (peft's method, the comparison every table keeps)
+DEFAULTS = ("rank", "rank-rs", "paper", "paper-rs", "robust-rs")
+EVA = "eva-ranks-rs"
 ALPHA = 0.05
 UNIFORM = "uniform"  # stands for the regime check's arm at the task's average rank in CONTRASTS
 CONTRASTS = [(c, UNIFORM) for c in CANDIDATES] + [("paper-rs", "shuffled-rs"), ("paper-rs", "paper")]
@@ -67,10 +72,11 @@ def baseline(avg_rank: int) -> str:
 
 
 def candidate_allocations(context: M.TaskContext, calibration) -> dict:
-    """Each candidate's RankAllocation (the shuffled control's: the paper's, permuted per seed by ``build``),
-    its scaling recorded in its config."""
-    variant = {c: c.removesuffix(RSLORA).replace("shuffled", "paper") for c in CANDIDATES}
-    M.prepare(context, sorted(set(variant.values())), calibration, calibration)
+    """Each sensilora candidate's RankAllocation (the shuffled control's: the paper's, permuted per seed by
+    ``build``), its scaling recorded in its config; EVA's ranks are computed into ``context`` (peft's
+    ``get_eva_state_dict`` on the calibration batches)."""
+    variant = {c: c.removesuffix(RSLORA).replace("shuffled", "paper") for c in CANDIDATES if c != EVA}
+    M.prepare(context, [*sorted(set(variant.values())), "eva-ranks"], calibration, calibration)
     return {
         c: dataclasses.replace(a, config=a.config.replace(use_rslora=c.endswith(RSLORA)))
         for c, a in ((c, context.allocations[v]) for c, v in variant.items())
@@ -81,6 +87,8 @@ def build(setup, context, allocations):
     def make(method: str, _context, seed: int):
         if method == baseline(context.avg_rank):
             return regime.uniform_rslora(setup, context.avg_rank, context.avg_rank), None
+        if method == EVA:
+            return regime.uniform_rslora(setup, context.avg_rank, context.avg_rank, M.eva_ranks(context)), None
         allocation = allocations[method]
         if method.startswith("shuffled"):
             allocation = M.shuffled_allocation(allocation, seed)
@@ -105,7 +113,7 @@ def summarise(results, uniform: str, primary: str = "nll") -> tuple[list[dict], 
         norms = [runs[s].update_norms for s in seeds if runs[s].update_norms]
         by_type = {}
         for name in norms[0] if norms else {}:
-            by_type.setdefault(R.depth_and_type(name)[1], []).append(np.mean([n[name] for n in norms]))
+            by_type.setdefault(depth_and_type(name)[1], []).append(np.mean([n[name] for n in norms]))
         means = {f"{k}_mean": float(np.mean([runs[s].metrics[k] for s in seeds]))
                  for k in runs[seeds[0]].metrics if k != "seconds"}  # fmt: skip
         rows.append({"method": method, "seeds": len(seeds), "metric": primary, **means,
@@ -113,11 +121,11 @@ def summarise(results, uniform: str, primary: str = "nll") -> tuple[list[dict], 
                      "trainable_params": runs[seeds[0]].trainable_parameters,
                      "update_norm_by_type": {k: float(np.mean(v)) for k, v in by_type.items()}})  # fmt: skip
     contrasts = []
-    for method, other in CONTRASTS:
-        other = uniform if other == UNIFORM else other
+    for method, against in CONTRASTS:  # "baseline": the arm as CONTRASTS names it (UNIFORM for uniform LoRA)
+        other = uniform if against == UNIFORM else against
         if method in nll and other in nll:
-            contrasts.append({"contrast": f"{method} vs {other}", "n": len(seeds),
-                              **paired_difference(nll[method], nll[other], higher_is_better=False)})  # fmt: skip
+            contrasts.append({"contrast": f"{method} vs {other}", "method": method, "baseline": against,
+                              "n": len(seeds), **paired_difference(nll[method], nll[other], higher_is_better=False)})  # fmt: skip
     adjusted = holm({c["contrast"]: c["p"] for c in contrasts if np.isfinite(c["p"])})
     for c in contrasts:
         c["p_holm"] = adjusted.get(c["contrast"], float("nan"))
@@ -134,7 +142,7 @@ def decide(contrasts: list[dict]) -> dict:
     tasks = sorted({c["task"] for c in contrasts})
     found = {}
     for candidate in DEFAULTS:
-        mine = {c["task"]: c for c in contrasts if c["contrast"].startswith(f"{candidate} vs lora-rs")}
+        mine = {c["task"]: c for c in contrasts if c["method"] == candidate and c["baseline"] == UNIFORM}
         if set(mine) != set(tasks) or not all(np.isfinite(c["p"]) for c in mine.values()):
             continue
         z, p = stouffer([one_sided(mine[t]) for t in tasks])
@@ -163,8 +171,8 @@ def plot(contrasts: list[dict], decision: dict, path) -> None:
     FigureCanvasAgg(figure)
     for index, task in enumerate(tasks):
         axis = figure.add_subplot(1, len(tasks), index + 1)
-        mine = [c for c in contrasts if c["task"] == task and " vs lora-rs" in c["contrast"]]
-        names = [c["contrast"].split(" vs ")[0] for c in mine]
+        mine = [c for c in contrasts if c["task"] == task and c["baseline"] == UNIFORM]
+        names = [c["method"] for c in mine]
         means = np.array([c["improvement"] for c in mine])
         low, high = np.array([c["ci_low"] for c in mine]), np.array([c["ci_high"] for c in mine])
         colours = ["tab:green" if n == decision["default"] else "tab:blue" for n in names]
@@ -181,9 +189,8 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     label, make_setup = TASKS[key]
     started = time.perf_counter()
     setup = make_setup(config, device)
-    avg = config[f"{key}_avg_rank"]
-    context = M.TaskContext(setup.base, setup.targets, avg, setup.task_type, config[f"{key}_steps"],
-                            epoch=setup.epoch, loss=setup.loss)  # fmt: skip
+    context = regime.task_context(key, setup, config)
+    avg = context.avg_rank
     allocations = candidate_allocations(context, setup.calibration)
     context.allocations = allocations  # the run log's fingerprints: the ranks each candidate trains with
     baseline_log = RunLog(None if smoke else results_dir / "regime_cpu.runs.jsonl")
@@ -199,7 +206,8 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     for contrast in contrasts:
         contrast["metric"] = setup.primary
     record = {"baseline": baseline(avg), "seconds": round(time.perf_counter() - started, 1), "metric": setup.primary,
-              "max_rank": {m: max(a.ranks.values()) for m, a in allocations.items()}}  # fmt: skip
+              "max_rank": {**{m: max(a.ranks.values()) for m, a in allocations.items()},
+                           EVA: max(M.eva_ranks(context).values())}}  # fmt: skip
     return rows, contrasts, record
 
 

@@ -117,7 +117,8 @@ def eva_config(context: TaskContext, init):
 
 
 def eva_ranks(context: TaskContext) -> dict[str, int]:
-    """The ranks EVA redistributed (its state holds one (r, d_in) component matrix per module)."""
+    """The ranks EVA redistributed (its state holds one (r, d_in) component matrix per module; r = 0 where
+    EVA leaves a module without an adapter)."""
     prefix = "base_model.model."
     return {name.removeprefix(prefix): int(tensor.shape[0]) for name, tensor in context.eva_state.items()}
 
@@ -160,8 +161,8 @@ def build(method: str, context: TaskContext, seed: int):
     if method == "eva-ranks":  # EVA's rank redistribution with LoRA's standard initialisation
         ranks = eva_ranks(context)
         config = peft.LoraConfig(
-            r=context.avg_rank, lora_alpha=alpha, target_modules=context.targets, task_type=context.task_type,
-            rank_pattern={pattern_key(n): r for n, r in ranks.items()},
+            r=context.avg_rank, lora_alpha=alpha, task_type=context.task_type,
+            target_modules=[name for name in context.targets if ranks.get(name, 1) > 0], rank_pattern={pattern_key(n): r for n, r in ranks.items()},
             alpha_pattern={pattern_key(n): 2 * r for n, r in ranks.items()},
         )  # fmt: skip
         return peft.get_peft_model(model, config), None

@@ -13,7 +13,8 @@ accuracy and perplexity are recorded beside it); the distillation task by held-o
 Named before the run. A task is in the regime where an allocation can show (PASS) when capacity matters:
 the paired gain of r = 8 over r = 1 (per seed, NLL(r=1) - NLL(r=8)) is positive and at least PASS_RATIO
 times the standard deviation of those paired differences (a paired t statistic of PASS_RATIO * sqrt(n)).
-(On the distillation task the same contrast on the held-out KL.) Below that, heterogeneous ranks cannot be told apart from uniform LoRA with the seeds we can afford, and a
+(On the distillation tasks the same contrast on the held-out KL, or on the encoder's held-out squared
+distance to the teacher's hidden states.) Below that, heterogeneous ranks cannot be told apart from uniform LoRA with the seeds we can afford, and a
 method comparison on that task says nothing about allocation. Every run is logged as it ends
 (``regime_<config>.runs.jsonl``): a later invocation resumes, so the check can span sessions.
 """
@@ -34,7 +35,7 @@ from benchmarks.quality import methods as M
 from benchmarks.quality.options import parse
 from benchmarks.quality.paired import paired_difference
 from benchmarks.quality.run_quality import RunLog, run_methods
-from benchmarks.quality.setups import distill_setup, kjv_setup, nlg_setup, nlu_setup
+from benchmarks.quality.setups import distill_setup, encoder_distill_setup, kjv_setup, nlg_setup, nlu_setup
 from benchmarks.quality.train import RunResult
 
 RANKS = (1, 2, 4, 8, 16)
@@ -54,6 +55,10 @@ CONFIGS = {
         # low average rank learn its distributions on 80 training batches, one pass
         "distill_seeds": 3, "distill_steps": 80, "distill_lr": 1e-3, "distill_checkpoints": (40, 80),
         "distill_avg_rank": 2, "distill_teacher_steps": 120, "distill_teacher_lr": 1e-4, "distill_windows": 80, "distill_cache": True,
+        # encoder distillation: a teacher fully fine-tuned on the NLU task (360 steps at 1e-4, about 2.5 min);
+        # students at a low average rank learn its last hidden states on the NLU training verses, 4 epochs
+        "enc_distill_seeds": 3, "enc_distill_steps": 240, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (80, 160, 240),
+        "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 360, "enc_distill_teacher_lr": 1e-4, "enc_distill_cache": True,
     },
     "smoke": {
         "nlu_seeds": 2, "nlg_seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 3,
@@ -62,6 +67,8 @@ CONFIGS = {
         "calibration_samples": 4, "kjv_seeds": 2, "kjv_steps": 2, "kjv_lr": 1e-3, "kjv_checkpoints": (2,),
         "kjv_avg_rank": 8, "distill_seeds": 2, "distill_steps": 2, "distill_lr": 1e-3, "distill_checkpoints": (2,),
         "distill_avg_rank": 2, "distill_teacher_steps": 2, "distill_teacher_lr": 1e-4, "distill_windows": 2,
+        "enc_distill_seeds": 2, "enc_distill_steps": 2, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (2,),
+        "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 2, "enc_distill_teacher_lr": 1e-4,
     },
 }  # fmt: skip
 TASKS = {
@@ -69,17 +76,30 @@ TASKS = {
     "nlg": ("NLG (SmolLM2-135M, BBC text)", nlg_setup),
     "kjv": ("NLG (SmolLM2-135M, KJV text)", kjv_setup),
     "distill": ("Distillation (SmolLM2-135M, KJV teacher)", distill_setup),
+    "enc_distill": ("Distillation (MiniLM-L6, genre teacher)", encoder_distill_setup),
 }
 
 
-def uniform_rslora(setup, rank: int, avg_rank: int):
+def uniform_rslora(setup, rank: int, avg_rank: int, ranks: dict[str, int] | None = None):
     """A fresh copy of the base model with uniform LoRA of ``rank``, rsLoRA scaling; alpha is chosen so
-    that at ``avg_rank`` the scale equals plain LoRA's alpha / r = 2 (the method comparison's)."""
+    that at ``avg_rank`` the scale equals plain LoRA's alpha / r = 2 (the method comparison's). ``ranks``
+    ({module name: rank}, e.g. EVA's) replace ``rank`` per module, with the same alpha; a module of rank 0
+    is left without an adapter."""
     import peft
+    from sensilora.integrations.lora import pattern_key
 
+    targets = [name for name in setup.targets if (ranks or {}).get(name, rank) > 0]
     config = peft.LoraConfig(r=rank, lora_alpha=2 * math.sqrt(avg_rank), use_rslora=True,
-                             target_modules=setup.targets, task_type=setup.task_type)  # fmt: skip
+                             target_modules=targets, task_type=setup.task_type,
+                             rank_pattern={pattern_key(n): r for n, r in (ranks or {}).items()})  # fmt: skip
     return peft.get_peft_model(copy.deepcopy(setup.base), config)
+
+
+def task_context(key: str, setup, config: dict) -> M.TaskContext:
+    """What every run of task ``key`` shares: its setup's model, targets, loss and data order, the task's
+    average rank of interest and step count from ``config``."""
+    return M.TaskContext(setup.base, setup.targets, config[f"{key}_avg_rank"], setup.task_type,
+                         config[f"{key}_steps"], epoch=setup.epoch, loss=setup.loss)  # fmt: skip
 
 
 def run_task(key: str, config: dict, device: torch.device, log: RunLog):
@@ -89,9 +109,8 @@ def run_task(key: str, config: dict, device: torch.device, log: RunLog):
     label, make = TASKS[key]
     started = time.perf_counter()
     setup = make(config, device)
-    avg = config[f"{key}_avg_rank"]
-    context = M.TaskContext(setup.base, setup.targets, avg, setup.task_type, config[f"{key}_steps"],
-                            epoch=setup.epoch, loss=setup.loss)  # fmt: skip
+    context = task_context(key, setup, config)
+    avg = context.avg_rank
     results = run_methods(
         context, list(METHODS), config[f"{key}_seeds"], setup.epoch, config[f"{key}_lr"], setup.evaluators["test"],
         config[f"{key}_checkpoints"], label, log,

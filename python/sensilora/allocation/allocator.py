@@ -41,9 +41,10 @@ def allocate(
     if config.rule in GRADIENT_RULES:
         check_gradients(stats, gradients, config.rule, model)
     module_metrics = compute_metrics(stats, config.k_frac, config.alpha, model=model, progress=progress)
-    theta = combine(module_metrics, config.metrics, config.weighting, config.aggregation, config.temperature)
-    shapes = {n: tuple(stats.module_shapes[n]) for n in theta}
-    if config.rule == "structural":
+    shapes = {n: tuple(stats.module_shapes[n]) for n in module_metrics}
+    if config.rule == "sensitivity":
+        theta = combine(module_metrics, config.metrics, config.weighting, config.aggregation, config.temperature)
+    elif config.rule == "structural":
         theta = structural_theta(shapes)
     elif config.rule == "gora":
         modules = dict(model.named_modules())
