@@ -63,7 +63,7 @@ CONFIGS = {
     "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3},
     "smoke": {**regime.CONFIGS["smoke"], "nlg_seeds": 2, "distill_seeds": 2},
 }
-TASKS = {key: regime.TASKS[key] for key in ("nlg", "distill")}  # the tasks that pass the regime check
+TASKS = {key: regime.TASKS[key] for key in ("nlg", "distill", "enc_distill")}  # those that pass the regime check
 
 
 def baseline(avg_rank: int) -> str:
