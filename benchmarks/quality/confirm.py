@@ -180,7 +180,8 @@ def plot(contrasts: list[dict], decision: dict, path) -> None:
         axis.axvline(0, color="black", linewidth=0.8)
         axis.invert_yaxis()
         axis.set_title(f"{task} (n = {mine[0]['n'] if mine else 0} seeds)", fontsize=9)
-        axis.set_xlabel(f"improvement over uniform LoRA ({(mine[0].get('metric') or 'nll').upper() if mine else ''})")
+        metric = mine[0].get("metric", "nll") if mine else "nll"
+        axis.set_xlabel(f"improvement over uniform LoRA ({regime.METRIC_LABELS.get(metric, metric)})")
     figure.savefig(path, dpi=120)
 
 

@@ -91,8 +91,11 @@ def uniform_rslora(setup, rank: int, avg_rank: int, ranks: dict[str, int] | None
     targets = [name for name in setup.targets if (ranks or {}).get(name, rank) > 0]
     config = peft.LoraConfig(r=rank, lora_alpha=2 * math.sqrt(avg_rank), use_rslora=True,
                              target_modules=targets, task_type=setup.task_type,
-                             rank_pattern={pattern_key(n): r for n, r in (ranks or {}).items()})  # fmt: skip
+                             rank_pattern={pattern_key(n): r for n, r in (ranks or {}).items() if r > 0})  # fmt: skip
     return peft.get_peft_model(copy.deepcopy(setup.base), config)
+
+
+METRIC_LABELS = {"nll": "NLL", "kl": "KL", "distance": "squared distance"}  # axis labels of the primary metrics
 
 
 def task_context(key: str, setup, config: dict) -> M.TaskContext:
@@ -167,7 +170,7 @@ def plot(rows: list[dict], verdicts: list[dict], path: Path) -> None:
         axis.set_title(f"{task}\n{'PASS' if verdict['passes'] else 'fail'}: gain/spread {verdict['ratio']:.1f}",
                        fontsize=9)  # fmt: skip
         axis.set_xlabel("uniform LoRA rank (rsLoRA)")
-        axis.set_ylabel(f"held-out {metric.upper()}")
+        axis.set_ylabel(f"held-out {METRIC_LABELS.get(metric, metric)}")
     figure.savefig(path, dpi=120)
 
 
