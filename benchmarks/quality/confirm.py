@@ -14,10 +14,10 @@ Uniform LoRA is the regime check's arm at the task's average rank (the same seed
 its runs are read from the regime log and extended there). Each run logs every matrix's ``||Delta W||_F``.
 
 Named before the run (CANDIDATES, CONTRASTS): each candidate against uniform LoRA on the task's held-out
-metric (NLL; KL, or the squared distance to the teacher's hidden states, for distillation; paired by seed, improvement = metric(uniform) - metric(candidate)), Holm
-over each task's family; the paper's allocation against its shuffled control (does
-theta know more than the shape of its rank distribution?) and against itself with alpha / r scaling (does
-rsLoRA change it?); Holm over the family. Candidates: the paper's allocation with rsLoRA (the issue's first
+metric (NLL; for distillation KL, or the squared distance to the teacher's hidden states; paired by seed,
+improvement = metric(uniform) - metric(candidate)), Holm over each task's family; the paper's allocation
+against its shuffled control (does theta know more than the shape of its rank distribution?) and against
+itself with alpha / r scaling (does rsLoRA change it?); Holm over the family. Candidates: the paper's allocation with rsLoRA (the issue's first
 rerun) and with the plain alpha / r scaling the comparison used, its shuffled control with rsLoRA, the
 default (rank aggregation) as it ships (alpha / r) and with rsLoRA, and ``hessian-robust`` with rsLoRA,
 the rule the teacher screen (``screen.py``) scored best on the BBC task; and peft's EVA ranks (its rank

@@ -162,7 +162,8 @@ def build(method: str, context: TaskContext, seed: int):
         ranks = eva_ranks(context)
         config = peft.LoraConfig(
             r=context.avg_rank, lora_alpha=alpha, task_type=context.task_type,
-            target_modules=[name for name in context.targets if ranks.get(name, 1) > 0], rank_pattern={pattern_key(n): r for n, r in ranks.items() if r > 0},
+            target_modules=[name for name in context.targets if ranks.get(name, 1) > 0],
+            rank_pattern={pattern_key(n): r for n, r in ranks.items() if r > 0},
             alpha_pattern={pattern_key(n): 2 * r for n, r in ranks.items() if r > 0},
         )  # fmt: skip
         return peft.get_peft_model(model, config), None

@@ -82,7 +82,8 @@ def shuffled_batches(tensors: dict[str, torch.Tensor], batch: int) -> Callable:
 def nlu_setup(config: dict, device: torch.device) -> TaskSetup:
     """config keys: those of ``genre_splits``, nlu_len, nlu_batch, calibration_samples."""
     base = minilm_classifier(device)
-    train_set, dev_set, test_set = genre_splits(config).values()
+    splits = genre_splits(config)
+    train_set, dev_set, test_set = splits["train"], splits["dev"], splits["test"]
     size = len(train_set["labels"])
 
     def scores_on(split) -> Evaluator:
