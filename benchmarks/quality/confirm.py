@@ -8,8 +8,9 @@
 The tasks that passed the regime check (``regime.py``): SmolLM2-135M on BBC text (120 steps at 1e-3,
 average rank 8), the distillation of a fully fine-tuned KJV teacher (80 steps at 1e-3, average rank 2) and
 MiniLM-L6's distillation of a fully fine-tuned genre classifier (240 steps at 1e-3, average rank 2);
-KJV text joins them (one line in TASKS) once it passes. Every allocation is trained with rsLoRA scaling (``alpha / sqrt(r)``, equal to uniform
-LoRA's scale at the average rank), so a high-rank matrix does not take larger first steps than the rest.
+KJV text joins them (one line in TASKS) once it passes. Every allocation is trained with rsLoRA scaling
+(``alpha / sqrt(r)``, equal to uniform LoRA's scale at the average rank), so a high-rank matrix does not
+take larger first steps than the rest.
 Uniform LoRA is the regime check's arm at the task's average rank (the same seeds, data order and scale:
 its runs are read from the regime log and extended there). Each run logs every matrix's ``||Delta W||_F``.
 
@@ -17,16 +18,16 @@ Named before the run (CANDIDATES, CONTRASTS): each candidate against uniform LoR
 metric (NLL; for distillation KL, or the squared distance to the teacher's hidden states; paired by seed,
 improvement = metric(uniform) - metric(candidate)), Holm over each task's family; the paper's allocation
 against its shuffled control (does theta know more than the shape of its rank distribution?) and against
-itself with alpha / r scaling (does rsLoRA change it?); Holm over the family. Candidates: the paper's allocation with rsLoRA (the issue's first
-rerun) and with the plain alpha / r scaling the comparison used, its shuffled control with rsLoRA, the
+itself with alpha / r scaling (does rsLoRA change it?); Holm over the family. Candidates: the paper's
+allocation with rsLoRA (the issue's first rerun) and with the plain alpha / r scaling the comparison used, its shuffled control with rsLoRA, the
 default (rank aggregation) as it ships (alpha / r) and with rsLoRA, and ``hessian-robust`` with rsLoRA,
 the rule the teacher screen (``screen.py``) scored best on the BBC task; and peft's EVA ranks (its rank
 redistribution, rho = 2, with LoRA's standard initialisation) with rsLoRA, a comparison arm (added on
 2026-12-06 before its runs, with the encoder distillation task). Seeds in the CPU configuration:
 what a session affords (``--seeds 8`` extends every arm from the logs).
 
-The default, by the rule named before the run (``decide``; DEFAULTS: every candidate but the control and EVA):
-over the tasks run together, Stouffer's combination of each task's one-sided paired p-value of an
+The default, by the rule named before the run (``decide``; DEFAULTS: every candidate but the control and
+EVA): over the tasks run together, Stouffer's combination of each task's one-sided paired p-value of an
 improvement, Holm over the candidates; a candidate qualifies when that is significant and it is
 significantly worse (Holm within the task) on no task; the best qualifying one by Z ships. If none
 qualifies, the best-ranked candidate worse on no task ships, and the result says so.

@@ -14,8 +14,8 @@ Named before the run. A task is in the regime where an allocation can show (PASS
 the paired gain of r = 8 over r = 1 (per seed, NLL(r=1) - NLL(r=8)) is positive and at least PASS_RATIO
 times the standard deviation of those paired differences (a paired t statistic of PASS_RATIO * sqrt(n)).
 (On the distillation tasks the same contrast on the held-out KL, or on the encoder's held-out squared
-distance to the teacher's hidden states.) Below that, heterogeneous ranks cannot be told apart from uniform LoRA with the seeds we can afford, and a
-method comparison on that task says nothing about allocation. Every run is logged as it ends
+distance to the teacher's hidden states.) Below that, heterogeneous ranks cannot be told apart from uniform
+LoRA with the seeds we can afford, and a method comparison on that task says nothing about allocation. Every run is logged as it ends
 (``regime_<config>.runs.jsonl``): a later invocation resumes, so the check can span sessions.
 """
 
@@ -139,9 +139,11 @@ def summarise(task: str, results: list[RunResult], primary: str = "nll") -> tupl
     low = np.array([x.metrics[primary] for x in by_rank[LOW]])
     high = np.array([x.metrics[primary] for x in by_rank[HIGH]])
     contrast = paired_difference(high, low, higher_is_better=False)  # improvement = NLL(r=1) - NLL(r=8)
-    spread = float((low - high).std(ddof=1)) if len(low) > 1 else float("nan")  # one seed: no verdict
-    ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
-    ratio = ratio if len(low) > 1 else float("nan")
+    spread = float((low - high).std(ddof=1)) if len(low) > 1 else float("nan")
+    if len(low) < 2:  # one seed: no paired spread, no verdict
+        ratio = float("nan")
+    else:
+        ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
     verdict = {
         "task": task, "metric": primary, "contrast": f"{primary.upper()}(r={LOW}) - {primary.upper()}(r={HIGH})", "gain": contrast["improvement"],
         "ci_low": contrast["ci_low"], "ci_high": contrast["ci_high"], "p": contrast["p"], "paired_std": spread,

@@ -80,9 +80,13 @@ def shuffled_batches(tensors: dict[str, torch.Tensor], batch: int) -> Callable:
 
 
 def nlu_setup(config: dict, device: torch.device) -> TaskSetup:
-    """config keys: those of ``genre_splits``, nlu_len, nlu_batch, calibration_samples."""
-    base = minilm_classifier(device)
-    splits = genre_splits(config)
+    """config keys: those of ``genre_splits``, nlu_len, nlu_batch, calibration_samples (see ``genre_task``)."""
+    return genre_task(minilm_classifier(device), genre_splits(config), config, device)
+
+
+def genre_task(base: torch.nn.Module, splits: dict, config: dict, device: torch.device) -> TaskSetup:
+    """Classification of ``splits`` (``genre_splits``) by ``base``: training batches of ``nlu_batch``,
+    accuracy and NLL on dev and test, ``calibration_samples // 2`` calibration batches of 8 training verses."""
     train_set, dev_set, test_set = splits["train"], splits["dev"], splits["test"]
     size = len(train_set["labels"])
 
@@ -301,12 +305,12 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     import time
 
     started = time.perf_counter()
-    classification = nlu_setup(config, device)
+    splits = genre_splits(config)
+    classification = genre_task(minilm_classifier(device), splits, config, device)
     data_keys = ("nlu_train", "nlu_dev", "nlu_test", "nlu_len", "nlu_batch")
     deltas, record = cached_teacher(classification, config, "enc_distill", data_keys)
     teacher = updated_copy(classification.base, deltas)
     del deltas
-    splits = genre_splits(config)
 
     def last_hidden(model, split) -> torch.Tensor:  # (N, T, H) fp32 on the CPU
         parts = []
@@ -336,8 +340,7 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
 
     base_scores = evaluate(classification.base)()
     record = {"teacher": record, "base_model": base_scores, "seconds": round(time.perf_counter() - started, 1)}
-    calibration = [{k: v[i : i + 8] for k, v in train.items() if k != "teacher_hidden"}
-                   for i in range(0, len(train["input_ids"]), 8)]  # fmt: skip
+    calibration = [{k: v for k, v in batch.items() if k != "labels"} for batch in classification.calibration]
     return TaskSetup(classification.base, classification.targets, "FEATURE_EXTRACTION",
                      shuffled_batches(train, config["nlu_batch"]), {"test": evaluate},
-                     calibration[: config["calibration_samples"] // 2], loss=loss, primary="distance", record=record)  # fmt: skip
+                     calibration, loss=loss, primary="distance", record=record)  # fmt: skip

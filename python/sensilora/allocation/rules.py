@@ -25,6 +25,7 @@ import torch
 
 from ..calibration.targets import layer_and_kind
 from ..errors import SensiloraError
+from .budgets import sra_ranks
 
 DEPTH_GROUPS = 3  # pooling: the depth thirds
 GRADIENT_DAMP = 0.01  # gradient-spectrum: h + GRADIENT_DAMP * mean(h), so a column that never fires is not free
@@ -64,8 +65,6 @@ def gora_ranks(
 ) -> dict[str, int]:
     """SRA on GoRA's importance at uniform LoRA's parameters, ranks clipped to GoRA's ``[avg/2, 4 avg]``
     within ``[min_rank, max_rank]``."""
-    from .budgets import sra_ranks
-
     low = max(min_rank, avg_rank // 2, 1)
     high = 4 * avg_rank if max_rank is None else min(max_rank, 4 * avg_rank)
     return sra_ranks(importance, shapes, avg_rank, low, "params", high)

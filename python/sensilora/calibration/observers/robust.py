@@ -17,14 +17,21 @@ from .hessian import HessianDiagonal
 OUTLIER_RATIO = 10.0  # a token whose activation norm exceeds this multiple of the median token's is an outlier
 
 
+def token_norms(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x.shape[:-1]) fp32 L2 norms of ``x``'s tokens over the last axis, and the median norm of the real
+    tokens (``mask``; None: all), None where no token is real. x: (..., d) any float dtype."""
+    norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32)
+    real = norms if mask is None else norms[mask.bool()]
+    return norms, (real.median() if real.numel() else None)
+
+
 def typical_tokens(x: torch.Tensor, mask: torch.Tensor | None, ratio: float = OUTLIER_RATIO) -> torch.Tensor:
     """(x.shape[:-1]) bool: the real tokens (``mask``; None: all) whose L2 norm over the last axis is at
     most ``ratio`` times the median norm of the real tokens. x: (..., d) any float dtype; norms in fp32."""
-    norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32)
-    real = norms if mask is None else norms[mask]
+    norms, median = token_norms(x, mask)
     kept = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.bool().clone()
-    if real.numel():
-        kept &= norms <= ratio * real.median()
+    if median is not None:
+        kept &= norms <= ratio * median
     return kept
 
 
@@ -44,11 +51,10 @@ def clipping_weights(x: torch.Tensor, mask: torch.Tensor | None, ratio: float = 
     """(x.shape[:-1]) fp32 per-token weights of the squared activations that clip each token's L2 norm at
     ``ratio`` times the median norm of the real tokens (``mask``; None: all): ``min(1, (ratio m / ||x_n||)^2)``,
     1 for a zero token. x: (..., d) any float dtype."""
-    norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32)
-    real = norms if mask is None else norms[mask.bool()]
-    if not real.numel():
+    norms, median = token_norms(x, mask)
+    if median is None:
         return torch.ones_like(norms)
-    return (ratio * real.median() / norms).square().nan_to_num(posinf=1.0).clamp(max=1.0)
+    return (ratio * median / norms).square().nan_to_num(posinf=1.0).clamp(max=1.0)
 
 
 class ClippedHessianDiagonal(HessianDiagonal):
