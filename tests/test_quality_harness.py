@@ -20,7 +20,7 @@ def test_paired_difference_and_holm():
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
 
 
-def test_run_log_resumes_a_run_only_at_its_learning_rate(tmp_path):
+def test_run_log_resumes_a_run_only_at_its_learning_rate_and_length(tmp_path):
     from benchmarks.quality.run_quality import RunLog
     from benchmarks.quality.train import RunResult
 
@@ -28,8 +28,9 @@ def test_run_log_resumes_a_run_only_at_its_learning_rate(tmp_path):
     result = RunResult("lora", 0, {"accuracy": 0.5}, 10, 0.1, None, {4: {"accuracy": 0.5, "seconds": 1.0}})
     RunLog(path).add("NLU runs", 1e-3, result)
     reloaded = RunLog(path)
-    assert reloaded.get("NLU runs", "lora", 0, 1e-3) == result
-    assert reloaded.get("NLU runs", "lora", 0, 2e-3) is None  # a changed rate is a new run, never a stale one
+    assert reloaded.get("NLU runs", "lora", 0, 1e-3, 4) == result
+    assert reloaded.get("NLU runs", "lora", 0, 2e-3, 4) is None  # a changed rate is a new run, never a stale one
+    assert reloaded.get("NLU runs", "lora", 0, 1e-3, 8) is None  # so is a longer run
 
 
 def test_run_log_reuses_a_run_only_with_its_allocation(tmp_path):
@@ -45,10 +46,10 @@ def test_run_log_reuses_a_run_only_with_its_allocation(tmp_path):
     with path.open("a") as handle:  # a record from before fingerprints were kept
         handle.write(json.dumps(legacy) + "\n")
     log = RunLog(path)
-    assert log.get("NLG runs", "paper", 0, 1e-3, "ranks-a") == result
-    assert log.get("NLG runs", "paper", 0, 1e-3, "ranks-b") is None  # other ranks: trained again
-    assert log.get("NLG runs", "rank", 0, 1e-3, "ranks-c", legacy_ok=False) is None
-    assert log.get("NLG runs", "rank", 0, 1e-3, "ranks-c", legacy_ok=True).method == "rank"
+    assert log.get("NLG runs", "paper", 0, 1e-3, 4, "ranks-a") == result
+    assert log.get("NLG runs", "paper", 0, 1e-3, 4, "ranks-b") is None  # other ranks: trained again
+    assert log.get("NLG runs", "rank", 0, 1e-3, 4, "ranks-c", legacy_ok=False) is None
+    assert log.get("NLG runs", "rank", 0, 1e-3, 4, "ranks-c", legacy_ok=True).method == "rank"
 
 
 def test_legacy_runs_are_reused_only_where_the_rank_bound_never_bound():

@@ -44,22 +44,27 @@ import numpy as np
 import sensilora
 import torch
 from sensilora.allocation.rules import depth_and_type
+from sensilora.integrations.report import budget_by_kind
 
 from benchmarks.common import environment, write_results
 from benchmarks.quality import methods as M
 from benchmarks.quality import regime
+from benchmarks.quality import rules as R
 from benchmarks.quality.options import parse
 from benchmarks.quality.paired import holm, one_sided, paired_difference, stouffer
 from benchmarks.quality.run_quality import RunLog, run_methods
+from benchmarks.quality.screen import hessian_stats
 
 RSLORA = "-rs"  # a candidate whose name ends so trains with rsLoRA scaling; the others with alpha / r
 CANDIDATES = ("paper-rs", "shuffled-rs", "rank-rs", "paper", "robust-rs", "rank", "eva-ranks-rs")
 # may ship; the shuffled control may not, nor EVA's ranks (peft's method, the comparison every table keeps)
 DEFAULTS = ("rank", "rank-rs", "paper", "paper-rs", "robust-rs")
 EVA = "eva-ranks-rs"
+ORACLE = "oracle-rs"  # a diagnostic, not a candidate: it reads the distillation teacher no user has
 ALPHA = 0.05
 UNIFORM = "uniform"  # stands for the regime check's arm at the task's average rank in CONTRASTS
 CONTRASTS = [(c, UNIFORM) for c in CANDIDATES] + [("paper-rs", "shuffled-rs"), ("paper-rs", "paper")]
+DIAGNOSTICS = [(ORACLE, UNIFORM)]  # a family of its own: it leaves the candidates' Holm correction alone
 CONFIGS = {
     "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3},
     "smoke": {**regime.CONFIGS["smoke"], "nlg_seeds": 2, "distill_seeds": 2},
@@ -82,6 +87,17 @@ def candidate_allocations(context: M.TaskContext, calibration) -> dict:
         c: dataclasses.replace(a, config=a.config.replace(use_rslora=c.endswith(RSLORA)))
         for c, a in ((c, context.allocations[v]) for c, v in variant.items())
     }
+
+
+def oracle_allocation(context: M.TaskContext, teacher_update: dict[str, torch.Tensor]):
+    """The allocation's ceiling on a distillation task (the screen's oracle, trained): ranks greedy by worth
+    per parameter on the teacher's own update whitened by its inputs, ``sigma_k(Delta W_m diag(h_m)^1/2)^2``
+    (h: the paper's calibration statistic), at uniform LoRA's parameters, rsLoRA. If even this allocation
+    does not beat uniform LoRA, no statistic that estimates it can."""
+    template, stats = context.allocations["paper"], hessian_stats(context)
+    spectra = {n: R.whitened_spectrum(teacher_update[n], stats.hessian_diag(n), 0.5) for n in template.shapes}
+    ranks = R.greedy_ranks(spectra, template.shapes, context.avg_rank)
+    return dataclasses.replace(template, ranks=ranks, config=template.config.replace(use_rslora=True))
 
 
 def build(setup, context, allocations):
@@ -122,14 +138,15 @@ def summarise(results, uniform: str, primary: str = "nll") -> tuple[list[dict], 
                      "trainable_params": runs[seeds[0]].trainable_parameters,
                      "update_norm_by_type": {k: float(np.mean(v)) for k, v in by_type.items()}})  # fmt: skip
     contrasts = []
-    for method, against in CONTRASTS:  # "baseline": the arm as CONTRASTS names it (UNIFORM for uniform LoRA)
+    for method, against in CONTRASTS + DIAGNOSTICS:  # "baseline": the arm as named there (UNIFORM: uniform LoRA)
         other = uniform if against == UNIFORM else against
         if method in nll and other in nll:
             contrasts.append({"contrast": f"{method} vs {other}", "method": method, "baseline": against,
-                              "n": len(seeds), **paired_difference(nll[method], nll[other], higher_is_better=False)})  # fmt: skip
-    adjusted = holm({c["contrast"]: c["p"] for c in contrasts if np.isfinite(c["p"])})
+                              "n": len(seeds), "diagnostic": (method, against) in DIAGNOSTICS,
+                              **paired_difference(nll[method], nll[other], higher_is_better=False)})  # fmt: skip
+    adjusted = holm({c["contrast"]: c["p"] for c in contrasts if np.isfinite(c["p"]) and not c["diagnostic"]})
     for c in contrasts:
-        c["p_holm"] = adjusted.get(c["contrast"], float("nan"))
+        c["p_holm"] = c["p"] if c["diagnostic"] else adjusted.get(c["contrast"], float("nan"))
     return rows, contrasts
 
 
@@ -176,7 +193,8 @@ def plot(contrasts: list[dict], decision: dict, path) -> None:
         names = [c["method"] for c in mine]
         means = np.array([c["improvement"] for c in mine])
         low, high = np.array([c["ci_low"] for c in mine]), np.array([c["ci_high"] for c in mine])
-        colours = ["tab:green" if n == decision["default"] else "tab:blue" for n in names]
+        colours = ["tab:green" if n == decision["default"] else "tab:orange" if c["diagnostic"] else "tab:blue"
+                   for n, c in zip(names, mine)]  # fmt: skip
         axis.barh(names, means, color=colours, xerr=np.nan_to_num([means - low, high - means]), capsize=3)
         axis.axvline(0, color="black", linewidth=0.8)
         axis.invert_yaxis()
@@ -194,6 +212,10 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     context = regime.task_context(key, setup, config)
     avg = context.avg_rank
     allocations = candidate_allocations(context, setup.calibration)
+    arms = list(CANDIDATES)
+    if setup.teacher_update is not None:
+        allocations[ORACLE] = oracle_allocation(context, setup.teacher_update)
+        arms.append(ORACLE)
     context.allocations = allocations  # the run log's fingerprints: the ranks each candidate trains with
     baseline_log = RunLog(None if smoke else results_dir / "regime_cpu.runs.jsonl")
     log = RunLog(None if smoke else results_dir / "confirm_cpu.runs.jsonl")
@@ -201,15 +223,18 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
               config[f"{key}_checkpoints"], label)  # fmt: skip
     make = build(setup, context, allocations)
     results = run_methods(context, [baseline(avg)], *common, baseline_log, build=make)
-    results += run_methods(context, list(CANDIDATES), *common, log, build=make)
+    results += run_methods(context, arms, *common, log, build=make)
     rows, contrasts = summarise(results, baseline(avg), setup.primary)
     for item in (*rows, *contrasts):
         item["task"] = label
     for contrast in contrasts:
         contrast["metric"] = setup.primary
+    eva = dataclasses.replace(allocations["paper"], ranks=M.eva_ranks(context))
+    shown = {**allocations, EVA: eva}  # each arm's mean rank per module type: where its budget went
     record = {"baseline": baseline(avg), "seconds": round(time.perf_counter() - started, 1), "metric": setup.primary,
-              "max_rank": {**{m: max(a.ranks.values()) for m, a in allocations.items()},
-                           EVA: max(M.eva_ranks(context).values())}}  # fmt: skip
+              "max_rank": {m: max(a.ranks.values()) for m, a in shown.items()},
+              "mean_rank_by_type": {m: {k: row["mean_rank"] for k, row in budget_by_kind(a).items()}
+                                    for m, a in shown.items()}}  # fmt: skip
     return rows, contrasts, record
 
 

@@ -83,9 +83,10 @@ CONFIGS = {
 class RunLog:
     """Every finished run appended to a JSONL file as it ends; a later invocation resumes from it (runs
     already there are read back, not repeated), so a long evaluation survives interruption. A run is known
-    by (label, method, seed, learning rate, fingerprint of the ranks it trained with): a changed rate or a
-    changed allocation is a new run, never a stale one. Records from before fingerprints were kept carry
-    none (LEGACY) and are reused only where the caller vouches the allocation did not change."""
+    by (label, method, seed, learning rate, steps, fingerprint of the ranks it trained with): a changed
+    rate, length or allocation is a new run, never a stale one (a run's steps: its last checkpoint). Records
+    from before fingerprints were kept carry none (LEGACY) and are reused only where the caller vouches the
+    allocation did not change."""
 
     LEGACY = "legacy"
 
@@ -98,20 +99,28 @@ class RunLog:
                 record["curve"] = {int(k): v for k, v in record["curve"].items()}
                 label, lr = record.pop("label"), record.pop("lr")
                 fingerprint = record.pop("allocation_sha256", self.LEGACY)
-                self.done[(label, record["method"], record["seed"], lr, fingerprint)] = RunResult(**record)
+                result = RunResult(**record)
+                self.done[(label, result.method, result.seed, lr, max(result.curve), fingerprint)] = result
 
     def get(
-        self, label: str, method: str, seed: int, lr: float, fingerprint: str | None = None, legacy_ok: bool = True
+        self,
+        label: str,
+        method: str,
+        seed: int,
+        lr: float,
+        steps: int,
+        fingerprint: str | None = None,
+        legacy_ok: bool = True,
     ) -> RunResult | None:
         """The logged run, if any; a LEGACY record stands in when ``legacy_ok`` (always for fingerprint
         None: such a method's adapter does not come from an allocation)."""
-        found = self.done.get((label, method, seed, lr, fingerprint))
+        found = self.done.get((label, method, seed, lr, steps, fingerprint))
         if found is None and (legacy_ok or fingerprint is None):
-            found = self.done.get((label, method, seed, lr, self.LEGACY))
+            found = self.done.get((label, method, seed, lr, steps, self.LEGACY))
         return found
 
     def add(self, label: str, lr: float, result: RunResult, fingerprint: str | None = None) -> None:
-        self.done[(label, result.method, result.seed, lr, fingerprint)] = result
+        self.done[(label, result.method, result.seed, lr, max(result.curve), fingerprint)] = result
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             record = {"label": label, "lr": lr, "allocation_sha256": fingerprint, **dataclasses.asdict(result)}
@@ -124,10 +133,14 @@ def run_methods(
 ) -> list[RunResult]:
     """Every (seed, method) run, resumed from ``log``; ``build(method, context, seed)`` gives a fresh
     (peft model, per-step hook or None) for a method (default: the comparison's methods)."""
+    if max(checkpoints) != context.steps:  # the log knows a run's length by its last checkpoint
+        last = max(checkpoints)
+        raise SystemExit(f"{label}: the last checkpoint {last} is not the run's {context.steps} steps; end them there")
     results = []
     for seed, method in tqdm([(s, m) for s in range(seeds) for m in methods], desc=label):
         fingerprint = M.allocation_fingerprint(context, method)
-        done = log.get(label, method, seed, lr, fingerprint, legacy_ok=M.unchanged_by_the_rank_bound(context, method))
+        legacy_ok = M.unchanged_by_the_rank_bound(context, method)
+        done = log.get(label, method, seed, lr, context.steps, fingerprint, legacy_ok=legacy_ok)
         if done is not None:
             if not done.parameters:  # logged before counts were recorded: a fixed-rank method's are seed-free
                 done.parameters = M.parameter_counts(build(method, context, seed)[0])

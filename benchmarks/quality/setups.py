@@ -37,6 +37,8 @@ class TaskSetup:
     loss: Callable | None = None  # loss(model, batch) where the task's loss is not the model's own .loss
     primary: str = "nll"  # the held-out metric (lower is better) the regime check and confirmations compare
     record: dict = field(default_factory=dict)  # what building the task measured (a teacher's metrics, cost)
+    # a distillation's teacher: {target name: Delta W (d_out, d_in) fp32}, the update the students approximate
+    teacher_update: dict[str, torch.Tensor] | None = None
 
 
 def genre_splits(config: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -265,7 +267,6 @@ def distill_setup(config: dict, device: torch.device) -> TaskSetup:
     data_keys = ("nlg_docs", "nlg_len", "nlg_batch", "nlg_eval_windows")
     deltas, record = cached_teacher(lm_task(model, targets, text, device), config, "distill", data_keys)
     teacher = updated_copy(model, deltas)
-    del deltas
     with torch.no_grad():
 
         def logprobs(batch):  # (B, T-1, V) fp16: the teacher's next-token distribution at each position
@@ -284,7 +285,7 @@ def distill_setup(config: dict, device: torch.device) -> TaskSetup:
     record = {"teacher": record, "base_model": base_scores, "seconds": round(time.perf_counter() - started, 1)}
     return TaskSetup(model, targets, "CAUSAL_LM", epoch_over(train),
                      {"test": lambda m: lambda: next_token_scores(m, text.test, device, test_logprobs)},
-                     text.calibration, loss=loss, primary="kl", record=record)  # fmt: skip
+                     text.calibration, loss=loss, primary="kl", record=record, teacher_update=deltas)  # fmt: skip
 
 
 def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -310,7 +311,6 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     data_keys = ("nlu_train", "nlu_dev", "nlu_test", "nlu_len", "nlu_batch")
     deltas, record = cached_teacher(classification, config, "enc_distill", data_keys)
     teacher = updated_copy(classification.base, deltas)
-    del deltas
 
     def last_hidden(model, split) -> torch.Tensor:  # (N, T, H) fp32 on the CPU
         parts = []
@@ -343,4 +343,4 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     calibration = [{k: v for k, v in batch.items() if k != "labels"} for batch in classification.calibration]
     return TaskSetup(classification.base, classification.targets, "FEATURE_EXTRACTION",
                      shuffled_batches(train, config["nlu_batch"]), {"test": evaluate},
-                     calibration, loss=loss, primary="distance", record=record)  # fmt: skip
+                     calibration, loss=loss, primary="distance", record=record, teacher_update=deltas)  # fmt: skip
