@@ -179,6 +179,56 @@ def test_default_decision_combines_tasks_and_refuses_a_loss():
     assert "none qualifies" in confirm.decide(only_losses)["why"]
 
 
+def test_tasks_where_not_every_candidate_ran_stay_outside_the_default_rule():
+    from benchmarks.quality import confirm
+
+    def contrast(task, candidate, improvement):
+        return {"task": task, "contrast": f"{candidate} vs lora-rs r=2", "method": candidate,
+                "baseline": confirm.UNIFORM, "improvement": improvement, "p": 0.5, "p_holm": 1.0}  # fmt: skip
+
+    contrasts = [contrast(t, c, 0.0) for t in ("A", "B") for c in confirm.DEFAULTS]
+    contrasts += [contrast("plateau", "rank", -1.0) | {"p_holm": 0.001}]  # a loss on a task outside the rule
+    decision = confirm.decide(contrasts)
+    assert decision["tasks"] == ["A", "B"] and decision["outside"] == ["plateau"]
+    assert decision["candidates"]["rank"]["worse_on"] == []
+
+
+def test_the_oracle_allocation_is_the_greedy_on_the_teachers_whitened_spectra():
+    """Against a direct computation: the SVD of each Delta W scaled by diag(h)^1/2, units greedy by worth per
+    parameter from rank 1 at uniform LoRA's parameters; a matrix with a large update takes the spare rank."""
+    import torch
+    from sensilora.allocation.budgets import largest_rank
+    from sensilora.calibration.targets import find_targets
+
+    from benchmarks.quality import confirm
+    from benchmarks.quality import methods as M
+    from tests.models import random_batches, tiny_llama
+
+    model = tiny_llama()
+    targets = sorted(find_targets(model))
+    context = M.TaskContext(model, targets, 2, "CAUSAL_LM", steps=1)
+    M.prepare(context, ["paper"], random_batches(), random_batches())
+    shapes = context.allocations["paper"].shapes
+    generator = torch.Generator().manual_seed(0)
+    update = {n: 1e-3 * torch.randn(*shapes[n], generator=generator) for n in shapes}
+    big = "model.layers.1.mlp.down_proj"
+    update[big] = 10.0 * torch.randn(shapes[big][0], 6, generator=generator) @ torch.randn(6, shapes[big][1])
+    oracle = confirm.oracle_allocation(context, update, 0.5)
+    stats = context.stats[()]
+    cost = {n: sum(shapes[n]) for n in shapes}
+    worth = []  # every unit above rank 1, by worth per parameter
+    for name in shapes:
+        scale = stats.hessian_diag(name).double().sqrt()
+        values = torch.linalg.svdvals(update[name].double() * scale[None, :]).square()
+        worth += [(-float(v) / cost[name], name) for v in values[1 : largest_rank(*shapes[name])]]
+    ranks, left = dict.fromkeys(shapes, 1), 2 * sum(cost.values()) - sum(cost.values())
+    for _, name in sorted(worth):
+        if cost[name] <= left:
+            ranks[name], left = ranks[name] + 1, left - cost[name]
+    assert oracle.ranks == ranks and oracle.ranks[big] >= 6
+    assert oracle.config.use_rslora and sum(r * cost[n] for n, r in oracle.ranks.items()) <= 2 * sum(cost.values())
+
+
 def test_token_kl_is_the_direct_sum():
     import torch
 
@@ -229,7 +279,7 @@ def test_regime_smoke(tmp_path):
     }
     verdicts = data["environment"]["verdicts"]
     assert [v["task"] for v in verdicts] == [regime.TASKS[k][0] for k in regime.TASKS]
-    assert [v["metric"] for v in verdicts] == ["nll", "nll", "nll", "kl", "distance"]
+    assert [v["metric"] for v in verdicts] == ["nll", "nll", "nll", "kl", "distance", "distance"]
     assert all(r["trainable_params"] > 0 for r in data["rows"])
     assert all("nll_mean" in r for r in data["rows"] if r["task"] != regime.TASKS["enc_distill"][0])
     distilled = [r for r in data["rows"] if r["task"] == regime.TASKS["distill"][0]]
@@ -264,12 +314,16 @@ def test_confirmation_smoke(tmp_path):
     assert confirm.main(["--smoke", "--tasks", "distill", "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "confirm_smoke.json").read_text())
     uniform = confirm.baseline(confirm.CONFIGS["smoke"]["distill_avg_rank"])
-    assert {r["method"] for r in data["rows"]} == {uniform, *confirm.CANDIDATES}
+    assert {r["method"] for r in data["rows"]} == {uniform, *confirm.CANDIDATES, *confirm.ORACLES}
     assert all(r["metric"] == "kl" for r in data["rows"])
     assert data["environment"]["decision"]["default"] in (*confirm.DEFAULTS, "uniform ranks")
     assert (tmp_path / "confirm_smoke.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(data["environment"]["contrasts"]) == len(confirm.CONTRASTS)
+    assert len(data["environment"]["contrasts"]) == len(confirm.CONTRASTS) + len(confirm.DIAGNOSTICS)
     assert all(r["update_norm_by_type"] for r in data["rows"])
+    diagnostics = [c for c in data["environment"]["contrasts"] if c["diagnostic"]]
+    assert {c["method"] for c in diagnostics} == set(confirm.ORACLES) and all(
+        c["p_holm"] == c["p"] for c in diagnostics
+    )
 
 
 @pytest.mark.slow

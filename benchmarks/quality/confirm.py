@@ -23,7 +23,10 @@ allocation with rsLoRA (the issue's first rerun) and with the plain alpha / r sc
 default (rank aggregation) as it ships (alpha / r) and with rsLoRA, and ``hessian-robust`` with rsLoRA,
 the rule the teacher screen (``screen.py``) scored best on the BBC task; and peft's EVA ranks (its rank
 redistribution, rho = 2, with LoRA's standard initialisation) with rsLoRA, a comparison arm (added on
-2026-12-06 before its runs, with the encoder distillation task). Seeds in the CPU configuration:
+2026-12-06 before its runs, with the encoder distillation task). On the distillation tasks, diagnostics
+(ORACLES, each its own family, added on 2026-12-06 before their runs): the greedy allocation on the
+teacher's own update spectra, whitened by the inputs and plain, against uniform LoRA: the ceiling of any
+rule that estimates where the teacher's update lies. Seeds in the CPU configuration:
 what a session affords (``--seeds 8`` extends every arm from the logs).
 
 The default, by the rule named before the run (``decide``; DEFAULTS: every candidate but the control and
@@ -60,16 +63,23 @@ CANDIDATES = ("paper-rs", "shuffled-rs", "rank-rs", "paper", "robust-rs", "rank"
 # may ship; the shuffled control may not, nor EVA's ranks (peft's method, the comparison every table keeps)
 DEFAULTS = ("rank", "rank-rs", "paper", "paper-rs", "robust-rs")
 EVA = "eva-ranks-rs"
-ORACLE = "oracle-rs"  # a diagnostic, not a candidate: it reads the distillation teacher no user has
+# diagnostics, not candidates: they read the distillation teacher no user has. The power of diag(h) that
+# weighs the teacher's update: 1/2 its output energy on the calibration inputs (the screen's oracle), 0 its
+# plain Frobenius energy (immune to massive activations, which dominate the whitened energy on SmolLM2)
+ORACLES = {"oracle-rs": 0.5, "oracle-plain-rs": 0.0}
 ALPHA = 0.05
 UNIFORM = "uniform"  # stands for the regime check's arm at the task's average rank in CONTRASTS
 CONTRASTS = [(c, UNIFORM) for c in CANDIDATES] + [("paper-rs", "shuffled-rs"), ("paper-rs", "paper")]
-DIAGNOSTICS = [(ORACLE, UNIFORM)]  # a family of its own: it leaves the candidates' Holm correction alone
+DIAGNOSTICS = [(o, UNIFORM) for o in ORACLES]  # each its own family: the candidates' Holm correction stays
+# the plateau variant of the encoder distillation trains 4x longer: there only the default, the paper's
+# allocation (rsLoRA) and the whitened oracle (named on 2026-12-06 before its runs; outside ``decide``)
+PLATEAU_ARMS = ("rank", "paper-rs", "oracle-rs")
 CONFIGS = {
-    "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3},
-    "smoke": {**regime.CONFIGS["smoke"], "nlg_seeds": 2, "distill_seeds": 2},
+    "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3, "enc_distill_long_arms": PLATEAU_ARMS},
+    "smoke": {**regime.CONFIGS["smoke"], "nlg_seeds": 2, "distill_seeds": 2, "enc_distill_long_arms": PLATEAU_ARMS},
 }
-TASKS = {key: regime.TASKS[key] for key in ("nlg", "distill", "enc_distill")}  # those that pass the regime check
+# those that pass the regime check, and the plateau variant of one of them
+TASKS = {key: regime.TASKS[key] for key in ("nlg", "distill", "enc_distill", "enc_distill_long")}
 
 
 def baseline(avg_rank: int) -> str:
@@ -89,13 +99,13 @@ def candidate_allocations(context: M.TaskContext, calibration) -> dict:
     }
 
 
-def oracle_allocation(context: M.TaskContext, teacher_update: dict[str, torch.Tensor]):
-    """The allocation's ceiling on a distillation task (the screen's oracle, trained): ranks greedy by worth
-    per parameter on the teacher's own update whitened by its inputs, ``sigma_k(Delta W_m diag(h_m)^1/2)^2``
-    (h: the paper's calibration statistic), at uniform LoRA's parameters, rsLoRA. If even this allocation
-    does not beat uniform LoRA, no statistic that estimates it can."""
+def oracle_allocation(context: M.TaskContext, teacher_update: dict[str, torch.Tensor], power: float):
+    """An allocation's ceiling on a distillation task (the screen's oracle, trained): ranks greedy by worth
+    per parameter on the teacher's own update, ``sigma_k(Delta W_m diag(h_m)^power)^2`` (h: the paper's
+    calibration statistic; power 1/2: the update whitened by its inputs), at uniform LoRA's parameters,
+    rsLoRA. If even this allocation does not beat uniform LoRA, no statistic that estimates it can."""
     template, stats = context.allocations["paper"], hessian_stats(context)
-    spectra = {n: R.whitened_spectrum(teacher_update[n], stats.hessian_diag(n), 0.5) for n in template.shapes}
+    spectra = {n: R.whitened_spectrum(teacher_update[n], stats.hessian_diag(n), power) for n in template.shapes}
     ranks = R.greedy_ranks(spectra, template.shapes, context.avg_rank)
     return dataclasses.replace(template, ranks=ranks, config=template.config.replace(use_rslora=True))
 
@@ -156,11 +166,17 @@ def decide(contrasts: list[dict]) -> dict:
     one-sided p-values of an improvement (Holm over the candidates). A candidate *qualifies* when that
     combined test is significant and on no task is it significantly worse (improvement < 0, Holm p < ALPHA);
     the best qualifying one by Z ships. If none qualifies, the best-ranked *safe* one (worse on no task)
-    ships, and the decision says so; if none is safe, uniform ranks."""
-    tasks = sorted({c["task"] for c in contrasts})
+    ships, and the decision says so; if none is safe, uniform ranks. A task where not every candidate ran
+    (the plateau variant) stays outside the rule."""
+    arms = {}
+    for c in contrasts:
+        arms.setdefault(c["task"], set()).add(c["method"])
+    ran = set(DEFAULTS) & set().union(*arms.values())  # the candidates run on some task
+    tasks = sorted(t for t in arms if ran <= arms[t])
     found = {}
     for candidate in DEFAULTS:
-        mine = {c["task"]: c for c in contrasts if c["method"] == candidate and c["baseline"] == UNIFORM}
+        mine = {c["task"]: c for c in contrasts
+                if c["method"] == candidate and c["baseline"] == UNIFORM and c["task"] in tasks}  # fmt: skip
         if set(mine) != set(tasks) or not all(np.isfinite(c["p"]) for c in mine.values()):
             continue
         z, p = stouffer([one_sided(mine[t]) for t in tasks])
@@ -176,7 +192,8 @@ def decide(contrasts: list[dict]) -> dict:
     safe = [c for c in ranked if not found[c]["worse_on"]]
     default = (winners or safe or ["uniform ranks"])[0]
     why = "qualifies" if winners else ("best-ranked safe candidate; none qualifies" if safe else "none is safe")
-    return {"tasks": tasks, "candidates": found, "default": default, "why": why, "alpha": ALPHA}
+    outside = sorted(set(arms) - set(tasks))
+    return {"tasks": tasks, "outside": outside, "candidates": found, "default": default, "why": why, "alpha": ALPHA}
 
 
 def plot(contrasts: list[dict], decision: dict, path) -> None:
@@ -212,10 +229,11 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     context = regime.task_context(key, setup, config)
     avg = context.avg_rank
     allocations = candidate_allocations(context, setup.calibration)
-    arms = list(CANDIDATES)
     if setup.teacher_update is not None:
-        allocations[ORACLE] = oracle_allocation(context, setup.teacher_update)
-        arms.append(ORACLE)
+        for oracle, power in ORACLES.items():
+            allocations[oracle] = oracle_allocation(context, setup.teacher_update, power)
+    arms = [arm for arm in allocations.keys() | {EVA} if arm in config.get(f"{key}_arms", (*CANDIDATES, *ORACLES))]
+    arms.sort(key=[*CANDIDATES, *ORACLES].index)
     context.allocations = allocations  # the run log's fingerprints: the ranks each candidate trains with
     baseline_log = RunLog(None if smoke else results_dir / "regime_cpu.runs.jsonl")
     log = RunLog(None if smoke else results_dir / "confirm_cpu.runs.jsonl")

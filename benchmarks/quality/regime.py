@@ -59,6 +59,9 @@ CONFIGS = {
         # students at a low average rank learn its last hidden states on the NLU training verses, 4 epochs
         "enc_distill_seeds": 3, "enc_distill_steps": 240, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (80, 160, 240),
         "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 360, "enc_distill_teacher_lr": 1e-4, "enc_distill_cache": True,
+        # the same, trained 4x longer (16 epochs), near its plateau: at 240 steps the distance still falls fast
+        "enc_distill_long_seeds": 3, "enc_distill_long_steps": 960, "enc_distill_long_lr": 1e-3,
+        "enc_distill_long_checkpoints": (240, 480, 720, 960), "enc_distill_long_avg_rank": 2,
     },
     "smoke": {
         "nlu_seeds": 2, "nlg_seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 3,
@@ -69,6 +72,8 @@ CONFIGS = {
         "distill_avg_rank": 2, "distill_teacher_steps": 2, "distill_teacher_lr": 1e-4, "distill_windows": 2,
         "enc_distill_seeds": 2, "enc_distill_steps": 2, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (2,),
         "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 2, "enc_distill_teacher_lr": 1e-4,
+        "enc_distill_long_seeds": 2, "enc_distill_long_steps": 4, "enc_distill_long_lr": 1e-3,
+        "enc_distill_long_checkpoints": (2, 4), "enc_distill_long_avg_rank": 2,
     },
 }  # fmt: skip
 TASKS = {
@@ -77,6 +82,7 @@ TASKS = {
     "kjv": ("NLG (SmolLM2-135M, KJV text)", kjv_setup),
     "distill": ("Distillation (SmolLM2-135M, KJV teacher)", distill_setup),
     "enc_distill": ("Distillation (MiniLM-L6, genre teacher)", encoder_distill_setup),
+    "enc_distill_long": ("Distillation (MiniLM-L6, genre teacher, 960 steps)", encoder_distill_setup),
 }
 
 
