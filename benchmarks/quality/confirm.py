@@ -232,8 +232,8 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     if setup.teacher_update is not None:
         for oracle, power in ORACLES.items():
             allocations[oracle] = oracle_allocation(context, setup.teacher_update, power)
-    arms = [arm for arm in allocations.keys() | {EVA} if arm in config.get(f"{key}_arms", (*CANDIDATES, *ORACLES))]
-    arms.sort(key=[*CANDIDATES, *ORACLES].index)
+    wanted = config.get(f"{key}_arms", (*CANDIDATES, *ORACLES))  # oracles only where there is a teacher
+    arms = [arm for arm in (*CANDIDATES, *ORACLES) if arm in wanted and (arm in allocations or arm == EVA)]
     context.allocations = allocations  # the run log's fingerprints: the ranks each candidate trains with
     baseline_log = RunLog(None if smoke else results_dir / "regime_cpu.runs.jsonl")
     log = RunLog(None if smoke else results_dir / "confirm_cpu.runs.jsonl")
