@@ -132,6 +132,32 @@ def test_update_norms_are_the_scaled_lora_products():
     assert norms["model.layers.1.mlp.down_proj"] == pytest.approx(float(product.detach().norm()), rel=1e-5)
 
 
+def test_uniform_rslora_takes_per_module_ranks_and_drops_rank_zero():
+    """EVA's ranks in the regime's uniform arm: a module of rank 0 has no adapter, the others their own rank,
+    every scale alpha / sqrt(r) with alpha = 2 sqrt(avg_rank); the comparison's eva-ranks arm the same modules."""
+    from types import SimpleNamespace
+
+    from sensilora.calibration.targets import find_targets
+
+    from benchmarks.quality import methods as M
+    from benchmarks.quality import regime
+    from tests.models import tiny_llama
+
+    base = tiny_llama()
+    targets = sorted(find_targets(base))
+    dropped, raised = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    ranks = {**dict.fromkeys(targets, 2), dropped: 0, raised: 5}
+    setup = SimpleNamespace(base=base, targets=targets, task_type="CAUSAL_LM")
+    model = regime.uniform_rslora(setup, 2, 4, ranks)
+    adapted = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert set(adapted) == set(targets) - {dropped}
+    assert adapted[raised].r["default"] == 5 and adapted[raised].scaling["default"] == pytest.approx(4 / 5**0.5)
+    context = M.TaskContext(base, targets, 2, "CAUSAL_LM", steps=1)
+    context.eva_state = {f"base_model.model.{n}": np.zeros((r, 1)) for n, r in ranks.items()}
+    eva = M.build("eva-ranks", context, 0)[0]
+    assert {n.removeprefix("base_model.model.") for n, m in eva.named_modules() if hasattr(m, "lora_A")} == set(adapted)
+
+
 def test_confirmation_contrasts_are_paired_and_holm_corrected():
     from benchmarks.quality import confirm
     from benchmarks.quality.train import RunResult

@@ -74,12 +74,15 @@ DIAGNOSTICS = [(o, UNIFORM) for o in ORACLES]  # each its own family: the candid
 # the plateau variant of the encoder distillation trains 4x longer: there only the default, the paper's
 # allocation (rsLoRA) and the whitened oracle (named on 2026-12-06 before its runs; outside ``decide``)
 PLATEAU_ARMS = ("rank", "paper-rs", "oracle-rs")
+# the BBC distillation (added on 2026-12-07, with these arms, before its runs): the candidates; the oracles
+# only where a session affords them (they extend the log like --seeds)
 CONFIGS = {
-    "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3, "enc_distill_long_arms": PLATEAU_ARMS},
+    "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3, "enc_distill_long_arms": PLATEAU_ARMS,
+            "bbc_distill_arms": CANDIDATES},
     "smoke": {**regime.CONFIGS["smoke"], "nlg_seeds": 2, "distill_seeds": 2, "enc_distill_long_arms": PLATEAU_ARMS},
-}
+}  # fmt: skip
 # those that pass the regime check, and the plateau variant of one of them
-TASKS = {key: regime.TASKS[key] for key in ("nlg", "distill", "enc_distill", "enc_distill_long")}
+TASKS = {key: regime.TASKS[key] for key in ("nlg", "distill", "bbc_distill", "enc_distill", "enc_distill_long")}
 
 
 def baseline(avg_rank: int) -> str:

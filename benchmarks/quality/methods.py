@@ -123,6 +123,13 @@ def eva_ranks(context: TaskContext) -> dict[str, int]:
     return {name.removeprefix(prefix): int(tensor.shape[0]) for name, tensor in context.eva_state.items()}
 
 
+def adapted_targets(targets: list[str], ranks: dict[str, int]) -> tuple[list[str], dict[str, int]]:
+    """For per-module ranks {module name: rank} (EVA's): the ``targets`` that keep an adapter (EVA leaves a
+    module of rank 0 without one) and peft's ``rank_pattern`` of the others."""
+    kept = [name for name in targets if ranks.get(name, 1) > 0]
+    return kept, {pattern_key(n): r for n, r in ranks.items() if r > 0}
+
+
 def shuffled_allocation(allocation, seed: int):
     """The allocation's ranks permuted among matrices of equal shape (seeded)."""
     generator = np.random.default_rng(seed)
@@ -159,12 +166,10 @@ def build(method: str, context: TaskContext, seed: int):
         )
         return peft_model, None
     if method == "eva-ranks":  # EVA's rank redistribution with LoRA's standard initialisation
-        ranks = eva_ranks(context)
+        targets, rank_pattern = adapted_targets(context.targets, eva_ranks(context))
         config = peft.LoraConfig(
-            r=context.avg_rank, lora_alpha=alpha, task_type=context.task_type,
-            target_modules=[name for name in context.targets if ranks.get(name, 1) > 0],
-            rank_pattern={pattern_key(n): r for n, r in ranks.items() if r > 0},
-            alpha_pattern={pattern_key(n): 2 * r for n, r in ranks.items() if r > 0},
+            r=context.avg_rank, lora_alpha=alpha, task_type=context.task_type, target_modules=targets,
+            rank_pattern=rank_pattern, alpha_pattern={key: 2 * r for key, r in rank_pattern.items()},
         )  # fmt: skip
         return peft.get_peft_model(model, config), None
     allocation = (

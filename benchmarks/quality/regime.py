@@ -35,7 +35,14 @@ from benchmarks.quality import methods as M
 from benchmarks.quality.options import parse
 from benchmarks.quality.paired import paired_difference
 from benchmarks.quality.run_quality import RunLog, run_methods
-from benchmarks.quality.setups import distill_setup, encoder_distill_setup, kjv_setup, nlg_setup, nlu_setup
+from benchmarks.quality.setups import (
+    bbc_distill_setup,
+    distill_setup,
+    encoder_distill_setup,
+    kjv_setup,
+    nlg_setup,
+    nlu_setup,
+)
 from benchmarks.quality.train import RunResult
 
 RANKS = (1, 2, 4, 8, 16)
@@ -55,6 +62,10 @@ CONFIGS = {
         # low average rank learn its distributions on 80 training batches, one pass
         "distill_seeds": 3, "distill_steps": 80, "distill_lr": 1e-3, "distill_checkpoints": (40, 80),
         "distill_avg_rank": 2, "distill_teacher_steps": 120, "distill_teacher_lr": 1e-4, "distill_windows": 80, "distill_cache": True,
+        # the same distillation on BBC text (a second domain; added on 2026-12-07 before its runs)
+        "bbc_distill_seeds": 3, "bbc_distill_steps": 80, "bbc_distill_lr": 1e-3, "bbc_distill_checkpoints": (40, 80),
+        "bbc_distill_avg_rank": 2, "bbc_distill_teacher_steps": 120, "bbc_distill_teacher_lr": 1e-4,
+        "bbc_distill_windows": 80, "bbc_distill_cache": True,
         # encoder distillation: a teacher fully fine-tuned on the NLU task (360 steps at 1e-4, about 2.5 min);
         # students at a low average rank learn its last hidden states on the NLU training verses, 4 epochs
         "enc_distill_seeds": 3, "enc_distill_steps": 240, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (80, 160, 240),
@@ -70,6 +81,8 @@ CONFIGS = {
         "calibration_samples": 4, "kjv_seeds": 2, "kjv_steps": 2, "kjv_lr": 1e-3, "kjv_checkpoints": (2,),
         "kjv_avg_rank": 8, "distill_seeds": 2, "distill_steps": 2, "distill_lr": 1e-3, "distill_checkpoints": (2,),
         "distill_avg_rank": 2, "distill_teacher_steps": 2, "distill_teacher_lr": 1e-4, "distill_windows": 2,
+        "bbc_distill_seeds": 2, "bbc_distill_steps": 2, "bbc_distill_lr": 1e-3, "bbc_distill_checkpoints": (2,),
+        "bbc_distill_avg_rank": 2, "bbc_distill_teacher_steps": 2, "bbc_distill_teacher_lr": 1e-4, "bbc_distill_windows": 2,
         "enc_distill_seeds": 2, "enc_distill_steps": 2, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (2,),
         "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 2, "enc_distill_teacher_lr": 1e-4,
         "enc_distill_long_seeds": 2, "enc_distill_long_steps": 4, "enc_distill_long_lr": 1e-3,
@@ -81,6 +94,7 @@ TASKS = {
     "nlg": ("NLG (SmolLM2-135M, BBC text)", nlg_setup),
     "kjv": ("NLG (SmolLM2-135M, KJV text)", kjv_setup),
     "distill": ("Distillation (SmolLM2-135M, KJV teacher)", distill_setup),
+    "bbc_distill": ("Distillation (SmolLM2-135M, BBC teacher)", bbc_distill_setup),
     "enc_distill": ("Distillation (MiniLM-L6, genre teacher)", encoder_distill_setup),
     "enc_distill_long": ("Distillation (MiniLM-L6, genre teacher, 960 steps)", encoder_distill_setup),
 }
@@ -92,12 +106,10 @@ def uniform_rslora(setup, rank: int, avg_rank: int, ranks: dict[str, int] | None
     ({module name: rank}, e.g. EVA's) replace ``rank`` per module, with the same alpha; a module of rank 0
     is left without an adapter."""
     import peft
-    from sensilora.integrations.lora import pattern_key
 
-    targets = [name for name in setup.targets if (ranks or {}).get(name, rank) > 0]
+    targets, rank_pattern = M.adapted_targets(setup.targets, ranks or {})
     config = peft.LoraConfig(r=rank, lora_alpha=2 * math.sqrt(avg_rank), use_rslora=True,
-                             target_modules=targets, task_type=setup.task_type,
-                             rank_pattern={pattern_key(n): r for n, r in (ranks or {}).items() if r > 0})  # fmt: skip
+                             target_modules=targets, task_type=setup.task_type, rank_pattern=rank_pattern)  # fmt: skip
     return peft.get_peft_model(copy.deepcopy(setup.base), config)
 
 
@@ -150,8 +162,9 @@ def summarise(task: str, results: list[RunResult], primary: str = "nll") -> tupl
         ratio = float("nan")
     else:
         ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
+    name = METRIC_LABELS.get(primary, primary)
     verdict = {
-        "task": task, "metric": primary, "contrast": f"{primary.upper()}(r={LOW}) - {primary.upper()}(r={HIGH})", "gain": contrast["improvement"],
+        "task": task, "metric": primary, "contrast": f"{name}(r={LOW}) - {name}(r={HIGH})", "gain": contrast["improvement"],
         "ci_low": contrast["ci_low"], "ci_high": contrast["ci_high"], "p": contrast["p"], "paired_std": spread,
         "ratio": float(ratio), "seeds": len(low),
         "passes": bool(contrast["improvement"] > 0 and ratio >= PASS_RATIO),

@@ -252,20 +252,36 @@ def updated_copy(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> tor
 
 
 def distill_setup(config: dict, device: torch.device) -> TaskSetup:
+    """Distillation of a teacher fully fine-tuned on KJV text (training chapters; scored on held-out
+    chapters; see ``lm_distill_setup``, config keys ``distill_*``)."""
+    data = kjv_chapters()
+    return lm_distill_setup(config, device, "distill", data["train"], data["test"])
+
+
+def bbc_distill_setup(config: dict, device: torch.device) -> TaskSetup:
+    """Distillation of a teacher fully fine-tuned on BBC News text (training articles; scored on held-out
+    articles; see ``lm_distill_setup``, config keys ``bbc_distill_*``): the KJV task's second text domain."""
+    data = bbc_news()
+    return lm_distill_setup(config, device, "bbc_distill", [t for t, _ in data["train"]], [t for t, _ in data["test"]])
+
+
+def lm_distill_setup(
+    config: dict, device: torch.device, task: str, train_texts: list[str], test_texts: list[str]
+) -> TaskSetup:
     """The student is SmolLM2-135M; the teacher the same model with every target matrix fully fine-tuned on
-    KJV text (``distill_teacher_steps`` at ``distill_teacher_lr``, seed 0, on every training window). The
-    student learns the teacher's next-token distributions (KL(teacher || student) per token) on the first
-    ``distill_windows`` training batches and is scored on the held-out chapters' windows; calibration reads
-    the training text. The teacher's log-probabilities are computed once (fp16) and reused by every run."""
+    windows of ``train_texts`` (``{task}_teacher_steps`` at ``{task}_teacher_lr``, seed 0, on every training
+    window). The student learns the teacher's next-token distributions (KL(teacher || student) per token) on
+    the first ``{task}_windows`` training batches and is scored on windows of ``test_texts``; calibration
+    reads the training text. The teacher's log-probabilities are computed once (fp16) and reused by every
+    run."""
     import time
 
     started = time.perf_counter()
     model, tokenizer, _ = load_model(device=str(device), progress=False)
-    data = kjv_chapters()
-    text = text_windows(config, tokenizer, data["train"], data["test"])
+    text = text_windows(config, tokenizer, train_texts, test_texts)
     targets = sorted(find_targets(model))
     data_keys = ("nlg_docs", "nlg_len", "nlg_batch", "nlg_eval_windows")
-    deltas, record = cached_teacher(lm_task(model, targets, text, device), config, "distill", data_keys)
+    deltas, record = cached_teacher(lm_task(model, targets, text, device), config, task, data_keys)
     teacher = updated_copy(model, deltas)
     with torch.no_grad():
 
@@ -274,7 +290,7 @@ def distill_setup(config: dict, device: torch.device) -> TaskSetup:
             logits = teacher(**inputs).logits
             return torch.log_softmax(logits[:, :-1].float(), dim=-1).half()
 
-        train = [{**b, "teacher_logprobs": logprobs(b)} for b in text.train[: config["distill_windows"]]]
+        train = [{**b, "teacher_logprobs": logprobs(b)} for b in text.train[: config[f"{task}_windows"]]]
         test_logprobs = [logprobs(b) for b in text.test]
     base_scores = next_token_scores(model, text.test, device, test_logprobs)
 
