@@ -305,12 +305,14 @@ def test_regime_smoke(tmp_path):
     }
     verdicts = data["environment"]["verdicts"]
     assert [v["task"] for v in verdicts] == [regime.TASKS[k][0] for k in regime.TASKS]
-    assert [v["metric"] for v in verdicts] == ["nll", "nll", "nll", "kl", "distance", "distance"]
+    metric = {"distill": "kl", "bbc_distill": "kl", "enc_distill": "distance", "enc_distill_long": "distance"}
+    assert [v["metric"] for v in verdicts] == [metric.get(k, "nll") for k in regime.TASKS]
+    assert verdicts[-1]["contrast"] == "squared distance(r=1) - squared distance(r=8)"
     assert all(r["trainable_params"] > 0 for r in data["rows"])
     encoder_tasks = {regime.TASKS[k][0] for k in ("enc_distill", "enc_distill_long")}
     assert all("nll_mean" in r for r in data["rows"] if r["task"] not in encoder_tasks)
-    distilled = [r for r in data["rows"] if r["task"] == regime.TASKS["distill"][0]]
-    assert all(r["kl_mean"] >= 0 for r in distilled)
+    distilled = [r for r in data["rows"] if r["task"] in {regime.TASKS[k][0] for k in ("distill", "bbc_distill")}]
+    assert len(distilled) == 2 * len(regime.RANKS) and all(r["kl_mean"] >= 0 for r in distilled)
     encoded = [r for r in data["rows"] if r["task"] == regime.TASKS["enc_distill"][0]]
     setup = data["environment"]["cost"][regime.TASKS["enc_distill"][0]]["setup"]
     assert all(0 <= r["distance_mean"] for r in encoded) and setup["base_model"]["distance"] > 0

@@ -6,10 +6,12 @@
     python -m benchmarks.quality.confirm --smoke               # seconds: checks the harness
 
 The tasks that passed the regime check (``regime.py``): SmolLM2-135M on BBC text (120 steps at 1e-3,
-average rank 8), the distillation of a fully fine-tuned KJV teacher (80 steps at 1e-3, average rank 2) and
-MiniLM-L6's distillation of a fully fine-tuned genre classifier (240 steps at 1e-3, average rank 2);
-KJV text joins them (one line in TASKS) once it passes. Every allocation is trained with rsLoRA scaling
-(``alpha / sqrt(r)``, equal to uniform LoRA's scale at the average rank), so a high-rank matrix does not
+average rank 8), the distillation of a fully fine-tuned teacher on KJV text and on BBC text (80 steps at
+1e-3, average rank 2; the BBC one added on 2026-12-07 before its runs, with the candidates; the oracles,
+named then as what the session could afford, ran after them) and MiniLM-L6's distillation of a fully
+fine-tuned genre classifier (240 steps at 1e-3, average rank 2); KJV text joins them (one line in TASKS)
+once it passes. Every allocation is trained with rsLoRA scaling (``alpha / sqrt(r)``, equal to uniform
+LoRA's scale at the average rank), so a high-rank matrix does not
 take larger first steps than the rest.
 Uniform LoRA is the regime check's arm at the task's average rank (the same seeds, data order and scale:
 its runs are read from the regime log and extended there). Each run logs every matrix's ``||Delta W||_F``.
@@ -74,13 +76,10 @@ DIAGNOSTICS = [(o, UNIFORM) for o in ORACLES]  # each its own family: the candid
 # the plateau variant of the encoder distillation trains 4x longer: there only the default, the paper's
 # allocation (rsLoRA) and the whitened oracle (named on 2026-12-06 before its runs; outside ``decide``)
 PLATEAU_ARMS = ("rank", "paper-rs", "oracle-rs")
-# the BBC distillation (added on 2026-12-07, with these arms, before its runs): the candidates; the oracles
-# only where a session affords them (they extend the log like --seeds)
 CONFIGS = {
-    "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3, "enc_distill_long_arms": PLATEAU_ARMS,
-            "bbc_distill_arms": CANDIDATES},
+    "cpu": {**regime.CONFIGS["cpu"], "nlg_seeds": 2, "distill_seeds": 3, "enc_distill_long_arms": PLATEAU_ARMS},
     "smoke": {**regime.CONFIGS["smoke"], "nlg_seeds": 2, "distill_seeds": 2, "enc_distill_long_arms": PLATEAU_ARMS},
-}  # fmt: skip
+}
 # those that pass the regime check, and the plateau variant of one of them
 TASKS = {key: regime.TASKS[key] for key in ("nlg", "distill", "bbc_distill", "enc_distill", "enc_distill_long")}
 
