@@ -11,8 +11,7 @@ average rank 8), the distillation of a fully fine-tuned teacher on KJV text and 
 named then as what the session could afford, ran after them) and MiniLM-L6's distillation of a fully
 fine-tuned genre classifier (240 steps at 1e-3, average rank 2); KJV text joins them (one line in TASKS)
 once it passes. Every allocation is trained with rsLoRA scaling (``alpha / sqrt(r)``, equal to uniform
-LoRA's scale at the average rank), so a high-rank matrix does not
-take larger first steps than the rest.
+LoRA's scale at the average rank), so a high-rank matrix does not take larger first steps than the rest.
 Uniform LoRA is the regime check's arm at the task's average rank (the same seeds, data order and scale:
 its runs are read from the regime log and extended there). Each run logs every matrix's ``||Delta W||_F``.
 
