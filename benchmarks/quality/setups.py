@@ -118,10 +118,16 @@ def with_labels(batch: dict) -> dict:
     return {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
 
 
+def bbc_text() -> dict[str, list[str]]:
+    """{'train', 'test'}: the BBC News articles' texts without their topics (``bbc_news``'s split), the shape
+    of ``kjv_chapters``."""
+    return {split: [text for text, _ in pairs] for split, pairs in bbc_news().items()}
+
+
 def nlg_setup(config: dict, device: torch.device) -> TaskSetup:
     """Causal-LM fine-tuning on BBC News text (see ``lm_setup``)."""
-    data = bbc_news()
-    return lm_setup(config, device, [t for t, _ in data["train"]], [t for t, _ in data["test"]])
+    data = bbc_text()
+    return lm_setup(config, device, data["train"], data["test"])
 
 
 def kjv_setup(config: dict, device: torch.device) -> TaskSetup:
@@ -261,8 +267,8 @@ def distill_setup(config: dict, device: torch.device) -> TaskSetup:
 def bbc_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     """Distillation of a teacher fully fine-tuned on BBC News text (training articles; scored on held-out
     articles; see ``lm_distill_setup``, config keys ``bbc_distill_*``): the KJV task's second text domain."""
-    data = bbc_news()
-    return lm_distill_setup(config, device, "bbc_distill", [t for t, _ in data["train"]], [t for t, _ in data["test"]])
+    data = bbc_text()
+    return lm_distill_setup(config, device, "bbc_distill", data["train"], data["test"])
 
 
 def lm_distill_setup(
