@@ -414,3 +414,36 @@ def test_hyperadalora_comparison_smoke(tmp_path):
     timing = data["environment"]["notes"]["NLU"]["step_seconds_side_by_side"]
     assert set(timing) == set(hyper_compare.METHODS) and all(seconds > 0 for seconds in timing.values())
     assert (tmp_path / "quality_smoke_hyperadalora.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuned_rate_is_the_dev_best_inside_the_rates_tried():
+    from benchmarks.quality import tuned_lr
+
+    assert tuned_lr.chosen_rate({1e-3: 0.5, 2e-3: 0.4, 4e-3: 0.4}) == 2e-3  # a tie: the smaller
+    assert tuned_lr.chosen_rate({1e-3: 0.5, 2e-3: float("nan")}) == 1e-3  # divergence loses
+    assert tuned_lr.next_rate({5e-4: 0.5, 1e-3: 0.4, 2e-3: 0.45}) is None  # inside: done
+    assert tuned_lr.next_rate({5e-4: 0.5, 1e-3: 0.4, 2e-3: 0.3}) == 4e-3  # best at the top: one step up
+    assert tuned_lr.next_rate({5e-4: 0.3, 1e-3: 0.4}) == 2.5e-4  # best at the bottom: one step down
+    tried = []
+
+    def dev(rate):  # a valley at 8e-3: the search walks up to it, then MAX_RATES stops it
+        tried.append(rate)
+        return abs(np.log2(rate / 8e-3))
+
+    scores = tuned_lr.search(dev)
+    assert tuned_lr.chosen_rate(scores) == 8e-3 and tried == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]
+    assert len(scores) == tuned_lr.MAX_RATES  # and no further, though 8e-3 is at the edge
+
+
+@pytest.mark.slow
+def test_tuned_lr_smoke(tmp_path):
+    from benchmarks.quality import tuned_lr
+
+    assert tuned_lr.main(["--smoke", "--tasks", "bbc_distill", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "tuned_lr_smoke.json").read_text())
+    record = data["environment"]["tasks"][tuned_lr.TASKS["bbc_distill"][0]]
+    assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS}
+    assert all(len(scores) >= len(tuned_lr.GRID) for scores in record["dev_scores"].values())
+    assert {r["method"]: r["lr"] for r in data["rows"]} == record["rates"]
+    assert {c["method"] for c in data["environment"]["contrasts"]} == set(tuned_lr.ARMS)
+    assert (tmp_path / "tuned_lr_smoke.png").read_bytes()[:4] == b"\x89PNG"

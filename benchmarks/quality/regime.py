@@ -62,10 +62,11 @@ CONFIGS = {
         # low average rank learn its distributions on 80 training batches, one pass
         "distill_seeds": 3, "distill_steps": 80, "distill_lr": 1e-3, "distill_checkpoints": (40, 80),
         "distill_avg_rank": 2, "distill_teacher_steps": 120, "distill_teacher_lr": 1e-4, "distill_windows": 80, "distill_cache": True,
+        "distill_dev_windows": 24,  # the dev split (windows of training documents no model trains on)
         # the same distillation on BBC text (a second domain; added on 2026-12-07 before its runs)
         "bbc_distill_seeds": 3, "bbc_distill_steps": 80, "bbc_distill_lr": 1e-3, "bbc_distill_checkpoints": (40, 80),
         "bbc_distill_avg_rank": 2, "bbc_distill_teacher_steps": 120, "bbc_distill_teacher_lr": 1e-4,
-        "bbc_distill_windows": 80, "bbc_distill_cache": True,
+        "bbc_distill_windows": 80, "bbc_distill_cache": True, "bbc_distill_dev_windows": 24,
         # encoder distillation: a teacher fully fine-tuned on the NLU task (360 steps at 1e-4, about 2.5 min);
         # students at a low average rank learn its last hidden states on the NLU training verses, 4 epochs
         "enc_distill_seeds": 3, "enc_distill_steps": 240, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (80, 160, 240),
@@ -81,6 +82,7 @@ CONFIGS = {
         "calibration_samples": 4, "kjv_seeds": 2, "kjv_steps": 2, "kjv_lr": 1e-3, "kjv_checkpoints": (2,),
         "kjv_avg_rank": 8, "distill_seeds": 2, "distill_steps": 2, "distill_lr": 1e-3, "distill_checkpoints": (2,),
         "distill_avg_rank": 2, "distill_teacher_steps": 2, "distill_teacher_lr": 1e-4, "distill_windows": 2,
+        "distill_dev_windows": 2, "bbc_distill_dev_windows": 2,
         "bbc_distill_seeds": 2, "bbc_distill_steps": 2, "bbc_distill_lr": 1e-3, "bbc_distill_checkpoints": (2,),
         "bbc_distill_avg_rank": 2, "bbc_distill_teacher_steps": 2, "bbc_distill_teacher_lr": 1e-4, "bbc_distill_windows": 2,
         "enc_distill_seeds": 2, "enc_distill_steps": 2, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (2,),

@@ -145,12 +145,19 @@ class TextWindows:
     calibration: list[dict]
 
 
+def training_documents(config: dict, train_texts: list[str]) -> tuple[list[str], list[str]]:
+    """(used, unused): the ``nlg_docs`` documents of ``train_texts`` that training windows come from (evenly
+    spaced), and the rest, which no training window of any model (a distillation teacher's included) reads."""
+    step = max(1, len(train_texts) // config["nlg_docs"])
+    used = set(range(0, len(train_texts), step)[: config["nlg_docs"]])
+    return [train_texts[i] for i in sorted(used)], [t for i, t in enumerate(train_texts) if i not in used]
+
+
 def text_windows(config: dict, tokenizer, train_texts: list[str], test_texts: list[str]) -> TextWindows:
     """Windows of ``nlg_len`` tokens: training batches of ``nlg_batch`` from ``nlg_docs`` of ``train_texts``
-    (evenly spaced), ``nlg_eval_windows`` held-out windows of ``test_texts``, ``calibration_samples``
+    (``training_documents``), ``nlg_eval_windows`` held-out windows of ``test_texts``, ``calibration_samples``
     calibration windows of the training documents (another seed)."""
-    step = max(1, len(train_texts) // config["nlg_docs"])
-    train_docs = train_texts[::step][: config["nlg_docs"]]
+    train_docs = training_documents(config, train_texts)[0]
     length = config["nlg_len"]
     return TextWindows(
         [with_labels(b) for b in calibration_batches(tokenizer, train_docs, 10**6, length, config["nlg_batch"], seed=1)],
@@ -277,8 +284,8 @@ def lm_distill_setup(
     """The student is SmolLM2-135M; the teacher the same model with every target matrix fully fine-tuned on
     windows of ``train_texts`` (``{task}_teacher_steps`` at ``{task}_teacher_lr``, seed 0, on every training
     window). The student learns the teacher's next-token distributions (KL(teacher || student) per token) on
-    the first ``{task}_windows`` training batches and is scored on windows of ``test_texts``; calibration
-    reads the training text. The teacher's log-probabilities are computed once (fp16) and reused by every
+    the first ``{task}_windows`` training batches and is scored on windows of ``test_texts`` ("test") or of
+    the unused training documents ("dev", ``dev_windows``); calibration reads the training text. The teacher's log-probabilities are computed once (fp16) and reused by every
     run."""
     import time
 
@@ -298,6 +305,8 @@ def lm_distill_setup(
 
         train = [{**b, "teacher_logprobs": logprobs(b)} for b in text.train[: config[f"{task}_windows"]]]
         test_logprobs = [logprobs(b) for b in text.test]
+        dev = dev_windows(config, tokenizer, task, train_texts, test_texts)
+        dev_logprobs = [logprobs(b) for b in dev]
     base_scores = next_token_scores(model, text.test, device, test_logprobs)
 
     def loss(student, batch):
@@ -306,8 +315,20 @@ def lm_distill_setup(
 
     record = {"teacher": record, "base_model": base_scores, "seconds": round(time.perf_counter() - started, 1)}
     return TaskSetup(model, targets, "CAUSAL_LM", epoch_over(train),
-                     {"test": lambda m: lambda: next_token_scores(m, text.test, device, test_logprobs)},
+                     {"test": lambda m: lambda: next_token_scores(m, text.test, device, test_logprobs),
+                      "dev": lambda m: lambda: next_token_scores(m, dev, device, dev_logprobs)},
                      text.calibration, loss=loss, primary="kl", record=record, teacher_update=deltas)  # fmt: skip
+
+
+def dev_windows(config: dict, tokenizer, task: str, train_texts: list[str], test_texts: list[str]) -> list[dict]:
+    """A distillation's dev split: ``{task}_dev_windows`` windows of ``nlg_len`` tokens (batches of 8) from the
+    training-split documents no model trains on (``training_documents``), less any whose text is also a
+    training or test document (BBC News has duplicate articles); for choosing a learning rate without reading
+    the test split."""
+    used, unused = training_documents(config, train_texts)
+    seen = set(used) | set(test_texts)
+    held_out = [text for text in unused if text not in seen]
+    return calibration_batches(tokenizer, held_out, config[f"{task}_dev_windows"], config["nlg_len"], 8, seed=4)
 
 
 def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""Each arm at its own learning rate, chosen on dev: does a per-method rate change the confirmation?
+
+    python -m benchmarks.quality.tuned_lr                        # the CPU configuration, both tasks
+    python -m benchmarks.quality.tuned_lr --tasks bbc_distill    # one task
+    python -m benchmarks.quality.tuned_lr --smoke                # seconds: checks the harness
+
+The confirmation (``confirm.py``) trains every arm at one rate, 1e-3. Once each method's rate is tuned,
+uniform LoRA matches most LoRA variants in the literature, so a fixed rate could hide a gain or a loss.
+Named on 2026-12-07 before its runs:
+
+- Tasks: the decoder distillations on KJV and BBC text, which have a dev split (``setups.dev_windows``:
+  windows of training-split documents that no model, the teacher included, trains on; disjoint from test).
+- Arms (ARMS): uniform LoRA (rsLoRA; the regime check's arm), the shipped default (rank aggregation,
+  alpha / r), rank aggregation with rsLoRA (the best-ranked candidate on the BBC task) and the paper's
+  allocation with rsLoRA (the issue's first rerun).
+- Search: each arm, seed 0, at each rate of GRID, scored by dev KL at the last step; the lowest wins, a tie
+  the smaller rate. A winner at an edge of the rates tried extends them one factor of 2 that way (at most
+  MAX_RATES), so a chosen rate has a larger one tried and worse: it is not the edge of divergence.
+- Confirmation: each arm at its chosen rate over the confirmation's seeds, scored on test (runs at 1e-3 are
+  the confirmation's and the regime check's own, read from their logs). Contrasts: each candidate against
+  uniform LoRA, each at its own rate, paired by seed, Holm over the candidates of a task; the confirmation's
+  decision rule (``confirm.decide``) over the tasks run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import environment, write_results
+from benchmarks.quality import confirm, regime
+from benchmarks.quality.options import parse
+from benchmarks.quality.run_quality import RunLog, run_methods
+
+ARMS = ("rank", "rank-rs", "paper-rs")  # and uniform LoRA
+GRID = (5e-4, 1e-3, 2e-3)
+MAX_RATES = 5
+CONFIGS = {"cpu": confirm.CONFIGS["cpu"], "smoke": confirm.CONFIGS["smoke"]}
+TASKS = {key: regime.TASKS[key] for key in ("distill", "bbc_distill")}
+
+
+def chosen_rate(scores: dict[float, float]) -> float:
+    """The rate of the lowest dev metric (``scores``: rate -> metric, lower is better); a tie, the smaller; a
+    non-finite metric (divergence) loses to every finite one."""
+    return min(scores, key=lambda rate: (scores[rate] if np.isfinite(scores[rate]) else np.inf, rate))
+
+
+def next_rate(scores: dict[float, float]) -> float | None:
+    """The rate to try next: where the best of ``scores`` sits at an edge of the rates tried, one factor of 2
+    beyond it; None once it is inside them or MAX_RATES are tried."""
+    best = chosen_rate(scores)
+    if len(scores) >= MAX_RATES:
+        return None
+    if best == max(scores):
+        return best * 2
+    if best == min(scores):
+        return best / 2
+    return None
+
+
+def search(run, rates=GRID) -> dict[float, float]:
+    """{rate: dev metric} of one arm, ``run(rate)`` giving its dev metric, over ``rates`` and the extensions
+    ``next_rate`` asks for."""
+    scores = {rate: run(rate) for rate in rates}
+    while (rate := next_rate(scores)) is not None:
+        scores[rate] = run(rate)
+    return scores
+
+
+def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: bool):
+    """One task's search and confirmation (resumed from the logs): (rows, contrasts, record)."""
+    label, make_setup = TASKS[key]
+    started = time.perf_counter()
+    setup = make_setup(config, device)
+    context = regime.task_context(key, setup, config)
+    allocations = confirm.candidate_allocations(context, setup.calibration)
+    context.allocations = allocations  # the run logs' fingerprints: the ranks each candidate trains with
+    make = confirm.build(setup, context, allocations)
+    uniform = confirm.baseline(context.avg_rank)
+    seeds, steps = config[f"{key}_seeds"], config[f"{key}_steps"]
+    dev_log = RunLog(None if smoke else results_dir / "tuned_lr_cpu.runs.jsonl")
+    test_logs = {arm: RunLog(None if smoke else results_dir / ("regime_cpu.runs.jsonl" if arm == uniform
+                                                                else "confirm_cpu.runs.jsonl"))
+                 for arm in (uniform, *ARMS)}  # fmt: skip
+
+    def dev_metric(arm: str, rate: float) -> float:
+        (result,) = run_methods(context, [arm], 1, setup.epoch, rate, setup.evaluators["dev"], (steps,),
+                                f"{label} dev", dev_log, build=make)  # fmt: skip
+        return result.metrics[setup.primary]
+
+    scores = {arm: search(lambda rate, arm=arm: dev_metric(arm, rate)) for arm in (uniform, *ARMS)}
+    rates = {arm: chosen_rate(s) for arm, s in scores.items()}
+    results = []
+    for arm, rate in rates.items():
+        results += run_methods(context, [arm], seeds, setup.epoch, rate, setup.evaluators["test"],
+                               config[f"{key}_checkpoints"], label, test_logs[arm], build=make)  # fmt: skip
+    rows, contrasts = confirm.summarise(results, uniform, setup.primary)
+    for item in (*rows, *contrasts):
+        item["task"] = label
+    for row in rows:
+        row["lr"] = rates[row["method"]]
+    for contrast in contrasts:
+        contrast["metric"] = setup.primary
+    record = {"baseline": uniform, "seconds": round(time.perf_counter() - started, 1), "metric": setup.primary,
+              "dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
+              "rates": rates}  # fmt: skip
+    return rows, contrasts, record
+
+
+def plot(records: dict, path) -> None:
+    """Each arm's dev metric against the learning rate (log scale), the chosen rate marked; a panel a task."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5 * len(records), 3.6), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    for index, (task, record) in enumerate(records.items()):
+        axis = figure.add_subplot(1, len(records), index + 1)
+        for arm, scores in record["dev_scores"].items():
+            rates = sorted(float(r) for r in scores)
+            line = axis.plot(rates, [scores[str(r)] for r in rates], marker="o", label=arm)[0]
+            axis.plot([record["rates"][arm]], [scores[str(record["rates"][arm])]], marker="*", markersize=14,
+                      color=line.get_color())  # fmt: skip
+        axis.set_xscale("log")
+        axis.set_xlabel("learning rate")
+        axis.set_ylabel(f"dev {regime.METRIC_LABELS.get(record['metric'], record['metric'])} (seed 0)")
+        axis.set_title(task, fontsize=9)
+        axis.legend(fontsize=7)
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse(__doc__, argv, TASKS)
+    name = "smoke" if args.smoke else "cpu"
+    config, device = CONFIGS[name], torch.device("cpu")
+    rows, contrasts, records = [], [], {}
+    for key in args.tasks:
+        task_rows, task_contrasts, records[TASKS[key][0]] = tune_task(key, config, device, args.results, args.smoke)
+        rows += task_rows
+        contrasts += task_contrasts
+    decision = confirm.decide(contrasts)
+    env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS), "grid": list(GRID),
+           "contrasts": contrasts, "tasks": records, "decision": decision}  # fmt: skip
+    write_results(f"tuned_lr_{name}", env, rows, args.results)
+    plot(records, args.results / f"tuned_lr_{name}.png")
+    for task, record in records.items():
+        print(f"{task}: rates chosen on dev {record['rates']}")
+    for c in contrasts:
+        print(f"{c['task']}: {c['contrast']}: {c['improvement']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
+              f"p {c['p']:.3g} Holm {c['p_holm']:.3g} (n={c['n']})")  # fmt: skip
+    print(f"default by the rule over these tasks: {decision['default']} ({decision['why']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
