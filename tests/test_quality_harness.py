@@ -442,8 +442,14 @@ def test_tuned_lr_smoke(tmp_path):
     assert tuned_lr.main(["--smoke", "--tasks", "bbc_distill", "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "tuned_lr_smoke.json").read_text())
     record = data["environment"]["tasks"][tuned_lr.TASKS["bbc_distill"][0]]
-    assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS}
+    assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS, *tuned_lr.CONTROLS}
     assert all(len(scores) >= len(tuned_lr.GRID) for scores in record["dev_scores"].values())
     assert {r["method"]: r["lr"] for r in data["rows"]} == record["rates"]
-    assert {c["method"] for c in data["environment"]["contrasts"]} == set(tuned_lr.ARMS)
+    contrasts = data["environment"]["contrasts"]
+    family = {c["method"] for c in contrasts if not c["diagnostic"]}
+    assert family == set(tuned_lr.ARMS) and all(c["baseline"] == "uniform" for c in contrasts if not c["diagnostic"])
+    assert {c["contrast"] for c in contrasts if c["diagnostic"]} == {
+        "shuffled-rs vs lora-rs r=2",
+        "paper-rs vs shuffled-rs",
+    }
     assert (tmp_path / "tuned_lr_smoke.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,12 +1,13 @@
 """The whole quality suite, in the order its parts depend on each other (each resumes from its run log):
 
-    python -m benchmarks.quality            # regime check -> teacher screen -> confirmation -> comparison
+    python -m benchmarks.quality            # regime -> screen -> confirmation -> tuned rates -> comparison
     python -m benchmarks.quality --smoke    # every part's harness in minutes
 
 1. ``regime``: which task/model pairs can show an allocation effect at all;
 2. ``screen``: which allocation rules hold most of a fully fine-tuned teacher's update (no training of them);
 3. ``confirm``: the rules worth training, with rsLoRA scaling, against uniform LoRA where the regime passes;
-4. ``run_quality``: the method comparison whose rule chose the default (``AllocationConfig()``).
+4. ``tuned_lr``: the confirmation's main arms each at its own learning rate, chosen on a dev split;
+5. ``run_quality``: the method comparison whose rule chose the default (``AllocationConfig()``).
 Options after the first (``--results DIR``, ``--threads N``, ``--smoke``) go to every part.
 """
 
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.quality import confirm, regime, run_quality, screen
+from benchmarks.quality import confirm, regime, run_quality, screen, tuned_lr
 
 PARTS = (("regime check", regime.main), ("teacher screen", screen.main), ("confirmation", confirm.main),
-         ("method comparison", run_quality.main))  # fmt: skip
+         ("tuned learning rates", tuned_lr.main), ("method comparison", run_quality.main))  # fmt: skip
 
 
 def main(argv=None) -> int:

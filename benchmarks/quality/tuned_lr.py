@@ -20,6 +20,10 @@ Named on 2026-12-07 before its runs:
   the confirmation's and the regime check's own, read from their logs). Contrasts: each candidate against
   uniform LoRA, each at its own rate, paired by seed, Holm over the candidates of a task; the confirmation's
   decision rule (``confirm.decide``) over the tasks run.
+- Control (CONTROLS, added on 2026-12-07 after the BBC task's runs, before any of its own): the paper's
+  allocation shuffled among matrices of the same shape (rsLoRA), searched and confirmed the same way. Does
+  a gain at a tuned rate need theta, or only a spread of ranks? Its contrasts (against uniform LoRA, and the
+  paper's allocation against it) are diagnostics outside the candidates' Holm family.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ import torch
 from benchmarks.common import environment, write_results
 from benchmarks.quality import confirm, regime
 from benchmarks.quality.options import parse
+from benchmarks.quality.paired import holm
 from benchmarks.quality.run_quality import RunLog, run_methods
 
 ARMS = ("rank", "rank-rs", "paper-rs")  # and uniform LoRA
+CONTROLS = ("shuffled-rs",)
 GRID = (5e-4, 1e-3, 2e-3)
 MAX_RATES = 5
 CONFIGS = {"cpu": confirm.CONFIGS["cpu"], "smoke": confirm.CONFIGS["smoke"]}
@@ -82,22 +88,28 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     uniform = confirm.baseline(context.avg_rank)
     seeds, steps = config[f"{key}_seeds"], config[f"{key}_steps"]
     dev_log = RunLog(None if smoke else results_dir / "tuned_lr_cpu.runs.jsonl")
+    arms = (uniform, *ARMS, *CONTROLS)
     test_logs = {arm: RunLog(None if smoke else results_dir / ("regime_cpu.runs.jsonl" if arm == uniform
                                                                 else "confirm_cpu.runs.jsonl"))
-                 for arm in (uniform, *ARMS)}  # fmt: skip
+                 for arm in arms}  # fmt: skip
 
     def dev_metric(arm: str, rate: float) -> float:
         (result,) = run_methods(context, [arm], 1, setup.epoch, rate, setup.evaluators["dev"], (steps,),
                                 f"{label} dev", dev_log, build=make)  # fmt: skip
         return result.metrics[setup.primary]
 
-    scores = {arm: search(lambda rate, arm=arm: dev_metric(arm, rate)) for arm in (uniform, *ARMS)}
+    scores = {arm: search(lambda rate, arm=arm: dev_metric(arm, rate)) for arm in arms}
     rates = {arm: chosen_rate(s) for arm, s in scores.items()}
     results = []
     for arm, rate in rates.items():
         results += run_methods(context, [arm], seeds, setup.epoch, rate, setup.evaluators["test"],
                                config[f"{key}_checkpoints"], label, test_logs[arm], build=make)  # fmt: skip
     rows, contrasts = confirm.summarise(results, uniform, setup.primary)
+    for contrast in contrasts:  # the control's contrasts leave the candidates' Holm family
+        contrast["diagnostic"] = contrast["method"] not in ARMS or contrast["baseline"] != confirm.UNIFORM
+    adjusted = holm({c["contrast"]: c["p"] for c in contrasts if not c["diagnostic"] and np.isfinite(c["p"])})
+    for contrast in contrasts:
+        contrast["p_holm"] = contrast["p"] if contrast["diagnostic"] else adjusted.get(contrast["contrast"], np.nan)
     for item in (*rows, *contrasts):
         item["task"] = label
     for row in rows:
@@ -142,7 +154,8 @@ def main(argv=None) -> int:
         rows += task_rows
         contrasts += task_contrasts
     decision = confirm.decide(contrasts)
-    env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS), "grid": list(GRID),
+    env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS), "controls": list(CONTROLS),
+           "grid": list(GRID),
            "contrasts": contrasts, "tasks": records, "decision": decision}  # fmt: skip
     write_results(f"tuned_lr_{name}", env, rows, args.results)
     plot(records, args.results / f"tuned_lr_{name}.png")
