@@ -435,6 +435,20 @@ def test_tuned_rate_is_the_dev_best_inside_the_rates_tried():
     assert len(scores) == tuned_lr.MAX_RATES  # and no further, though 8e-3 is at the edge
 
 
+def test_same_rate_contrast_pairs_by_seed():
+    from benchmarks.quality import tuned_lr
+    from benchmarks.quality.train import RunResult
+
+    def runs(method, values):
+        return [RunResult(method, seed, {"kl": v}, 1, 0.0, None, {}) for seed, v in values.items()]
+
+    contrast = tuned_lr.same_rate_contrast("paper-rs", runs("paper-rs", {0: 0.30, 1: 0.31, 2: 0.29}),
+                                           runs("lora-rs r=2", {0: 0.33, 1: 0.35, 3: 0.9}), "kl")  # fmt: skip
+    assert contrast["n"] == 2 and contrast["improvement"] == pytest.approx(0.035)  # seeds 0 and 1 only
+    assert contrast["uniform_mean"] == pytest.approx(0.34) and contrast["diagnostic"]
+    assert contrast["baseline"] == tuned_lr.SAME_RATE and contrast["p_holm"] == contrast["p"]
+
+
 @pytest.mark.slow
 def test_tuned_lr_smoke(tmp_path):
     from benchmarks.quality import tuned_lr
@@ -448,8 +462,8 @@ def test_tuned_lr_smoke(tmp_path):
     contrasts = data["environment"]["contrasts"]
     family = {c["method"] for c in contrasts if not c["diagnostic"]}
     assert family == set(tuned_lr.ARMS) and all(c["baseline"] == "uniform" for c in contrasts if not c["diagnostic"])
-    assert {c["contrast"] for c in contrasts if c["diagnostic"]} == {
-        "shuffled-rs vs lora-rs r=2",
-        "paper-rs vs shuffled-rs",
-    }
+    controls = {c["contrast"] for c in contrasts if c["diagnostic"] and c["baseline"] != tuned_lr.SAME_RATE}
+    assert controls == {"shuffled-rs vs lora-rs r=2", "paper-rs vs shuffled-rs"}
+    moved = {m for m in tuned_lr.ARMS if record["rates"][m] != record["rates"]["lora-rs r=2"]}
+    assert {c["method"] for c in contrasts if c["baseline"] == tuned_lr.SAME_RATE} == moved
     assert (tmp_path / "tuned_lr_smoke.png").read_bytes()[:4] == b"\x89PNG"

@@ -23,7 +23,12 @@ Named on 2026-12-07 before its runs:
 - Control (CONTROLS, added on 2026-12-07 after the BBC task's runs, before any of its own): the paper's
   allocation shuffled among matrices of the same shape (rsLoRA), searched and confirmed the same way. Does
   a gain at a tuned rate need theta, or only a spread of ranks? Its contrasts (against uniform LoRA, and the
-  paper's allocation against it) are diagnostics outside the candidates' Holm family.
+  paper's allocation against it) are diagnostics outside the candidates' Holm family. ``--no-control``
+  leaves it out (about 20 min a task on the CPU VM).
+- Same rate (a diagnostic, added on 2026-12-07 after the BBC task's candidate runs, before any of uniform
+  LoRA's runs at another rate on test): each candidate whose rate differs from uniform LoRA's against
+  uniform LoRA trained at the candidate's rate, paired by seed: is a gain the allocation's, or only the
+  rate's that uniform LoRA's one-seed dev search turned down?
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ import torch
 from benchmarks.common import environment, write_results
 from benchmarks.quality import confirm, regime
 from benchmarks.quality.options import parse
-from benchmarks.quality.paired import holm
+from benchmarks.quality.paired import holm, paired_difference
 from benchmarks.quality.run_quality import RunLog, run_methods
 
 ARMS = ("rank", "rank-rs", "paper-rs")  # and uniform LoRA
 CONTROLS = ("shuffled-rs",)
+SAME_RATE = "uniform at the same rate"  # the baseline of the same-rate diagnostic
 GRID = (5e-4, 1e-3, 2e-3)
 MAX_RATES = 5
 CONFIGS = {"cpu": confirm.CONFIGS["cpu"], "smoke": confirm.CONFIGS["smoke"]}
@@ -76,7 +82,7 @@ def search(run, rates=GRID) -> dict[float, float]:
     return scores
 
 
-def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: bool):
+def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: bool, controls: bool = True):
     """One task's search and confirmation (resumed from the logs): (rows, contrasts, record)."""
     label, make_setup = TASKS[key]
     started = time.perf_counter()
@@ -88,7 +94,7 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     uniform = confirm.baseline(context.avg_rank)
     seeds, steps = config[f"{key}_seeds"], config[f"{key}_steps"]
     dev_log = RunLog(None if smoke else results_dir / "tuned_lr_cpu.runs.jsonl")
-    arms = (uniform, *ARMS, *CONTROLS)
+    arms = (uniform, *ARMS, *(CONTROLS if controls else ()))
     test_logs = {arm: RunLog(None if smoke else results_dir / ("regime_cpu.runs.jsonl" if arm == uniform
                                                                 else "confirm_cpu.runs.jsonl"))
                  for arm in arms}  # fmt: skip
@@ -100,11 +106,16 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
 
     scores = {arm: search(lambda rate, arm=arm: dev_metric(arm, rate)) for arm in arms}
     rates = {arm: chosen_rate(s) for arm, s in scores.items()}
-    results = []
-    for arm, rate in rates.items():
-        results += run_methods(context, [arm], seeds, setup.epoch, rate, setup.evaluators["test"],
-                               config[f"{key}_checkpoints"], label, test_logs[arm], build=make)  # fmt: skip
+
+    def on_test(arm: str, rate: float) -> list:
+        return run_methods(context, [arm], seeds, setup.epoch, rate, setup.evaluators["test"],
+                           config[f"{key}_checkpoints"], label, test_logs[arm], build=make)  # fmt: skip
+
+    results = [result for arm, rate in rates.items() for result in on_test(arm, rate)]
     rows, contrasts = confirm.summarise(results, uniform, setup.primary)
+    for arm in (a for a in ARMS if rates[a] != rates[uniform]):
+        contrasts.append(same_rate_contrast(arm, [r for r in results if r.method == arm],
+                                            on_test(uniform, rates[arm]), setup.primary))  # fmt: skip
     for contrast in contrasts:  # the control's contrasts leave the candidates' Holm family
         contrast["diagnostic"] = contrast["method"] not in ARMS or contrast["baseline"] != confirm.UNIFORM
     adjusted = holm({c["contrast"]: c["p"] for c in contrasts if not c["diagnostic"] and np.isfinite(c["p"])})
@@ -120,6 +131,18 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
               "dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
               "rates": rates}  # fmt: skip
     return rows, contrasts, record
+
+
+def same_rate_contrast(arm: str, mine: list, uniform: list, primary: str) -> dict:
+    """``arm``'s runs (RunResult) against uniform LoRA's at the same rate, paired by seed (a diagnostic)."""
+    theirs = {r.seed: r.metrics[primary] for r in uniform}
+    seeds = sorted(set(theirs) & {r.seed for r in mine})
+    ours = {r.seed: r.metrics[primary] for r in mine}
+    difference = paired_difference(np.array([ours[s] for s in seeds]), np.array([theirs[s] for s in seeds]),
+                                   higher_is_better=False)  # fmt: skip
+    return {"contrast": f"{arm} vs uniform LoRA at {arm}'s rate", "method": arm, "baseline": SAME_RATE,
+            "n": len(seeds), "diagnostic": True, "uniform_mean": float(np.mean([theirs[s] for s in seeds])),
+            **difference, "p_holm": difference["p"]}  # fmt: skip
 
 
 def plot(records: dict, path) -> None:
@@ -145,12 +168,14 @@ def plot(records: dict, path) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse(__doc__, argv, TASKS)
+    args = parse(__doc__, argv, TASKS, flags={"--no-control": "leave the shuffled control out"})
     name = "smoke" if args.smoke else "cpu"
     config, device = CONFIGS[name], torch.device("cpu")
     rows, contrasts, records = [], [], {}
     for key in args.tasks:
-        task_rows, task_contrasts, records[TASKS[key][0]] = tune_task(key, config, device, args.results, args.smoke)
+        task_rows, task_contrasts, records[TASKS[key][0]] = tune_task(
+            key, config, device, args.results, args.smoke, not args.no_control
+        )
         rows += task_rows
         contrasts += task_contrasts
     decision = confirm.decide(contrasts)
