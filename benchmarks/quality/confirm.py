@@ -257,6 +257,13 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     return rows, contrasts, record
 
 
+def print_contrasts(contrasts: list[dict]) -> None:
+    """One line a contrast: its task, name, paired improvement with 95 % interval, p and Holm p, seeds."""
+    for c in contrasts:
+        print(f"{c['task']}: {c['contrast']}: {c['improvement']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
+              f"p {c['p']:.3g} Holm {c['p_holm']:.3g} (n={c['n']})")  # fmt: skip
+
+
 def main(argv=None) -> int:
     args = parse(__doc__, argv, TASKS, seeds_help="paired seeds of every task (default: the configuration's)")
     name = "smoke" if args.smoke else "cpu"
@@ -272,9 +279,7 @@ def main(argv=None) -> int:
            "contrasts": contrasts, "tasks": records, "decision": decision}  # fmt: skip
     write_results(f"confirm_{name}", env, rows, args.results)
     plot(contrasts, decision, args.results / f"confirm_{name}.png")
-    for c in contrasts:
-        print(f"{c['task']}: {c['contrast']}: {c['improvement']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
-              f"p {c['p']:.3g} Holm {c['p_holm']:.3g} (n={c['n']})")  # fmt: skip
+    print_contrasts(contrasts)
     for candidate, value in decision["candidates"].items():
         print(f"{candidate}: Stouffer Z {value['z']:+.2f}, Holm p {value['p_holm']:.3g}, "
               f"worse on {value['worse_on'] or 'no task'}")  # fmt: skip

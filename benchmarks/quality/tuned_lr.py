@@ -160,6 +160,9 @@ def plot(records: dict, path) -> None:
             axis.plot([record["rates"][arm]], [scores[str(record["rates"][arm])]], marker="*", markersize=14,
                       color=line.get_color())  # fmt: skip
         axis.set_xscale("log")
+        tried = sorted({float(r) for scores in record["dev_scores"].values() for r in scores})
+        axis.set_xticks(tried, [f"{r:g}" for r in tried])
+        axis.minorticks_off()
         axis.set_xlabel("learning rate")
         axis.set_ylabel(f"dev {regime.METRIC_LABELS.get(record['metric'], record['metric'])} (seed 0)")
         axis.set_title(task, fontsize=9)
@@ -179,16 +182,14 @@ def main(argv=None) -> int:
         rows += task_rows
         contrasts += task_contrasts
     decision = confirm.decide(contrasts)
-    env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS), "controls": list(CONTROLS),
-           "grid": list(GRID),
-           "contrasts": contrasts, "tasks": records, "decision": decision}  # fmt: skip
+    env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS),
+           "controls": list(CONTROLS), "grid": list(GRID), "contrasts": contrasts, "tasks": records,
+           "decision": decision}  # fmt: skip
     write_results(f"tuned_lr_{name}", env, rows, args.results)
     plot(records, args.results / f"tuned_lr_{name}.png")
     for task, record in records.items():
         print(f"{task}: rates chosen on dev {record['rates']}")
-    for c in contrasts:
-        print(f"{c['task']}: {c['contrast']}: {c['improvement']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
-              f"p {c['p']:.3g} Holm {c['p_holm']:.3g} (n={c['n']})")  # fmt: skip
+    confirm.print_contrasts(contrasts)
     print(f"default by the rule over these tasks: {decision['default']} ({decision['why']})")
     return 0
 
