@@ -39,7 +39,10 @@ def test_a_signal_during_calibration_in_a_real_process(tiny_model_dir, tmp_path,
                          "--stats", str(out / "s.safetensors"))  # fmt: skip
     args.remove("--quiet")  # the progress bar on stderr says when calibration has started
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SENSILORA_BACKEND")}
-    process = subprocess.Popen([sys.executable, "-m", "sensilora", *args], stderr=subprocess.PIPE, text=True, env=env)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as an interactive shell would
+    process = subprocess.Popen([sys.executable, "-m", "sensilora", *args], stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     seen, deadline = "", time.time() + 240
     while "calibrating" not in seen and time.time() < deadline:
         seen += process.stderr.read(1)
