@@ -128,9 +128,13 @@ def build(setup, context, allocations):
     return make
 
 
-def summarise(results, uniform: str, primary: str = "nll") -> tuple[list[dict], list[dict]]:
+def summarise(
+    results, uniform: str, primary: str = "nll", family=CONTRASTS, diagnostics=DIAGNOSTICS
+) -> tuple[list[dict], list[dict]]:
     """Rows per arm (the held-out ``primary`` metric, update norms by module type) and the named contrasts
-    over the seeds every arm has, Holm-corrected; ``uniform`` is the baseline's run-log name."""
+    over the seeds every arm has: ``family`` Holm-corrected together, each of ``diagnostics`` on its own
+    (pairs (method, baseline), UNIFORM for uniform LoRA, whose run-log name is ``uniform``); a pair whose arms
+    did not both run is left out."""
     by_method = {}
     for result in results:
         by_method.setdefault(result.method, {})[result.seed] = result
@@ -149,11 +153,11 @@ def summarise(results, uniform: str, primary: str = "nll") -> tuple[list[dict], 
                      "trainable_params": runs[seeds[0]].trainable_parameters,
                      "update_norm_by_type": {k: float(np.mean(v)) for k, v in by_type.items()}})  # fmt: skip
     contrasts = []
-    for method, against in CONTRASTS + DIAGNOSTICS:  # "baseline": the arm as named there (UNIFORM: uniform LoRA)
+    for method, against in [*family, *diagnostics]:  # "baseline": the arm as named there (UNIFORM: uniform LoRA)
         other = uniform if against == UNIFORM else against
         if method in nll and other in nll:
             contrasts.append({"contrast": f"{method} vs {other}", "method": method, "baseline": against,
-                              "n": len(seeds), "diagnostic": (method, against) in DIAGNOSTICS,
+                              "n": len(seeds), "diagnostic": (method, against) in diagnostics,
                               **paired_difference(nll[method], nll[other], higher_is_better=False)})  # fmt: skip
     adjusted = holm({c["contrast"]: c["p"] for c in contrasts if np.isfinite(c["p"]) and not c["diagnostic"]})
     for c in contrasts:

@@ -285,8 +285,10 @@ def lm_distill_setup(
     windows of ``train_texts`` (``{task}_teacher_steps`` at ``{task}_teacher_lr``, seed 0, on every training
     window). The student learns the teacher's next-token distributions (KL(teacher || student) per token) on
     the first ``{task}_windows`` training batches and is scored on windows of ``test_texts`` ("test") or of
-    the unused training documents ("dev", ``dev_windows``); calibration reads the training text. The teacher's log-probabilities are computed once (fp16) and reused by every
-    run."""
+    the unused training documents ("dev", ``dev_windows``); calibration reads the training text. The
+    teacher's log-probabilities are computed once (fp16) and reused by every run; the dev split's on its
+    first evaluation (only a learning-rate search reads it)."""
+    import functools
     import time
 
     started = time.perf_counter()
@@ -295,19 +297,27 @@ def lm_distill_setup(
     targets = sorted(find_targets(model))
     data_keys = ("nlg_docs", "nlg_len", "nlg_batch", "nlg_eval_windows")
     deltas, record = cached_teacher(lm_task(model, targets, text, device), config, task, data_keys)
-    teacher = updated_copy(model, deltas)
-    with torch.no_grad():
 
-        def logprobs(batch):  # (B, T-1, V) fp16: the teacher's next-token distribution at each position
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-            logits = teacher(**inputs).logits
-            return torch.log_softmax(logits[:, :-1].float(), dim=-1).half()
+    def teacher_logprobs(batches: list[dict]) -> list[torch.Tensor]:
+        """Per batch (B, T-1, V) fp16: the teacher's next-token log-distribution at each position."""
+        teacher = updated_copy(model, deltas)
+        with torch.no_grad():
+            return [torch.log_softmax(teacher(**{k: b[k].to(device) for k in ("input_ids", "attention_mask")})
+                                      .logits[:, :-1].float(), dim=-1).half() for b in batches]  # fmt: skip
 
-        train = [{**b, "teacher_logprobs": logprobs(b)} for b in text.train[: config[f"{task}_windows"]]]
-        test_logprobs = [logprobs(b) for b in text.test]
-        dev = dev_windows(config, tokenizer, task, train_texts, test_texts)
-        dev_logprobs = [logprobs(b) for b in dev]
+    train_batches = text.train[: config[f"{task}_windows"]]
+    train = [{**b, "teacher_logprobs": t} for b, t in zip(train_batches, teacher_logprobs(train_batches))]
+    test_logprobs = teacher_logprobs(text.test)
     base_scores = next_token_scores(model, text.test, device, test_logprobs)
+
+    @functools.cache
+    def dev_split() -> tuple[list[dict], list[torch.Tensor]]:
+        dev = dev_windows(config, tokenizer, task, train_texts, test_texts)
+        return dev, teacher_logprobs(dev)
+
+    def dev_scores(student) -> dict:
+        dev, dev_logprobs = dev_split()
+        return next_token_scores(student, dev, device, dev_logprobs)
 
     def loss(student, batch):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -316,7 +326,7 @@ def lm_distill_setup(
     record = {"teacher": record, "base_model": base_scores, "seconds": round(time.perf_counter() - started, 1)}
     return TaskSetup(model, targets, "CAUSAL_LM", epoch_over(train),
                      {"test": lambda m: lambda: next_token_scores(m, text.test, device, test_logprobs),
-                      "dev": lambda m: lambda: next_token_scores(m, dev, device, dev_logprobs)},
+                      "dev": lambda m: lambda: dev_scores(m)},
                      text.calibration, loss=loss, primary="kl", record=record, teacher_update=deltas)  # fmt: skip
 
 

@@ -42,11 +42,13 @@ import torch
 from benchmarks.common import environment, write_results
 from benchmarks.quality import confirm, regime
 from benchmarks.quality.options import parse
-from benchmarks.quality.paired import holm, paired_difference
+from benchmarks.quality.paired import paired_difference
 from benchmarks.quality.run_quality import RunLog, run_methods
 
 ARMS = ("rank", "rank-rs", "paper-rs")  # and uniform LoRA
 CONTROLS = ("shuffled-rs",)
+FAMILY = [(arm, confirm.UNIFORM) for arm in ARMS]  # Holm-corrected together
+DIAGNOSTICS = [(c, confirm.UNIFORM) for c in CONTROLS] + [("paper-rs", c) for c in CONTROLS]
 SAME_RATE = "uniform at the same rate"  # the baseline of the same-rate diagnostic
 GRID = (5e-4, 1e-3, 2e-3)
 MAX_RATES = 5
@@ -112,15 +114,10 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
                            config[f"{key}_checkpoints"], label, test_logs[arm], build=make)  # fmt: skip
 
     results = [result for arm, rate in rates.items() for result in on_test(arm, rate)]
-    rows, contrasts = confirm.summarise(results, uniform, setup.primary)
+    rows, contrasts = confirm.summarise(results, uniform, setup.primary, FAMILY, DIAGNOSTICS)
     for arm in (a for a in ARMS if rates[a] != rates[uniform]):
         contrasts.append(same_rate_contrast(arm, [r for r in results if r.method == arm],
                                             on_test(uniform, rates[arm]), setup.primary))  # fmt: skip
-    for contrast in contrasts:  # the control's contrasts leave the candidates' Holm family
-        contrast["diagnostic"] = contrast["method"] not in ARMS or contrast["baseline"] != confirm.UNIFORM
-    adjusted = holm({c["contrast"]: c["p"] for c in contrasts if not c["diagnostic"] and np.isfinite(c["p"])})
-    for contrast in contrasts:
-        contrast["p_holm"] = contrast["p"] if contrast["diagnostic"] else adjusted.get(contrast["contrast"], np.nan)
     for item in (*rows, *contrasts):
         item["task"] = label
     for row in rows:
