@@ -450,12 +450,13 @@ def test_same_rate_contrast_pairs_by_seed():
 
 
 @pytest.mark.slow
-def test_tuned_lr_smoke(tmp_path):
+@pytest.mark.parametrize("task", ["bbc_distill", "enc_distill"])  # a decoder's dev windows, the encoder's verses
+def test_tuned_lr_smoke(tmp_path, task):
     from benchmarks.quality import tuned_lr
 
-    assert tuned_lr.main(["--smoke", "--tasks", "bbc_distill", "--results", str(tmp_path)]) == 0
+    assert tuned_lr.main(["--smoke", "--tasks", task, "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "tuned_lr_smoke.json").read_text())
-    record = data["environment"]["tasks"][tuned_lr.TASKS["bbc_distill"][0]]
+    record = data["environment"]["tasks"][tuned_lr.TASKS[task][0]]
     assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS, *tuned_lr.CONTROLS}
     assert all(len(scores) >= len(tuned_lr.GRID) for scores in record["dev_scores"].values())
     assert {r["method"]: r["lr"] for r in data["rows"]} == record["rates"]

@@ -353,8 +353,9 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     """The student is MiniLM-L6; the teacher the same encoder with every target matrix (and a head) fully
     fine-tuned on the NLU task (``enc_distill_teacher_steps`` at ``enc_distill_teacher_lr``, seed 0). The
     student learns the teacher's last hidden states (squared distance per token, ``hidden_distance``) on the
-    NLU training verses, ``enc_distill_steps`` batches of ``nlu_batch``, and is scored on the test verses;
-    the teacher's hidden states are computed once. Dense targets of 384 values per token: an adapter's
+    NLU training verses, ``enc_distill_steps`` batches of ``nlu_batch``, and is scored on the test verses
+    ("test") or the NLU dev verses ("dev": neither model trains on them); the teacher's hidden states are
+    computed once. Dense targets of 384 values per token: an adapter's
     capacity binds where a classification label's does not."""
     import time
 
@@ -375,7 +376,8 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     with torch.no_grad():
         train = {k: splits["train"][k] for k in ("input_ids", "attention_mask")}
         train["teacher_hidden"] = last_hidden(teacher, train)
-        test = {**splits["test"], "teacher_hidden": last_hidden(teacher, splits["test"])}
+        held_out = {name: {**splits[name], "teacher_hidden": last_hidden(teacher, splits[name])}
+                    for name in ("dev", "test")}  # fmt: skip
     del teacher
 
     def loss(student, batch):
@@ -383,17 +385,21 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
                          output_hidden_states=True).hidden_states[-1]  # fmt: skip
         return hidden_distance(hidden, batch["teacher_hidden"], batch["attention_mask"])
 
-    def evaluate(model):
-        @torch.no_grad()
-        def run():
-            hidden = last_hidden(model, test)
-            return {"distance": float(hidden_distance(hidden, test["teacher_hidden"], test["attention_mask"]))}
+    def evaluator(split: dict) -> Evaluator:
+        def evaluate(model):
+            @torch.no_grad()
+            def run():
+                hidden = last_hidden(model, split)
+                return {"distance": float(hidden_distance(hidden, split["teacher_hidden"], split["attention_mask"]))}
 
-        return run
+            return run
 
-    base_scores = evaluate(classification.base)()
+        return evaluate
+
+    evaluators = {name: evaluator(split) for name, split in held_out.items()}
+    base_scores = evaluators["test"](classification.base)()
     record = {"teacher": record, "base_model": base_scores, "seconds": round(time.perf_counter() - started, 1)}
     calibration = [{k: v for k, v in batch.items() if k != "labels"} for batch in classification.calibration]
     return TaskSetup(classification.base, classification.targets, "FEATURE_EXTRACTION",
-                     shuffled_batches(train, config["nlu_batch"]), {"test": evaluate},
+                     shuffled_batches(train, config["nlu_batch"]), evaluators,
                      calibration, loss=loss, primary="distance", record=record, teacher_update=deltas)  # fmt: skip

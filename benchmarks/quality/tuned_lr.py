@@ -1,6 +1,6 @@
 """Each arm at its own learning rate, chosen on dev: does a per-method rate change the confirmation?
 
-    python -m benchmarks.quality.tuned_lr                        # the CPU configuration, both tasks
+    python -m benchmarks.quality.tuned_lr                        # the CPU configuration, every task
     python -m benchmarks.quality.tuned_lr --tasks bbc_distill    # one task
     python -m benchmarks.quality.tuned_lr --smoke                # seconds: checks the harness
 
@@ -10,6 +10,9 @@ Named on 2026-12-07 before its runs:
 
 - Tasks: the decoder distillations on KJV and BBC text, which have a dev split (``setups.dev_windows``:
   windows of training-split documents that no model, the teacher included, trains on; disjoint from test).
+  The encoder distillation (MiniLM-L6) joined on 2026-12-07, after the decoder tasks' runs and before any
+  of its own, with every rule here unchanged; its dev split is the NLU task's dev verses, on which neither
+  the teacher nor a student trains.
 - Arms (ARMS): uniform LoRA (rsLoRA; the regime check's arm), the shipped default (rank aggregation,
   alpha / r), rank aggregation with rsLoRA (the best-ranked candidate on the BBC task) and the paper's
   allocation with rsLoRA (the issue's first rerun).
@@ -53,7 +56,7 @@ SAME_RATE = "uniform at the same rate"  # the baseline of the same-rate diagnost
 GRID = (5e-4, 1e-3, 2e-3)
 MAX_RATES = 5
 CONFIGS = {"cpu": confirm.CONFIGS["cpu"], "smoke": confirm.CONFIGS["smoke"]}
-TASKS = {key: regime.TASKS[key] for key in ("distill", "bbc_distill")}
+TASKS = {key: regime.TASKS[key] for key in ("distill", "bbc_distill", "enc_distill")}
 
 
 def chosen_rate(scores: dict[float, float]) -> float:
