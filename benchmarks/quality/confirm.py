@@ -20,15 +20,15 @@ metric (NLL; for distillation KL, or the squared distance to the teacher's hidde
 improvement = metric(uniform) - metric(candidate)), Holm over each task's family; the paper's allocation
 against its shuffled control (does theta know more than the shape of its rank distribution?) and against
 itself with alpha / r scaling (does rsLoRA change it?); Holm over the family. Candidates: the paper's
-allocation with rsLoRA (the issue's first rerun) and with the plain alpha / r scaling the comparison used, its shuffled control with rsLoRA, the
-default (rank aggregation) as it ships (alpha / r) and with rsLoRA, and ``hessian-robust`` with rsLoRA,
-the rule the teacher screen (``screen.py``) scored best on the BBC task; and peft's EVA ranks (its rank
-redistribution, rho = 2, with LoRA's standard initialisation) with rsLoRA, a comparison arm (added on
-2026-12-06 before its runs, with the encoder distillation task). On the distillation tasks, diagnostics
-(ORACLES, each its own family, added on 2026-12-06 before their runs): the greedy allocation on the
-teacher's own update spectra, whitened by the inputs and plain, against uniform LoRA: the ceiling of any
-rule that estimates where the teacher's update lies. Seeds in the CPU configuration:
-what a session affords (``--seeds 8`` extends every arm from the logs).
+allocation with rsLoRA (the issue's first rerun) and with the plain alpha / r scaling the comparison used, its
+shuffled control with rsLoRA, the default (rank aggregation) as it ships (alpha / r) and with rsLoRA, and
+``hessian-robust`` with rsLoRA, the rule the teacher screen (``screen.py``) scored best on the BBC task; and
+peft's EVA ranks (its rank redistribution, rho = 2, with LoRA's standard initialisation) with rsLoRA, a
+comparison arm (added on 2026-12-06 before its runs, with the encoder distillation task). On the distillation
+tasks, diagnostics (ORACLES, each its own family, added on 2026-12-06 before their runs): the greedy
+allocation on the teacher's own update spectra, whitened by the inputs and plain, against uniform LoRA: the
+ceiling of any rule that estimates where the teacher's update lies. Seeds in the CPU configuration: what a
+session affords (``--seeds 8`` extends every arm from the logs).
 
 The default, by the rule named before the run (``decide``; DEFAULTS: every candidate but the control and
 EVA): over the tasks run together, Stouffer's combination of each task's one-sided paired p-value of an

@@ -158,11 +158,11 @@ def text_windows(config: dict, tokenizer, train_texts: list[str], test_texts: li
     (``training_documents``), ``nlg_eval_windows`` held-out windows of ``test_texts``, ``calibration_samples``
     calibration windows of the training documents (another seed)."""
     train_docs = training_documents(config, train_texts)[0]
-    length = config["nlg_len"]
+    length, batch, samples = config["nlg_len"], config["nlg_batch"], config["calibration_samples"]
     return TextWindows(
-        [with_labels(b) for b in calibration_batches(tokenizer, train_docs, 10**6, length, config["nlg_batch"], seed=1)],
+        [with_labels(b) for b in calibration_batches(tokenizer, train_docs, 10**6, length, batch, seed=1)],
         calibration_batches(tokenizer, test_texts, config["nlg_eval_windows"], length, 8, seed=2),
-        [with_labels(b) for b in calibration_batches(tokenizer, train_docs, config["calibration_samples"], length, 8, seed=3)],
+        [with_labels(b) for b in calibration_batches(tokenizer, train_docs, samples, length, 8, seed=3)],
     )  # fmt: skip
 
 
@@ -355,8 +355,8 @@ def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     student learns the teacher's last hidden states (squared distance per token, ``hidden_distance``) on the
     NLU training verses, ``enc_distill_steps`` batches of ``nlu_batch``, and is scored on the test verses
     ("test") or the NLU dev verses ("dev": neither model trains on them); the teacher's hidden states are
-    computed once. Dense targets of 384 values per token: an adapter's
-    capacity binds where a classification label's does not."""
+    computed once. Dense targets of 384 values per token: an adapter's capacity binds where a classification
+    label's does not."""
     import time
 
     started = time.perf_counter()

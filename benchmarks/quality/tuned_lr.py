@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     for task, record in records.items():
         print(f"{task}: rates chosen on dev {record['rates']}")
     confirm.print_contrasts(contrasts)
-    print(f"the confirmation's rule over these {len(decision['tasks'])} tasks: {decision['default']} ({decision['why']}); "
+    covered = len(decision["tasks"])
+    print(f"the confirmation's rule over these {covered} tasks: {decision['default']} ({decision['why']}); "
           "the shipped default is the confirmation's choice over all of its tasks (confirm.py)")  # fmt: skip
     return 0
 
