@@ -306,8 +306,9 @@ def lm_distill_setup(
                                       .logits[:, :-1].float(), dim=-1).half() for b in batches]  # fmt: skip
 
     train_batches = text.train[: config[f"{task}_windows"]]
-    train = [{**b, "teacher_logprobs": t} for b, t in zip(train_batches, teacher_logprobs(train_batches))]
-    test_logprobs = teacher_logprobs(text.test)
+    computed = teacher_logprobs([*train_batches, *text.test])  # one teacher for both splits
+    train = [{**b, "teacher_logprobs": t} for b, t in zip(train_batches, computed)]
+    test_logprobs = computed[len(train_batches) :]
     base_scores = next_token_scores(model, text.test, device, test_logprobs)
 
     @functools.cache
