@@ -10,6 +10,11 @@ second collective to save seconds of Cholesky.
 
 from __future__ import annotations
 
+import importlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -27,20 +32,31 @@ def distributed_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def join_torchrun(device: str) -> tuple[int, int, str]:
+@contextmanager
+def torchrun_group(device: str) -> Iterator[tuple[int, int, str]]:
     """Under torchrun (``WORLD_SIZE`` > 1 in the environment) initialise the default process group (NCCL for
-    CUDA devices, gloo otherwise) once; returns (rank, world size, this rank's device)."""
-    import os
-
+    CUDA devices, gloo otherwise) unless one exists; yields (rank, world size, this rank's device) and on exit
+    destroys the group if it created it, so its worker threads are joined before the interpreter shuts down."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, device
+        yield 0, 1, device
+        return
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(torch.device(device))
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
+        # torch.distributed.nn.functional binds group.WORLD as a default argument when it is imported. Imported
+        # after the group exists (transformers does, building a model), it keeps the group alive past
+        # destroy_process_group, and a gloo worker thread still releasing a finished collective's tensors then
+        # races interpreter shutdown: SIGABRT, "terminate called without an active exception".
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def reduce_statistics(observer: Observer, seen_batches: int) -> int:

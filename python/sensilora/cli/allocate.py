@@ -10,7 +10,7 @@ from pathlib import Path
 from ..allocation import AllocationConfig, allocate, check_budget_fits, per_metric_ranks
 from ..allocation.config import GRADIENT_RULES, POOLINGS, RULES
 from ..calibration import SensitivityStats, calibrate, check_calibration_options, mean_gradients
-from ..calibration.distributed import join_torchrun
+from ..calibration.distributed import torchrun_group
 from ..calibration.models import load_model
 from ..calibration.observers import STATISTICS
 from ..calibration.targets import find_targets, linear_shape
@@ -252,7 +252,12 @@ def run_allocate(args) -> int:
     )
     forced_backend()  # a bad SENSILORA_BACKEND is refused now, not at the first op after the model loads
     check_device(args.device)
-    args.rank, args.world, args.device = join_torchrun(args.device)
+    with torchrun_group(args.device) as (args.rank, args.world, args.device):
+        return allocate_on_this_rank(args, config)
+
+
+def allocate_on_this_rank(args, config) -> int:
+    """Calibrate (or load statistics), allocate, and on rank 0 report and write every output."""
     check_gradient_rule(args, config)
     args.checkpoint_path = (
         f"{args.checkpoint}.rank{args.rank}" if args.checkpoint and args.world > 1 else args.checkpoint
