@@ -435,6 +435,14 @@ def test_tuned_rate_is_the_dev_best_inside_the_rates_tried():
     assert len(scores) == tuned_lr.MAX_RATES  # and no further, though 8e-3 is at the edge
 
 
+def test_shared_rate_is_the_one_most_arms_chose():
+    from benchmarks.quality import tuned_lr
+
+    assert tuned_lr.shared_rate({"u": 1e-3, "a": 4e-3, "b": 4e-3, "c": 2e-3}, "u") == 4e-3  # the most chosen
+    assert tuned_lr.shared_rate({"u": 1e-3, "a": 4e-3, "b": 1e-3, "c": 4e-3}, "u") == 1e-3  # tied: uniform's
+    assert tuned_lr.shared_rate({"u": 1e-3, "a": 4e-3, "b": 2e-3, "c": 2e-3, "d": 4e-3}, "u") == 4e-3  # larger
+
+
 def test_same_rate_contrast_pairs_by_seed():
     from benchmarks.quality import tuned_lr
     from benchmarks.quality.train import RunResult
@@ -459,12 +467,21 @@ def test_tuned_lr_smoke(tmp_path, task):
     record = data["environment"]["tasks"][tuned_lr.TASKS[task][0]]
     assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS, *tuned_lr.CONTROLS}
     assert all(len(scores) >= len(tuned_lr.GRID) for scores in record["dev_scores"].values())
-    assert {r["method"]: r["lr"] for r in data["rows"]} == record["rates"]
+    assert {r["method"]: r["lr"] for r in data["rows"] if r["rate_from"] == "dev search"} == record["rates"]
+    shared = record["shared_rate"]
+    assert shared == tuned_lr.shared_rate(record["rates"], "lora-rs r=2")
+    assert {r["method"] for r in data["rows"] if r["rate_from"] == "shared"} == {
+        arm for arm, rate in record["rates"].items() if rate != shared
+    }
     contrasts = data["environment"]["contrasts"]
     family = {c["method"] for c in contrasts if not c["diagnostic"]}
     assert family == set(tuned_lr.ARMS) and all(c["baseline"] == "uniform" for c in contrasts if not c["diagnostic"])
+    at_shared = [c for c in contrasts if c["contrast"].endswith(f"at the shared rate {shared:g}")]
+    assert {c["method"] for c in at_shared if c["baseline"] == tuned_lr.SHARED} == {*tuned_lr.ARMS, "shuffled-rs"}
+    assert all(c["diagnostic"] for c in at_shared) and len(at_shared) == len(tuned_lr.ARMS) + 2
+    assert data["environment"]["decision_at_shared_rate"]["tasks"] == [tuned_lr.TASKS[task][0]]
     controls = {c["contrast"] for c in contrasts if c["diagnostic"] and c["baseline"] != tuned_lr.SAME_RATE}
-    assert controls == {"shuffled-rs vs lora-rs r=2", "paper-rs vs shuffled-rs"}
+    assert controls - {c["contrast"] for c in at_shared} == {"shuffled-rs vs lora-rs r=2", "paper-rs vs shuffled-rs"}
     moved = {m for m in tuned_lr.ARMS if record["rates"][m] != record["rates"]["lora-rs r=2"]}
     assert {c["method"] for c in contrasts if c["baseline"] == tuned_lr.SAME_RATE} == moved
     assert (tmp_path / "tuned_lr_smoke.png").read_bytes()[:4] == b"\x89PNG"

@@ -32,6 +32,11 @@ Named on 2026-12-07 before its runs:
   LoRA's runs at another rate on test): each candidate whose rate differs from uniform LoRA's against
   uniform LoRA trained at the candidate's rate, paired by seed: is a gain the allocation's, or only the
   rate's that uniform LoRA's one-seed dev search turned down?
+- Shared rate (a diagnostic, added on 2026-12-07 after every run above, before any run it adds): every arm
+  (uniform LoRA, the candidates, the control) at one rate, the one most arms chose on dev (a tie: uniform
+  LoRA's if tied, else the larger), over the confirmation's seeds on test. Contrasts and Holm family as at
+  the chosen rates, and the confirmation's rule over them (``decision_at_shared_rate``, outside the shipped
+  default's rule): with no arm's rate left to a one-seed search, does any allocation beat uniform LoRA?
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ CONTROLS = ("shuffled-rs",)
 FAMILY = [(arm, confirm.UNIFORM) for arm in ARMS]  # Holm-corrected together
 DIAGNOSTICS = [(c, confirm.UNIFORM) for c in CONTROLS] + [("paper-rs", c) for c in CONTROLS]
 SAME_RATE = "uniform at the same rate"  # the baseline of the same-rate diagnostic
+SHARED = "uniform at the shared rate"  # the baseline of the shared-rate diagnostic
 GRID = (5e-4, 1e-3, 2e-3)
 MAX_RATES = 5
 CONFIGS = {"cpu": confirm.CONFIGS["cpu"], "smoke": confirm.CONFIGS["smoke"]}
@@ -63,6 +69,14 @@ def chosen_rate(scores: dict[float, float]) -> float:
     """The rate of the lowest dev metric (``scores``: rate -> metric, lower is better); a tie, the smaller; a
     non-finite metric (divergence) loses to every finite one."""
     return min(scores, key=lambda rate: (scores[rate] if np.isfinite(scores[rate]) else np.inf, rate))
+
+
+def shared_rate(rates: dict[str, float], uniform: str) -> float:
+    """The rate most arms chose (``rates``: arm -> chosen rate); a tie, ``uniform``'s rate if it is among the
+    tied, else the larger."""
+    counts = {rate: list(rates.values()).count(rate) for rate in set(rates.values())}
+    tied = [rate for rate, count in counts.items() if count == max(counts.values())]
+    return rates[uniform] if rates[uniform] in tied else max(tied)
 
 
 def next_rate(scores: dict[float, float]) -> float | None:
@@ -121,15 +135,24 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     for arm in (a for a in ARMS if rates[a] != rates[uniform]):
         contrasts.append(same_rate_contrast(arm, [r for r in results if r.method == arm],
                                             on_test(uniform, rates[arm]), setup.primary))  # fmt: skip
+    for row in rows:
+        row["lr"], row["rate_from"] = rates[row["method"]], "dev search"
+    shared = shared_rate(rates, uniform)
+    at_shared = [result for arm in arms for result in on_test(arm, shared)]
+    shared_rows, shared_contrasts = confirm.summarise(at_shared, uniform, setup.primary, FAMILY, DIAGNOSTICS)
+    rows += [{**row, "lr": shared, "rate_from": "shared"} for row in shared_rows if rates[row["method"]] != shared]
+    for contrast in shared_contrasts:  # Holm over the candidates at the shared rate, kept; outside the rule
+        contrast["contrast"] += f" at the shared rate {shared:g}"
+        contrast["baseline"] = SHARED if contrast["baseline"] == confirm.UNIFORM else contrast["baseline"]
+        contrast["diagnostic"] = True
+    contrasts += shared_contrasts
     for item in (*rows, *contrasts):
         item["task"] = label
-    for row in rows:
-        row["lr"] = rates[row["method"]]
     for contrast in contrasts:
         contrast["metric"] = setup.primary
     record = {"baseline": uniform, "seconds": round(time.perf_counter() - started, 1), "metric": setup.primary,
               "dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
-              "rates": rates}  # fmt: skip
+              "rates": rates, "shared_rate": shared}  # fmt: skip
     return rows, contrasts, record
 
 
@@ -182,14 +205,16 @@ def main(argv=None) -> int:
         rows += task_rows
         contrasts += task_contrasts
     decision = confirm.decide(contrasts)
+    at_shared = confirm.decide([{**c, "baseline": confirm.UNIFORM} for c in contrasts if c["baseline"] == SHARED])
     env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS),
            "controls": list(CONTROLS), "grid": list(GRID), "contrasts": contrasts, "tasks": records,
-           "decision": decision}  # fmt: skip
+           "decision": decision, "decision_at_shared_rate": at_shared}  # fmt: skip
     write_results(f"tuned_lr_{name}", env, rows, args.results)
     plot(records, args.results / f"tuned_lr_{name}.png")
     for task, record in records.items():
         print(f"{task}: rates chosen on dev {record['rates']}")
     confirm.print_contrasts(contrasts)
+    print(f"the same rule at the shared rate (a diagnostic): {at_shared['default']} ({at_shared['why']})")
     covered = len(decision["tasks"])
     print(f"the confirmation's rule over these {covered} tasks: {decision['default']} ({decision['why']}); "
           "the shipped default is the confirmation's choice over all of its tasks (confirm.py)")  # fmt: skip
