@@ -462,7 +462,8 @@ def test_same_rate_contrast_pairs_by_seed():
 def test_tuned_lr_smoke(tmp_path, task):
     from benchmarks.quality import tuned_lr
 
-    assert tuned_lr.main(["--smoke", "--tasks", task, "--results", str(tmp_path)]) == 0
+    more = ["--seeds", str(tuned_lr.CONFIGS["smoke"][f"{task}_seeds"] + 1)] if task == "enc_distill" else []
+    assert tuned_lr.main(["--smoke", "--tasks", task, "--results", str(tmp_path), *more]) == 0
     data = json.loads((tmp_path / "tuned_lr_smoke.json").read_text())
     record = data["environment"]["tasks"][tuned_lr.TASKS[task][0]]
     assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS, *tuned_lr.CONTROLS}
@@ -481,7 +482,20 @@ def test_tuned_lr_smoke(tmp_path, task):
     assert all(c["diagnostic"] for c in at_shared) and len(at_shared) == len(tuned_lr.ARMS) + 2
     assert data["environment"]["decision_at_shared_rate"]["tasks"] == [tuned_lr.TASKS[task][0]]
     controls = {c["contrast"] for c in contrasts if c["diagnostic"] and c["baseline"] != tuned_lr.SAME_RATE}
-    assert controls - {c["contrast"] for c in at_shared} == {"shuffled-rs vs lora-rs r=2", "paper-rs vs shuffled-rs"}
+    longer = [c for c in contrasts if "seeds_of_shipped" in c]
+    assert controls - {c["contrast"] for c in at_shared + longer} == {
+        "shuffled-rs vs lora-rs r=2",
+        "paper-rs vs shuffled-rs",
+    }
+    if more:  # the shipped default against uniform LoRA at the shared rate over more seeds
+        (contrast,) = longer
+        assert contrast["method"] == tuned_lr.SHIPPED and contrast["n"] == int(more[1]) and contrast["diagnostic"]
+        assert {r["method"] for r in data["rows"] if r["rate_from"] == f"shared, {more[1]} seeds"} == {
+            "lora-rs r=2",
+            tuned_lr.SHIPPED,
+        }
+    else:
+        assert not longer
     moved = {m for m in tuned_lr.ARMS if record["rates"][m] != record["rates"]["lora-rs r=2"]}
     assert {c["method"] for c in contrasts if c["baseline"] == tuned_lr.SAME_RATE} == moved
     assert (tmp_path / "tuned_lr_smoke.png").read_bytes()[:4] == b"\x89PNG"

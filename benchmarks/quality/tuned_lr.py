@@ -37,6 +37,10 @@ Named on 2026-12-07 before its runs:
   LoRA's if tied, else the larger), over the confirmation's seeds on test. Contrasts and Holm family as at
   the chosen rates, and the confirmation's rule over them (``decision_at_shared_rate``, outside the shipped
   default's rule): with no arm's rate left to a one-seed search, does any allocation beat uniform LoRA?
+- More seeds for the shipped default (a diagnostic, added on 2026-12-07 after the shared-rate runs, before
+  any run it adds; ``--seeds N``): the shipped default (SHIPPED) and uniform LoRA at the shared rate over N
+  paired seeds (the issue asks for at least 8), their contrast on its own: is the default safe, and does it
+  gain, once the seeds are enough to see a few per cent?
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ CONTROLS = ("shuffled-rs",)
 FAMILY = [(arm, confirm.UNIFORM) for arm in ARMS]  # Holm-corrected together
 DIAGNOSTICS = [(c, confirm.UNIFORM) for c in CONTROLS] + [("paper-rs", c) for c in CONTROLS]
 SAME_RATE = "uniform at the same rate"  # the baseline of the same-rate diagnostic
-SHARED = "uniform at the shared rate"  # the baseline of the shared-rate diagnostic
+SHARED = "uniform at the shared rate"  # the baseline of the shared-rate diagnostics
+SHIPPED = "rank"  # the shipped default (AllocationConfig()'s rank aggregation, alpha / r)
 GRID = (5e-4, 1e-3, 2e-3)
 MAX_RATES = 5
 CONFIGS = {"cpu": confirm.CONFIGS["cpu"], "smoke": confirm.CONFIGS["smoke"]}
@@ -101,8 +106,10 @@ def search(run, rates=GRID) -> dict[float, float]:
     return scores
 
 
-def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: bool, controls: bool = True):
-    """One task's search and confirmation (resumed from the logs): (rows, contrasts, record)."""
+def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: bool, controls: bool = True,
+              shipped_seeds: int | None = None):  # fmt: skip
+    """One task's search and confirmation (resumed from the logs): (rows, contrasts, record); with
+    ``shipped_seeds``, the shipped default against uniform LoRA at the shared rate over that many seeds."""
     label, make_setup = TASKS[key]
     started = time.perf_counter()
     setup = make_setup(config, device)
@@ -126,7 +133,7 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     scores = {arm: search(lambda rate, arm=arm: dev_metric(arm, rate)) for arm in arms}
     rates = {arm: chosen_rate(s) for arm, s in scores.items()}
 
-    def on_test(arm: str, rate: float) -> list:
+    def on_test(arm: str, rate: float, seeds: int = seeds) -> list:
         return run_methods(context, [arm], seeds, setup.epoch, rate, setup.evaluators["test"],
                            config[f"{key}_checkpoints"], label, test_logs[arm], build=make)  # fmt: skip
 
@@ -146,6 +153,13 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
         contrast["baseline"] = SHARED if contrast["baseline"] == confirm.UNIFORM else contrast["baseline"]
         contrast["diagnostic"] = True
     contrasts += shared_contrasts
+    if shipped_seeds and shipped_seeds > seeds:
+        longer = [result for arm in (uniform, SHIPPED) for result in on_test(arm, shared, shipped_seeds)]
+        longer_rows, (contrast,) = confirm.summarise(longer, uniform, setup.primary, [(SHIPPED, confirm.UNIFORM)], [])
+        rows += [{**row, "lr": shared, "rate_from": f"shared, {shipped_seeds} seeds"} for row in longer_rows]
+        contrast.update(contrast=f"{contrast['contrast']} at the shared rate {shared:g}, {shipped_seeds} seeds",
+                        baseline=SHARED, diagnostic=True, seeds_of_shipped=shipped_seeds)  # fmt: skip
+        contrasts.append(contrast)
     for item in (*rows, *contrasts):
         item["task"] = label
     for contrast in contrasts:
@@ -194,18 +208,20 @@ def plot(records: dict, path) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse(__doc__, argv, TASKS, flags={"--no-control": "leave the shuffled control out"})
+    args = parse(__doc__, argv, TASKS, flags={"--no-control": "leave the shuffled control out"},
+                 seeds_help="seeds of the shipped default against uniform LoRA at the shared rate")  # fmt: skip
     name = "smoke" if args.smoke else "cpu"
     config, device = CONFIGS[name], torch.device("cpu")
     rows, contrasts, records = [], [], {}
     for key in args.tasks:
         task_rows, task_contrasts, records[TASKS[key][0]] = tune_task(
-            key, config, device, args.results, args.smoke, not args.no_control
+            key, config, device, args.results, args.smoke, not args.no_control, args.seeds
         )
         rows += task_rows
         contrasts += task_contrasts
     decision = confirm.decide(contrasts)
-    at_shared = confirm.decide([{**c, "baseline": confirm.UNIFORM} for c in contrasts if c["baseline"] == SHARED])
+    at_shared = confirm.decide([{**c, "baseline": confirm.UNIFORM} for c in contrasts
+                                if c["baseline"] == SHARED and "seeds_of_shipped" not in c])  # fmt: skip
     env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS),
            "controls": list(CONTROLS), "grid": list(GRID), "contrasts": contrasts, "tasks": records,
            "decision": decision, "decision_at_shared_rate": at_shared}  # fmt: skip
