@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ def chosen_rate(scores: dict[float, float]) -> float:
 def shared_rate(rates: dict[str, float], uniform: str) -> float:
     """The rate most arms chose (``rates``: arm -> chosen rate); a tie, ``uniform``'s rate if it is among the
     tied, else the larger."""
-    counts = {rate: list(rates.values()).count(rate) for rate in set(rates.values())}
+    counts = Counter(rates.values())
     tied = [rate for rate, count in counts.items() if count == max(counts.values())]
     return rates[uniform] if rates[uniform] in tied else max(tied)
 
