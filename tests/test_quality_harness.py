@@ -503,3 +503,27 @@ def test_tuned_lr_smoke(tmp_path, task):
     moved = {m for m in tuned_lr.ARMS if record["rates"][m] != record["rates"]["lora-rs r=2"]}
     assert {c["method"] for c in contrasts if c["baseline"] == tuned_lr.SAME_RATE} == moved
     assert (tmp_path / "tuned_lr_smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cost_sums_each_logs_runs_per_task_and_rate(tmp_path):
+    from benchmarks.quality import cost
+
+    def log(name, runs):  # runs: (label, lr, seconds)
+        lines = [json.dumps({"label": label, "lr": lr, "method": "m", "seed": 0, "metrics": {"seconds": seconds}})
+                 for label, lr, seconds in runs]  # fmt: skip
+        (tmp_path / f"{name}.runs.jsonl").write_text("\n".join(lines) + "\n")
+
+    log("regime_cpu", [("A", 1e-3, 60.0), ("A", 1e-3, 120.0), ("A", 4e-3, 30.0), ("B", 1e-3, 600.0)])
+    log("tuned_lr_cpu", [("A dev", 2e-3, 90.0)])
+    log("regime_smoke", [("A", 1e-3, 1e6)])  # another configuration's log: not counted
+    assert cost.main(["--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "quality_cost_cpu.json").read_text())
+    rows = {(r["log"], r["task"], r["lr"]): (r["runs"], r["seconds"], r["minutes_per_run"]) for r in data["rows"]}
+    assert rows == {
+        ("regime_cpu", "A", 1e-3): (2, 180, 1.5),
+        ("regime_cpu", "A", 4e-3): (1, 30, 0.5),
+        ("regime_cpu", "B", 1e-3): (1, 600, 10.0),
+        ("tuned_lr_cpu", "A dev", 2e-3): (1, 90, 1.5),
+    }
+    assert data["environment"]["minutes_by_log"] == {"regime_cpu": 13.5, "tuned_lr_cpu": 1.5}
+    assert data["environment"]["minutes"] == 15.0

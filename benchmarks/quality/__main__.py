@@ -7,7 +7,8 @@
 2. ``screen``: which allocation rules hold most of a fully fine-tuned teacher's update (no training of them);
 3. ``confirm``: the rules worth training, with rsLoRA scaling, against uniform LoRA where the regime passes;
 4. ``tuned_lr``: the confirmation's main arms each at its own learning rate, chosen on a dev split;
-5. ``run_quality``: the method comparison whose rule chose the default (``AllocationConfig()``).
+5. ``run_quality``: the method comparison whose rule chose the default (``AllocationConfig()``);
+6. ``cost``: what every run log's training took, per log, task and learning rate (no training).
 Options after the first (``--results DIR``, ``--threads N``, ``--smoke``) go to every part.
 """
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.quality import confirm, regime, run_quality, screen, tuned_lr
+from benchmarks.quality import confirm, cost, regime, run_quality, screen, tuned_lr
 
 PARTS = (("regime check", regime.main), ("teacher screen", screen.main), ("confirmation", confirm.main),
-         ("tuned learning rates", tuned_lr.main), ("method comparison", run_quality.main))  # fmt: skip
+         ("tuned learning rates", tuned_lr.main), ("method comparison", run_quality.main),
+         ("cost from the run logs", cost.main))  # fmt: skip
 
 
 def main(argv=None) -> int:
