@@ -32,7 +32,8 @@ def test_the_wheel_holds_every_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = {
         f"{install}/{init.parent.relative_to(source).as_posix()}/__init__.py".replace("/./", "/")
-        for install, source in (("sensilora", ROOT / "python" / "sensilora"), ("sensilora_kernels", ROOT / "sensilora_kernels"))
+        for install, source in (("sensilora", ROOT / "python" / "sensilora"),
+                                ("sensilora_kernels", ROOT / "sensilora_kernels"))
         for init in source.rglob("__init__.py")
     }  # fmt: skip
     assert wanted and wanted <= names, sorted(wanted - names)

@@ -15,8 +15,9 @@ the paired gain of r = 8 over r = 1 (per seed, NLL(r=1) - NLL(r=8)) is positive 
 times the standard deviation of those paired differences (a paired t statistic of PASS_RATIO * sqrt(n)).
 (On the distillation tasks the same contrast on the held-out KL, or on the encoder's held-out squared
 distance to the teacher's hidden states.) Below that, heterogeneous ranks cannot be told apart from uniform
-LoRA with the seeds we can afford, and a method comparison on that task says nothing about allocation. Every run is logged as it ends
-(``regime_<config>.runs.jsonl``): a later invocation resumes, so the check can span sessions.
+LoRA with the seeds we can afford, and a method comparison on that task says nothing about allocation.
+Every run is logged as it ends (``regime_<config>.runs.jsonl``): a later invocation resumes, so the check can
+span sessions.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ PASS_RATIO = 3.0  # gain / paired spread at which a task passes
 CONFIGS = {
     "cpu": {
         # NLG: 2 seeds fit one session (about 1.5 s a step on 2 cores); --seeds 5 extends both from the log
-        "nlu_seeds": 5, "nlg_seeds": 2, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48, "nlu_batch": 16,
+        "nlu_seeds": 5, "nlg_seeds": 2, "nlu_train": 120, "nlu_dev": 40, "nlu_test": 100, "nlu_len": 48,
+        "nlu_batch": 16,
         "nlu_steps": 360, "nlu_lr": 2e-3, "nlu_checkpoints": (120, 240, 360), "nlu_avg_rank": 4,
         "nlg_docs": 300, "nlg_len": 64, "nlg_batch": 4, "nlg_steps": 120, "nlg_lr": 1e-3, "nlg_eval_windows": 24,
         "nlg_checkpoints": (40, 80, 120), "nlg_avg_rank": 8, "calibration_samples": 32,
@@ -61,7 +63,8 @@ CONFIGS = {
         # distillation: a teacher fully fine-tuned on KJV text (120 steps at 1e-4, about 4 min); students at a
         # low average rank learn its distributions on 80 training batches, one pass
         "distill_seeds": 3, "distill_steps": 80, "distill_lr": 1e-3, "distill_checkpoints": (40, 80),
-        "distill_avg_rank": 2, "distill_teacher_steps": 120, "distill_teacher_lr": 1e-4, "distill_windows": 80, "distill_cache": True,
+        "distill_avg_rank": 2, "distill_teacher_steps": 120, "distill_teacher_lr": 1e-4, "distill_windows": 80,
+        "distill_cache": True,
         "distill_dev_windows": 24,  # the dev split (windows of training documents no model trains on)
         # the same distillation on BBC text (a second domain; added on 2026-12-07 before its runs)
         "bbc_distill_seeds": 3, "bbc_distill_steps": 80, "bbc_distill_lr": 1e-3, "bbc_distill_checkpoints": (40, 80),
@@ -69,14 +72,17 @@ CONFIGS = {
         "bbc_distill_windows": 80, "bbc_distill_cache": True, "bbc_distill_dev_windows": 24,
         # encoder distillation: a teacher fully fine-tuned on the NLU task (360 steps at 1e-4, about 2.5 min);
         # students at a low average rank learn its last hidden states on the NLU training verses, 4 epochs
-        "enc_distill_seeds": 3, "enc_distill_steps": 240, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (80, 160, 240),
-        "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 360, "enc_distill_teacher_lr": 1e-4, "enc_distill_cache": True,
+        "enc_distill_seeds": 3, "enc_distill_steps": 240, "enc_distill_lr": 1e-3,
+        "enc_distill_checkpoints": (80, 160, 240),
+        "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 360, "enc_distill_teacher_lr": 1e-4,
+        "enc_distill_cache": True,
         # the same, trained 4x longer (16 epochs), near its plateau: at 240 steps the distance still falls fast
         "enc_distill_long_seeds": 3, "enc_distill_long_steps": 960, "enc_distill_long_lr": 1e-3,
         "enc_distill_long_checkpoints": (240, 480, 720, 960), "enc_distill_long_avg_rank": 2,
     },
     "smoke": {
-        "nlu_seeds": 2, "nlg_seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4, "nlu_steps": 3,
+        "nlu_seeds": 2, "nlg_seeds": 2, "nlu_train": 3, "nlu_dev": 2, "nlu_test": 2, "nlu_len": 16, "nlu_batch": 4,
+        "nlu_steps": 3,
         "nlu_lr": 1e-3, "nlu_checkpoints": (3,), "nlu_avg_rank": 4, "nlg_docs": 8, "nlg_len": 16, "nlg_batch": 2,
         "nlg_steps": 2, "nlg_lr": 1e-3, "nlg_eval_windows": 2, "nlg_checkpoints": (2,), "nlg_avg_rank": 8,
         "calibration_samples": 4, "kjv_seeds": 2, "kjv_steps": 2, "kjv_lr": 1e-3, "kjv_checkpoints": (2,),
@@ -84,7 +90,8 @@ CONFIGS = {
         "distill_avg_rank": 2, "distill_teacher_steps": 2, "distill_teacher_lr": 1e-4, "distill_windows": 2,
         "distill_dev_windows": 2, "bbc_distill_dev_windows": 2,
         "bbc_distill_seeds": 2, "bbc_distill_steps": 2, "bbc_distill_lr": 1e-3, "bbc_distill_checkpoints": (2,),
-        "bbc_distill_avg_rank": 2, "bbc_distill_teacher_steps": 2, "bbc_distill_teacher_lr": 1e-4, "bbc_distill_windows": 2,
+        "bbc_distill_avg_rank": 2, "bbc_distill_teacher_steps": 2, "bbc_distill_teacher_lr": 1e-4,
+        "bbc_distill_windows": 2,
         "enc_distill_seeds": 2, "enc_distill_steps": 2, "enc_distill_lr": 1e-3, "enc_distill_checkpoints": (2,),
         "enc_distill_avg_rank": 2, "enc_distill_teacher_steps": 2, "enc_distill_teacher_lr": 1e-4,
         "enc_distill_long_seeds": 2, "enc_distill_long_steps": 4, "enc_distill_long_lr": 1e-3,
@@ -166,7 +173,8 @@ def summarise(task: str, results: list[RunResult], primary: str = "nll") -> tupl
         ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
     name = METRIC_LABELS.get(primary, primary)
     verdict = {
-        "task": task, "metric": primary, "contrast": f"{name}(r={LOW}) - {name}(r={HIGH})", "gain": contrast["improvement"],
+        "task": task, "metric": primary, "contrast": f"{name}(r={LOW}) - {name}(r={HIGH})",
+        "gain": contrast["improvement"],
         "ci_low": contrast["ci_low"], "ci_high": contrast["ci_high"], "p": contrast["p"], "paired_std": spread,
         "ratio": float(ratio), "seeds": len(low),
         "passes": bool(contrast["improvement"] > 0 and ratio >= PASS_RATIO),
@@ -222,8 +230,9 @@ def main(argv=None) -> int:
     write_results(stem, env, rows, args.results)
     plot(rows, verdicts, args.results / f"{stem}.png")
     for v in verdicts:
+        outcome = "PASS" if v["passes"] else "fail"
         print(f"{v['task']}: {v['contrast']} = {v['gain']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}], "
-              f"paired std {v['paired_std']:.4f}, ratio {v['ratio']:.1f} -> {'PASS' if v['passes'] else 'fail'}")  # fmt: skip
+              f"paired std {v['paired_std']:.4f}, ratio {v['ratio']:.1f} -> {outcome}")  # fmt: skip
     return 0
 
 

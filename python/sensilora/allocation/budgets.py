@@ -93,8 +93,8 @@ def sra_ranks(
         )
     if total > int((cost * high).sum()):
         raise SensiloraError(
-            f"avg_rank={avg_rank} exceeds what the matrices can hold "
-            f"(an adapter at most its weight's size, rank <= d_out d_in / (d_out + d_in), and max_rank={max_rank}); lower it"
+            f"avg_rank={avg_rank} exceeds what the matrices can hold (an adapter at most its weight's size, "
+            f"rank <= d_out d_in / (d_out + d_in), and max_rank={max_rank}); lower it"
         )
     values = np.array([theta[n] for n in names], dtype=np.float64)
     if not np.isfinite(values).all():

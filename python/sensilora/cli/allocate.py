@@ -98,8 +98,9 @@ CALIBRATION_ONLY = ("stats", "mode", "statistic", "calibration", "checkpoint", "
 
 def check_sizes(args) -> None:
     """The calibration sizes, checked before the model loads (its context length is checked once it has)."""
-    for option, value, least in (("--samples", args.samples, 1), ("--batch-size", args.batch_size, 1),
-                                 ("--seq-len", args.seq_len, MIN_SEQ_LEN), ("--min-tokens", args.min_tokens, 0)):  # fmt: skip
+    sizes = (("--samples", args.samples, 1), ("--batch-size", args.batch_size, 1),
+             ("--seq-len", args.seq_len, MIN_SEQ_LEN), ("--min-tokens", args.min_tokens, 0))  # fmt: skip
+    for option, value, least in sizes:
         if value < least:
             raise SensiloraError(f"{option} {value} is below {least}; give {option} {max(least, 1)} or more")
     if args.samples * args.seq_len < args.min_tokens:
@@ -134,8 +135,8 @@ def allocation_config(args):
         given = [f"--{key.replace('_', '-')}" for key in CALIBRATION_ONLY if getattr(args, key)]
         if given:
             raise SensiloraError(
-                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only when calibrating; --from-stats reads them from the statistics "
-                "file: drop them"
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only when calibrating; "
+                "--from-stats reads them from the statistics file: drop them"
             )
     else:
         check_sizes(args)

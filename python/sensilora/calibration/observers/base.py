@@ -173,9 +173,9 @@ class Observer:
         if lead != tuple(self._mask.shape) and lead != (self._mask.numel(),):
             raise SensiloraError(
                 f"module {name!r} received inputs with token axes {lead} but the batch's attention_mask has shape "
-                f"{tuple(self._mask.shape)}; sensilora needs batch-first inputs with one row per token (sequence-first, "
-                "packed or variable-length inputs are not supported): pass padded batch-first batches with their "
-                "attention_mask"
+                f"{tuple(self._mask.shape)}; sensilora needs batch-first inputs with one row per token "
+                "(sequence-first, packed or variable-length inputs are not supported): pass padded batch-first "
+                "batches with their attention_mask"
             )
         if x.device not in self._mask_on:
             self._mask_on[x.device] = self._mask.to(x.device)
