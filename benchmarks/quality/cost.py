@@ -58,7 +58,10 @@ def main(argv=None) -> int:
     write_results(f"quality_cost_{name}", env, rows, args.results)
     for (log, task), (runs, minutes) in by_task.items():  # the rates apart: the CSV
         print(f"{log:<14} {task:<56} {runs:>4} runs {minutes:>7.1f} min ({minutes / runs:.2f} a run)")
-    print(", ".join(f"{log} {minutes / 60:.1f} h" for log, minutes in by_log.items()) + f"; in all {total / 60:.1f} h")
+    if not rows:
+        print(f"no *_{name}{SUFFIX} run logs in {args.results}: nothing to sum")
+    else:
+        print(", ".join(f"{log} {m / 60:.1f} h" for log, m in by_log.items()) + f"; in all {total / 60:.1f} h")
     return 0
 
 
