@@ -1,6 +1,6 @@
 """The whole quality suite, in the order its parts depend on each other (each resumes from its run log):
 
-    python -m benchmarks.quality            # regime -> screen -> confirmation -> tuned rates -> comparison
+    python -m benchmarks.quality            # regime -> screen -> confirmation -> tuned rates -> comparison -> cost
     python -m benchmarks.quality --smoke    # every part's harness (about 16 min on 2 CPU cores)
 
 1. ``regime``: which task/model pairs can show an allocation effect at all;
