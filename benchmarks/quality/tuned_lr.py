@@ -35,8 +35,9 @@ Named on 2026-12-07 before its runs:
 - Shared rate (a diagnostic, added on 2026-12-07 after every run above, before any run it adds): every arm
   (uniform LoRA, the candidates, the control) at one rate, the one most arms chose on dev (a tie: uniform
   LoRA's if tied, else the larger), over the confirmation's seeds on test. Contrasts and Holm family as at
-  the chosen rates, and the confirmation's rule over them (``decision_at_shared_rate``, outside the shipped
-  default's rule): with no arm's rate left to a one-seed search, does any allocation beat uniform LoRA?
+  the chosen rates, and the confirmation's rule over them (``decision_at_shared_rate``; outside the shipped
+  default's rule until the 8-seed runs below): with no arm's rate left to a one-seed search, does any
+  allocation beat uniform LoRA?
 - More seeds for the shipped default (a diagnostic, added on 2026-12-07 after the shared-rate runs, before
   any run it adds): the shipped default (SHIPPED) and uniform LoRA at the shared rate over 8 paired seeds.
 - Every arm at the shared rate over 8 paired seeds (added on 2026-12-07, in the session after the one above,
