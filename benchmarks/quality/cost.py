@@ -29,6 +29,8 @@ SUFFIX = ".runs.jsonl"
 def logged_costs(paths: list[Path]) -> list[dict]:
     """One row per (log, task label, learning rate): runs, their total seconds (each run's
     ``metrics["seconds"]``) and minutes per run; a log's name is its file's name before ``SUFFIX``."""
+    # read line by line, not through run_quality.RunLog: RunLog keeps one run per key (the one a resume
+    # reuses), while the cost is every run that was trained, a superseded one included
     totals = defaultdict(lambda: [0, 0.0])
     for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
