@@ -457,6 +457,15 @@ def test_shipped_default_changes_only_on_a_win_or_a_loss():
                                               "best-ranked safe candidate; none qualifies")  # fmt: skip
 
 
+def test_shipped_is_the_librarys_default_allocation():
+    import sensilora
+
+    from benchmarks.quality import methods, tuned_lr
+
+    calibrate, overrides = methods.SENSILORA_VARIANTS[tuned_lr.SHIPPED]  # the arm the shipped-default rule keeps
+    assert calibrate == {} and sensilora.AllocationConfig(**overrides) == sensilora.AllocationConfig()
+
+
 def test_same_rate_contrast_pairs_by_seed():
     from benchmarks.quality import tuned_lr
     from benchmarks.quality.train import RunResult
