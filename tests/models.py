@@ -36,6 +36,23 @@ def tiny_mistral(seed: int = 0):
     return tiny_decoder("mistral", seed=seed)
 
 
+def tiny_moe(family: str = "qwen2_moe", seed: int = 0):
+    """A 2-layer mixture-of-experts causal LM with 4 experts whose weights are fused 3-D parameters (as every
+    MoE in transformers >= 5): "qwen2_moe" (a shared expert and its 1-wide ``shared_expert_gate``) or
+    "phimoe" (a ``router`` linear layer)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    shapes = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)  # fmt: skip
+    if family == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**shapes, num_experts=4, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=32)  # fmt: skip
+    else:
+        config = transformers.PhimoeConfig(**shapes, num_local_experts=4)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

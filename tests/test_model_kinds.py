@@ -1,12 +1,17 @@
-"""Encoder-only, decoder-only and encoder-decoder models: the class chosen from the config, decoder inputs
-fed as in training, and ranks from a bare encoder applied to a task model (and back)."""
+"""Encoder-only, decoder-only, encoder-decoder and mixture-of-experts models: the class chosen from the config,
+decoder inputs fed as in training, ranks from a bare encoder applied to a task model (and back), MoE routers
+left out of the default targets and fused expert weights reported."""
+
+import warnings
 
 import pytest
 import torch
 from sensilora import allocate, calibrate, get_peft_model
 from sensilora.calibration.models import model_kind
+from sensilora.calibration.targets import find_targets, is_router
+from sensilora.integrations.lora import adapter_ranks
 
-from tests.models import random_batches, tiny_bert
+from tests.models import random_batches, tiny_bert, tiny_moe
 
 
 @pytest.mark.parametrize(
@@ -64,3 +69,39 @@ def test_ranks_from_a_bare_encoder_fit_the_task_model_and_back():
     )
     task_allocation = allocate(calibrate(tiny_bert(), random_batches(), progress=False), avg_rank=2)
     assert task_allocation.for_model(tiny_bert().bert).ranks == allocation.ranks  # the reverse direction
+
+
+@pytest.mark.parametrize("family, router", [("qwen2_moe", "mlp.shared_expert_gate"), ("phimoe", "mlp.router")])
+def test_moe_routers_are_not_default_targets_and_fused_experts_are_reported(family, router):
+    model = tiny_moe(family)
+    targets = find_targets(model)
+    assert not [name for name in targets if name.endswith(router)]
+    assert "model.layers.0.self_attn.q_proj" in targets
+    if family == "qwen2_moe":  # the shared expert's projections stay targets; `gate_proj` is no router
+        assert "model.layers.1.mlp.shared_expert.gate_proj" in targets
+    assert f"model.layers.0.{router}" in find_targets(model, [router])  # named explicitly, it is adapted
+    with pytest.warns(UserWarning, match=r"4 expert weights .* fused 3-D parameters.*target_parameters"):
+        stats = calibrate(model, random_batches(vocab=128), progress=False)
+    assert set(stats.module_shapes) == set(targets)
+    with warnings.catch_warnings():  # explicit targets: the user chose, nothing to report
+        warnings.simplefilter("error")
+        calibrate(model, random_batches(vocab=128), target_modules=["q_proj"], progress=False)
+
+
+def test_router_test_is_by_name_and_width():
+    wide, narrow = torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+    assert is_router("model.layers.0.mlp.gate", narrow) and is_router("layers.0.moe.token_router", narrow)
+    assert not is_router("model.layers.0.mlp.gate", wide)  # a full-width gating projection is adapted
+    assert not is_router("model.layers.0.mlp.gate_proj", narrow)
+
+
+def test_fused_experts_take_uniform_lora_beside_the_allocation():
+    model = tiny_moe("qwen2_moe")
+    with pytest.warns(UserWarning, match="expert weights"):
+        allocation = allocate(calibrate(model, random_batches(vocab=128), progress=False), avg_rank=2)
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    peft_model = get_peft_model(model, allocation, target_parameters=experts)  # every allocated rank verified
+    assert adapter_ranks(peft_model) == allocation.ranks
+    wrapped = [m for n, m in peft_model.named_modules() if n.endswith("layers.0.mlp.experts")]
+    assert wrapped and wrapped[0].r["default"] == allocation.avg_rank
+    peft_model(**random_batches(vocab=128)[0]).logits.sum().backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ from .lifecycle import Checkpointing, checkpoint_settings, finish, observing, pr
 from .observers import Observer, observer_class
 from .pipelines import WholeModel, build_pipeline, pipeline_class
 from .stats import SensitivityStats
-from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape
+from .targets import TargetSpec, check_weights_finite, find_targets, linear_shape, unadapted_experts_note
 
 
 def check_calibration_options(
@@ -94,6 +95,9 @@ def calibrate(
     ops.load_backends()
     targets = find_targets(model, target_modules)
     check_weights_finite(targets)
+    experts = unadapted_experts_note(model) if target_modules is None else None
+    if experts:
+        warnings.warn(experts, stacklevel=2)
     pipeline = build_pipeline(model, targets, sequential, device)
     observer = kind({name: linear_shape(module) for name, module in targets.items()})
     source = BatchSource(batches, exclude_first, progress, f"calibrating ({mode})")

@@ -18,6 +18,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 TargetSpec = str | Iterable[str] | None
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+# a mixture-of-experts router or gate by its last name part: Mixtral's `gate`, PhiMoE's `router`, Qwen2-MoE's
+# `shared_expert_gate`; `gate_proj` (a gated MLP's input projection) is not one
+_ROUTER_NAME = re.compile(r"(.*_)?(gate|router)")
+ROUTER_WIDTH_RATIO = 8  # a router maps d_in features to one score per expert: at most d_in / 8 outputs
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -43,9 +47,18 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
-def _matches(name: str, spec: TargetSpec) -> bool:
-    if spec is None:  # default: linear layers inside numbered transformer blocks
-        return bool(_BLOCK_INDEX.search(name))
+def is_router(name: str, module: nn.Module) -> bool:
+    """A mixture-of-experts router (or shared-expert gate): a layer named ``gate``, ``router``, ``*_gate`` or
+    ``*_router`` whose output is at most ``d_in / ROUTER_WIDTH_RATIO`` wide (one score per expert). Left out
+    of the default targets: an adapter there shifts which experts every token reaches, and common MoE
+    fine-tuning recipes leave routers frozen; name one in ``target_modules`` to adapt it anyway."""
+    d_out, d_in = linear_shape(module)
+    return _ROUTER_NAME.fullmatch(name.rsplit(".", 1)[-1]) is not None and d_out * ROUTER_WIDTH_RATIO <= d_in
+
+
+def _matches(name: str, module: nn.Module, spec: TargetSpec) -> bool:
+    if spec is None:  # default: linear layers inside numbered transformer blocks, MoE routers excepted
+        return bool(_BLOCK_INDEX.search(name)) and not is_router(name, module)
     if isinstance(spec, str):  # peft semantics: a string is a regex matched against the full name
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith("." + key) for key in spec)
@@ -55,15 +68,15 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> dict[st
     """Adapted modules by their ``named_modules()`` name, in model order.
 
     ``target_modules``: None (every Linear/Conv1D inside a numbered block: not embeddings, lm_head,
-    poolers or classifier heads), a regex matched against full names, or a list of names / name
-    suffixes as peft's ``target_modules``.
+    poolers, classifier heads or mixture-of-experts routers, ``is_router``), a regex matched against full
+    names, or a list of names / name suffixes as peft's ``target_modules``.
     """
     if isinstance(target_modules, (list, tuple, set)) and not target_modules:
         raise SensiloraError("target_modules is empty: give module names, suffixes (e.g. 'q_proj') or a regex")
     found = {
         name: module
         for name, module in model.named_modules()
-        if name and is_adaptable(module) and _matches(name, target_modules)
+        if name and is_adaptable(module) and _matches(name, module, target_modules)
     }
     if not found:
         kinds = sorted({type(m).__name__ for _, m in model.named_modules() if is_adaptable(m)})
@@ -73,6 +86,26 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None) -> dict[st
             "['q_proj', 'v_proj'] or a regex over full module names"
         )
     return found
+
+
+def fused_expert_weights(model: nn.Module) -> list[str]:
+    """Names of the 3-D expert weights of a mixture-of-experts model (transformers >= 5 keeps each MoE
+    layer's experts as one ``(experts, d_out, d_in)`` parameter, not as ``nn.Linear`` layers): no target
+    covers them, so Sensitivity-LoRA allocates no rank to them and they stay frozen."""
+    return [name for name, parameter in model.named_parameters() if parameter.dim() == 3 and "expert" in name]
+
+
+def unadapted_experts_note(model: nn.Module) -> str | None:
+    """One line for the user where ``fused_expert_weights`` finds any (None otherwise): which, and what to do."""
+    fused = fused_expert_weights(model)
+    if not fused:
+        return None
+    return (
+        f"{len(fused)} expert weights of this mixture-of-experts model (e.g. {fused[0]}) are fused 3-D "
+        "parameters, not linear layers: no rank is allocated to them and they stay frozen; to adapt them, pass "
+        "target_parameters=[...] to sensilora.get_peft_model or lora_config (peft >= 0.17; uniform rank avg_rank, "
+        "outside the allocation's budget)"
+    )
 
 
 def layer_and_kind(name: str) -> tuple[int | None, str]:

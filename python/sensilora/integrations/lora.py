@@ -96,14 +96,20 @@ def lora_config(
 
 
 def adapter_ranks(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
-    """The rank each LoRA layer of a peft model got, by the base model's module name."""
+    """The rank each LoRA layer of a peft model got, by the base model's module name. Adapters of parameters
+    (peft's ``target_parameters``, e.g. a mixture-of-experts model's fused 3-D expert weights: one uniform
+    rank, outside the allocation) are not layers the allocation ranks, and are left out."""
     from peft.tuners.lora import LoraLayer
 
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # peft < 0.17: no target_parameters
+        ParamWrapper = ()
     prefix = "base_model.model."
     return {
         (name.removeprefix(prefix)): int(module.r[adapter_name])
         for name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.r
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper) and adapter_name in module.r
     }
 
 
