@@ -268,7 +268,7 @@ BAD_OPTIONS = [
     (["--device", "cuda"], "--device cuda"),
     (["--device", ""], "--device"),
     (["--target-modules", "no_such_proj"], "no module of LlamaForCausalLM matches"),
-    (["--target-modules", "[unclosed"], "matches"),
+    (["--target-modules", "[unclosed"], "'[unclosed' is not a valid regex"),
     (["--unknown-option"], "unrecognized arguments"),
     (["--samples"], "expected one argument"),
     (["positional"], "unrecognized arguments"),

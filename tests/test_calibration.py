@@ -129,6 +129,46 @@ def test_target_modules_as_suffixes_and_regex():
     assert len(by_regex.module_names) == 7
 
 
+def test_cli_target_modules_takes_one_regex(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from sensilora.cli import main
+
+    output = tmp_path / "ranks.json"
+    argv = ["allocate", "--model", str(tiny_model_dir), "--samples", "4", "--seq-len", "32", "--min-tokens", "1",
+            "--avg-rank", "2", "--quiet", "--output", str(output), "--plot", str(tmp_path / "p.png"),
+            "--target-modules", r"model\.layers\.1\..*"]  # fmt: skip
+    assert main(argv) == 0
+    ranks = json.loads(output.read_text())["modules"]
+    assert len(ranks) == 7 and all(name.startswith("model.layers.1.") for name in ranks)
+    capsys.readouterr()
+
+
+class IdleTower(torch.nn.Module):
+    """A LLaMA beside a numbered block that its forward never calls (a vision tower under text batches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.language = tiny_llama()
+        self.tower = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(8, 8)])})
+
+    def forward(self, **batch):
+        return self.language(**batch)
+
+
+def test_targets_that_never_run_are_named_with_the_regex_that_leaves_them_out():
+    import re
+
+    model = IdleTower()
+    with pytest.raises(SensiloraError, match=r"1 target module\(s\) never ran .*\['tower\.layers'\]") as error:
+        calibrate(model, random_batches(), progress=False)
+    regex = re.search(r"target_modules=r'([^']+)'", str(error.value)).group(1)
+    assert regex == r"language\.model\.layers\.\d+\..*"
+    assert len(calibrate(model, random_batches(), target_modules=regex, progress=False).module_names) == 14
+    with pytest.raises(SensiloraError, match="leave them out with target_modules"):  # explicit: no regex advice
+        calibrate(model, random_batches(), target_modules=["q_proj", "tower.layers.0"], progress=False)
+
+
 def test_errors_are_clear():
     model = tiny_llama()
     with pytest.raises(SensiloraError, match="no module"):

@@ -109,7 +109,7 @@ def calibrate(
     started = time.perf_counter()
     with observing(model, observer, targets):
         pipeline.run(source, observer, lambda: saving and saving.after_batch(observer, source))
-    seen, inputs = finish(observer, source, targets, damp, keep_grams)
+    seen, inputs = finish(observer, source, targets, damp, keep_grams, target_modules is None)
     if saving is not None and remove_checkpoint:
         saving.remove()
     info = provenance(

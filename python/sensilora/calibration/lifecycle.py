@@ -19,6 +19,7 @@ from .checkpoint import CalibrationCheckpoint
 from .distributed import distributed_rank, gather_fingerprints, process_group_size, reduce_statistics
 from .observers import Observer
 from .stats import InputStats
+from .targets import never_ran_message
 
 
 @contextlib.contextmanager
@@ -80,10 +81,11 @@ def checkpoint_settings(observer: Observer, exclude_first: int, targets: dict, m
 
 
 def finish(
-    observer: Observer, source: BatchSource, targets: dict, damp: float, keep_grams: bool
+    observer: Observer, source: BatchSource, targets: dict, damp: float, keep_grams: bool, default_targets: bool
 ) -> tuple[int, dict[str, InputStats]]:
-    """Reduce across the process group, check that every target ran on real tokens, and finish the
-    observer's sums; returns (batches seen by the whole group, the statistics of every input)."""
+    """Reduce across the process group, check that every target ran on real tokens (``default_targets``:
+    whether they were the default selection, for the advice where some did not), and finish the observer's
+    sums; returns (batches seen by the whole group, the statistics of every input)."""
     batches = reduce_statistics(observer, source.seen)  # across the process group, if there is one
     if batches == 0:
         raise SensiloraError("the calibration set is empty: give at least one batch of text")
@@ -93,9 +95,8 @@ def finish(
         )
     missing = [name for name in targets if name not in observer.by_module]
     if missing:
-        raise SensiloraError(
-            f"target modules never ran during calibration: {missing[:5]}; exclude them with target_modules"
-        )
+        ran = [name for name in targets if name in observer.by_module]
+        raise SensiloraError(never_ran_message(missing, ran, default_targets))
     return batches, observer.finish(damp, keep_grams)
 
 

@@ -108,6 +108,29 @@ def unadapted_experts_note(model: nn.Module) -> str | None:
     )
 
 
+def block_prefix(name: str) -> str:
+    """The part of a module name before its block index (``model.vision_tower.encoder.layers`` for
+    ``model.vision_tower.encoder.layers.0.mlp.fc1``); the whole name outside numbered blocks."""
+    match = _BLOCK_INDEX.search(name)
+    return name[: match.start()] if match else name
+
+
+def never_ran_message(missing: list[str], ran: list[str], default_targets: bool) -> str:
+    """One line for targets that saw no calibration token: where they are and what to do. ``default_targets``:
+    whether the targets were the default (then a regex selecting only the blocks that ran is the remedy)."""
+    where = sorted({block_prefix(name) for name in missing})
+    head = f"{len(missing)} target module(s) never ran during calibration, under {where[:3]} (e.g. {missing[0]})"
+    kept = sorted({block_prefix(name) for name in ran} - set(where))
+    if not default_targets or not kept or any(block_prefix(name) in where for name in ran):
+        return f"{head}: the calibration batches never reach them; leave them out with target_modules"
+    regex = f"({'|'.join(re.escape(prefix) for prefix in kept)})" if len(kept) > 1 else re.escape(kept[0])
+    regex += r"\.\d+\..*"
+    return (
+        f"{head}: the calibration batches never reach them (a vision tower fed text only?); adapt only the "
+        f"blocks that ran: target_modules=r'{regex}' (command line: --target-modules '{regex}')"
+    )
+
+
 def layer_and_kind(name: str) -> tuple[int | None, str]:
     """Split ``model.layers.3.self_attn.q_proj`` into (3, 'self_attn.q_proj') for tables and plots."""
     parts = name.split(".")

@@ -4,6 +4,7 @@ render, then commit every output at once."""
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def add_parser(sub) -> None:
         "hessian-clipped); unset: hessian",
     )
     p.add_argument("--exclude-first", type=int, default=0, help="leave out the first K tokens of every window")
-    p.add_argument("--target-modules", nargs="+", help="module names/suffixes (unset: every linear layer in blocks)")
+    p.add_argument(
+        "--target-modules", nargs="+",
+        help="module names/suffixes, or one regex over full names (unset: linear layers in blocks but MoE routers)",
+    )  # fmt: skip
     p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
     p.add_argument("--plot", default="sensilora-out/ranks.png", help="PNG of per-layer ranks under each metric")
     p.add_argument("--stats", help="also save the calibration statistics (safetensors) here")
@@ -129,6 +133,21 @@ def check_context(model, seq_len: int) -> None:
         )
 
 
+REGEX_CHARACTERS = set("\\*+?()[]{}|^$")  # never in a module name: a value holding one is a regex
+
+
+def target_spec(values: list[str] | None):
+    """``--target-modules`` as ``find_targets`` takes it: None, one regex over full module names (a single
+    value with a regex character, peft's meaning of a string), or a list of names / suffixes."""
+    if not values or len(values) > 1 or not REGEX_CHARACTERS & set(values[0]):
+        return values
+    try:
+        re.compile(values[0])
+    except re.error as error:
+        raise SensiloraError(f"--target-modules {values[0]!r} is not a valid regex ({error}); fix or quote it")
+    return values[0]
+
+
 def allocation_config(args):
     """The ``AllocationConfig`` the allocate options describe (validated before any slow work)."""
     if args.from_stats:
@@ -141,6 +160,7 @@ def allocation_config(args):
     else:
         check_sizes(args)
     args.mode, args.statistic = args.mode or "diag", args.statistic or "hessian"
+    args.target_modules = target_spec(args.target_modules)
     check_calibration_options(
         args.mode, args.statistic, args.exclude_first, args.sequential, args.checkpoint, args.checkpoint_every,
         args.device, args.keep_grams,
