@@ -47,6 +47,22 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
+REGEX_CHARACTERS = set("\\*+?()[]{}|^$")  # never in a module name: a value holding one is a regex
+
+
+def target_spec(values: list[str] | None) -> TargetSpec:
+    """Target names as a command line gives them (``--target-modules``), as ``find_targets`` takes them: None,
+    one regex over full module names (a single value with a regex character: peft's meaning of a string), or
+    a list of names / suffixes."""
+    if not values or len(values) > 1 or not REGEX_CHARACTERS & set(values[0]):
+        return values
+    try:
+        re.compile(values[0])
+    except re.error as error:
+        raise SensiloraError(f"target modules {values[0]!r} is not a valid regex ({error}); fix it or give names")
+    return values[0]
+
+
 def is_router(name: str, module: nn.Module) -> bool:
     """A mixture-of-experts router (or shared-expert gate): a layer named ``gate``, ``router``, ``*_gate`` or
     ``*_router`` whose output is at most ``d_in / ROUTER_WIDTH_RATIO`` wide (one score per expert). Left out

@@ -4,7 +4,6 @@ render, then commit every output at once."""
 from __future__ import annotations
 
 import argparse
-import re
 import warnings
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from ..calibration import SensitivityStats, calibrate, check_calibration_options
 from ..calibration.distributed import torchrun_group
 from ..calibration.models import load_model
 from ..calibration.observers import STATISTICS
-from ..calibration.targets import find_targets, linear_shape
+from ..calibration.targets import find_targets, linear_shape, target_spec
 from ..calibration.text import (
     MIN_CALIBRATION_TOKENS,
     MIN_SEQ_LEN,
@@ -69,10 +68,7 @@ def add_parser(sub) -> None:
         "hessian-clipped); unset: hessian",
     )
     p.add_argument("--exclude-first", type=int, default=0, help="leave out the first K tokens of every window")
-    p.add_argument(
-        "--target-modules", nargs="+",
-        help="module names/suffixes, or one regex over full names (unset: linear layers in blocks but MoE routers)",
-    )  # fmt: skip
+    p.add_argument("--target-modules", nargs="+", help="module names/suffixes, or one regex over full names")
     p.add_argument("--output", default="sensilora-out/ranks.json", help="ranks JSON path")
     p.add_argument("--plot", default="sensilora-out/ranks.png", help="PNG of per-layer ranks under each metric")
     p.add_argument("--stats", help="also save the calibration statistics (safetensors) here")
@@ -131,21 +127,6 @@ def check_context(model, seq_len: int) -> None:
         raise SensiloraError(
             f"--seq-len {seq_len} exceeds the model's context of {context} tokens; use at most {context}"
         )
-
-
-REGEX_CHARACTERS = set("\\*+?()[]{}|^$")  # never in a module name: a value holding one is a regex
-
-
-def target_spec(values: list[str] | None):
-    """``--target-modules`` as ``find_targets`` takes it: None, one regex over full module names (a single
-    value with a regex character, peft's meaning of a string), or a list of names / suffixes."""
-    if not values or len(values) > 1 or not REGEX_CHARACTERS & set(values[0]):
-        return values
-    try:
-        re.compile(values[0])
-    except re.error as error:
-        raise SensiloraError(f"--target-modules {values[0]!r} is not a valid regex ({error}); fix or quote it")
-    return values[0]
 
 
 def allocation_config(args):
