@@ -8,7 +8,7 @@ import torch
 from sensilora import AllocationConfig, SensiloraError, allocate, calibrate, mean_gradients
 from sensilora.allocation.rules import greedy_ranks, pooled_theta, structural_theta
 
-from tests.models import random_batches, tiny_llama
+from tests.models import random_batches, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,24 @@ def test_pooled_allocation_gives_one_rank_per_group(calibrated):
     pooled = allocate(stats, AllocationConfig(avg_rank=4, pooling="type-depth"))
     assert pooled.theta == pooled_theta(plain.theta)
     assert pooled.trainable_parameters <= budget(pooled)
+
+
+def test_gradient_rules_read_gpt2_conv1d_weights_as_d_out_by_d_in():
+    model, batches = tiny_gpt2(), random_batches(2)
+    gradients = mean_gradients(model, batches)
+    name = "transformer.h.1.attn.c_attn"
+    weight = dict(model.named_modules())[name].weight  # Conv1D: stored (d_in, d_out)
+    expected = torch.zeros_like(weight)
+    for batch in batches:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        expected += torch.autograd.grad(model(**batch, labels=labels).loss, weight)[0] / len(batches)
+    assert gradients[name].shape == (96, 32) and torch.allclose(gradients[name], expected.T, rtol=1e-4, atol=1e-7)
+    stats = calibrate(model, batches, progress=False)
+    for rule in ("gora", "gradient-spectrum"):
+        allocation = allocate(stats, AllocationConfig(avg_rank=2, rule=rule), model=model, gradients=gradients)
+        assert set(allocation.ranks) == set(stats.module_names)
+    gora = allocate(stats, AllocationConfig(avg_rank=2, rule="gora"), model=model, gradients=gradients)
+    assert gora.theta[name] == pytest.approx(float((weight.detach().T * gradients[name]).abs().mean()), rel=1e-6)
 
 
 def test_gora_is_mean_abs_weight_times_gradient_clipped(calibrated):

@@ -58,6 +58,16 @@ def test_encoder_decoder_models_calibrate_both_stacks(builder):
     assert sum(allocation.ranks.values()) == 2 * len(names)
 
 
+@pytest.mark.parametrize("builder", [tiny_t5, tiny_bart])
+def test_fisher_reaches_both_stacks_of_an_encoder_decoder(builder):
+    """Each stack embeds through its own module tied to the shared embeddings: the gradient must flow into both."""
+    batches = [{**batch, "labels": batch["input_ids"]} for batch in random_batches()]
+    stats = calibrate(builder(), batches, statistic="fisher", progress=False)
+    names = stats.module_names
+    assert any(".encoder." in f".{n}" for n in names) and any(".decoder." in f".{n}" for n in names)
+    assert all(torch.isfinite(stats.hessian_diag(n)).all() and stats.hessian_diag(n).sum() > 0 for n in names)
+
+
 def test_ranks_from_a_bare_encoder_fit_the_task_model_and_back():
     classifier = tiny_bert()
     bare = classifier.bert  # what AutoModel loads: names without the "bert." prefix

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..calibration.stats import SensitivityStats
+from ..calibration.targets import linear_weight, weights_loaded
 from ..errors import SensiloraError
 from .budgets import assign_ranks, largest_rank
 from .combination import combine
@@ -47,8 +48,12 @@ def allocate(
     elif config.rule == "structural":
         theta = structural_theta(shapes)
     elif config.rule == "gora":
+        theta = {}
         modules = dict(model.named_modules())
-        theta = gora_importance({n: modules[n].weight.detach() for n in shapes}, gradients)
+        for n in shapes:  # (d_out, d_in) as the gradients (a Conv1D's is stored transposed); offloaded: loaded
+            with weights_loaded(modules[n]):
+                weight = linear_weight(modules[n]).detach()
+                theta.update(gora_importance({n: weight}, {n: gradients[n].to(weight.device)}))
     elif config.rule == "gradient-spectrum":
         values = gradient_spectrum_values({n: gradients[n] for n in shapes}, {n: stats.hessian_diag(n) for n in shapes})
         theta = {n: float(v.sum()) for n, v in values.items()}  # the whole whitened gradient energy, for reports

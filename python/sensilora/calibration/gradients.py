@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..errors import SensiloraError
 from .models import with_loss_labels
 from .pipelines import forward_kwargs
-from .targets import TargetSpec, find_targets
+from .targets import TargetSpec, find_targets, linear_shape, stores_weight_transposed
 
 
 def mean_gradients(
@@ -30,7 +30,7 @@ def mean_gradients(
     device = next(model.parameters()).device
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
     sums = {
-        name: torch.zeros(module.weight.shape, dtype=torch.float32, device=device) for name, module in targets.items()
+        name: torch.zeros(linear_shape(module), dtype=torch.float32, device=device) for name, module in targets.items()
     }
     training = model.training
     try:
@@ -48,8 +48,9 @@ def mean_gradients(
                 if loss is None or not torch.isfinite(loss):
                     raise SensiloraError(f"{type(model).__name__} gave no finite loss on a calibration batch")
                 loss.backward()
-            for name, module in targets.items():
-                sums[name] += module.weight.grad.float()
+            for name, module in targets.items():  # a Conv1D's weight (and gradient) is stored (d_in, d_out)
+                gradient = module.weight.grad.T if stores_weight_transposed(module) else module.weight.grad
+                sums[name] += gradient.float()
                 module.weight.grad = None
     finally:
         for parameter, flag in flags.items():

@@ -55,20 +55,27 @@ class FisherDiagonal(Observer):
     @contextlib.contextmanager
     def passes(self, model: nn.Module) -> Iterator[None]:
         """Inside: parameters need no gradient, the input embeddings' output does (so gradients flow through
-        the activations only). Both restored on exit."""
+        the activations only), wherever a module embeds with their weight. Both restored on exit."""
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is None:
             raise SensiloraError(
                 f"statistic='fisher' needs the input embeddings of {type(model).__name__} (get_input_embeddings)"
             )
         flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-        handle = embeddings.register_forward_hook(lambda _module, _args, output: output.requires_grad_(True))
+        # every module that embeds with the input embeddings' weight: an encoder-decoder's stacks (T5, BART)
+        # each hold their own embedding module tied to the shared one, and only those run
+        tied = [module for module in model.modules() if getattr(module, "weight", None) is embeddings.weight]
+        handles = [
+            module.register_forward_hook(lambda _module, _args, output: output.requires_grad_(True))
+            for module in tied
+        ]
         try:
             for parameter in flags:
                 parameter.requires_grad_(False)
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             for parameter, flag in flags.items():
                 parameter.requires_grad_(flag)
 
