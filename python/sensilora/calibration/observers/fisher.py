@@ -66,8 +66,7 @@ class FisherDiagonal(Observer):
         # each hold their own embedding module tied to the shared one, and only those run
         tied = [module for module in model.modules() if getattr(module, "weight", None) is embeddings.weight]
         handles = [
-            module.register_forward_hook(lambda _module, _args, output: output.requires_grad_(True))
-            for module in tied
+            module.register_forward_hook(lambda _module, _args, output: output.requires_grad_(True)) for module in tied
         ]
         try:
             for parameter in flags:
