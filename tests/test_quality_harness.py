@@ -355,6 +355,42 @@ def test_confirmation_smoke(tmp_path):
     )
 
 
+def test_holdout_smoke(tmp_path):
+    from benchmarks.quality import confirm, holdout
+
+    assert holdout.main(["--smoke", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "holdout_smoke.json").read_text())
+    uniform = confirm.baseline(holdout.CONFIGS["smoke"]["topic_distill_avg_rank"])
+    assert {r["method"] for r in data["rows"]} == {uniform, *holdout.CANDIDATES}
+    assert all(r["seeds"] == holdout.CONFIGS["smoke"]["seeds"] and r["metric"] == "distance" for r in data["rows"])
+    env = data["environment"]
+    assert {c["method"] for c in env["contrasts"]} == set(holdout.CANDIDATES)
+    assert env["regime"]["seeds"] == holdout.CONFIGS["smoke"]["regime_seeds"]
+    assert env["decision"]["shipped_default_holds"] == holdout.holds(env["contrasts"])
+    assert (tmp_path / "holdout_smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_holdout_rule_fails_the_default_only_on_a_significant_loss():
+    from benchmarks.quality import confirm, holdout, tuned_lr
+
+    def contrasts(improvement, p_holm):
+        return [{"method": tuned_lr.SHIPPED, "baseline": confirm.UNIFORM, "improvement": improvement, "p_holm": p_holm}]
+
+    assert holdout.holds(contrasts(-0.5, 0.2)) and holdout.holds(contrasts(+0.5, 0.001))
+    assert not holdout.holds(contrasts(-0.5, 0.01))
+
+
+def test_topic_splits_are_disjoint_stratified_and_round_robin():
+    from benchmarks.quality.setups import topic_splits
+    from benchmarks.quality.tasks import TOPICS
+
+    splits = topic_splits({"topic_train": 6, "topic_dev": 2, "topic_test": 3, "nlu_len": 16})
+    assert [len(splits[name]["labels"]) for name in ("train", "dev", "test")] == [30, 10, 15]
+    assert splits["train"]["labels"][: len(TOPICS)].tolist() == list(range(len(TOPICS)))  # every topic first
+    rows = {name: {tuple(ids.tolist()) for ids in split["input_ids"]} for name, split in splits.items()}
+    assert not rows["train"] & rows["test"] and not rows["dev"] & rows["test"] and not rows["train"] & rows["dev"]
+
+
 @pytest.mark.slow
 def test_quality_smoke(tmp_path):
     from benchmarks.quality import methods, run_quality

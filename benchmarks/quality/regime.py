@@ -165,6 +165,12 @@ def summarise(task: str, results: list[RunResult], primary: str = "nll") -> tupl
         rows.append(row)
     low = np.array([x.metrics[primary] for x in by_rank[LOW]])
     high = np.array([x.metrics[primary] for x in by_rank[HIGH]])
+    return rows, verdict(task, low, high, primary)
+
+
+def verdict(task: str, low: np.ndarray, high: np.ndarray, primary: str) -> dict:
+    """The named contrast on ``primary`` (lower is better) of r = LOW (``low``, one value a seed) against
+    r = HIGH (``high``, the same seeds in the same order) and whether the task passes."""
     contrast = paired_difference(high, low, higher_is_better=False)  # improvement = NLL(r=1) - NLL(r=8)
     spread = float((low - high).std(ddof=1)) if len(low) > 1 else float("nan")
     if len(low) < 2:  # one seed: no paired spread, no verdict
@@ -172,14 +178,13 @@ def summarise(task: str, results: list[RunResult], primary: str = "nll") -> tupl
     else:
         ratio = contrast["improvement"] / spread if spread > 0 else float("inf") * np.sign(contrast["improvement"])
     name = METRIC_LABELS.get(primary, primary)
-    verdict = {
+    return {
         "task": task, "metric": primary, "contrast": f"{name}(r={LOW}) - {name}(r={HIGH})",
         "gain": contrast["improvement"],
         "ci_low": contrast["ci_low"], "ci_high": contrast["ci_high"], "p": contrast["p"], "paired_std": spread,
         "ratio": float(ratio), "seeds": len(low),
         "passes": bool(contrast["improvement"] > 0 and ratio >= PASS_RATIO),
     }  # fmt: skip
-    return rows, verdict
 
 
 def plot(rows: list[dict], verdicts: list[dict], path: Path) -> None:
@@ -215,7 +220,7 @@ def main(argv=None) -> int:
     rows, verdicts, cost = [], [], {}
     for key in args.tasks:
         results, setup, seconds = run_task(key, config, device, log)
-        task_rows, verdict = summarise(TASKS[key][0], results, setup.primary)
+        task_rows, task_verdict = summarise(TASKS[key][0], results, setup.primary)
         trained = sum(x.curve[max(x.curve)]["seconds"] for x in results)
         cost[TASKS[key][0]] = {
             "seconds_this_invocation": round(seconds, 1),
@@ -223,7 +228,7 @@ def main(argv=None) -> int:
             **({"setup": setup.record} if setup.record else {}),
         }
         rows += task_rows
-        verdicts.append(verdict)
+        verdicts.append(task_verdict)
     env = {**environment(device), "config": name, "settings": config, "ranks": list(RANKS), "pass_ratio": PASS_RATIO,
            "verdicts": verdicts, "cost": cost}  # fmt: skip
     stem = f"regime_{name}"

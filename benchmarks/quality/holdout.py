@@ -1,0 +1,109 @@
+"""Does the shipped default hold on a task that played no part in choosing it?
+
+    python -m benchmarks.quality.holdout            # the CPU configuration (about an hour on 2 cores)
+    python -m benchmarks.quality.holdout --smoke    # seconds: checks the harness
+
+Every rule of the suite so far was chosen on the same four tasks (``confirm``, ``tuned_lr``). Named on
+2026-12-07 before any run of this task:
+
+- Task (``setups.topic_distill_setup``): MiniLM-L6 distilling a teacher fully fine-tuned on BBC News topics
+  (5 classes, the first 48 tokens of each article); the students learn its last hidden states on 800
+  training articles, 240 steps, average rank 2, scored on 350 held-out articles by the squared distance to
+  the teacher's hidden states. No rule, rate or default of the suite was chosen on it.
+- Rate: the shared rate ``tuned_lr`` chose on dev for the three tasks of its rule (4e-3), not searched here.
+- Regime check: uniform LoRA (rsLoRA) at r = 1 and r = 8 over REGIME_SEEDS paired seeds, the regime check's
+  contrast and pass rule (``regime.verdict``).
+- Arms over SEEDS paired seeds: uniform LoRA (rsLoRA, r = 2), the shipped default (``tuned_lr.SHIPPED``,
+  rank aggregation with alpha / r) and the paper's allocation with rsLoRA; each candidate against uniform
+  LoRA, paired by seed, Holm over the two.
+- What it decides: the default holds out of sample unless it is significantly worse than uniform LoRA here
+  (improvement < 0, Holm p < 0.05). If it is, the result says so (``shipped_default_holds: false``) and the
+  default must change; a gain here would not change it (one task, outside the rule that chose it).
+Every run is logged as it ends (``holdout_<config>.runs.jsonl``): a later invocation resumes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import environment, write_results
+from benchmarks.quality import confirm, regime, tuned_lr
+from benchmarks.quality.options import parse
+from benchmarks.quality.run_quality import RunLog, run_methods
+from benchmarks.quality.setups import topic_distill_setup
+
+TASK = "topic_distill"
+LABEL = "Distillation (MiniLM-L6, BBC topic teacher)"
+CANDIDATES = (tuned_lr.SHIPPED, "paper-rs")
+FAMILY = [(candidate, confirm.UNIFORM) for candidate in CANDIDATES]
+REGIME_ARMS = tuple(f"lora-rs r={rank}" for rank in (regime.LOW, regime.HIGH))
+SHARED_RATE = 4e-3  # tuned_lr's shared rate (tuned_lr_cpu.json: "shared_rate")
+TASK_KEYS = {
+    "topic_distill_steps": 240, "topic_distill_checkpoints": (80, 160, 240), "topic_distill_avg_rank": 2,
+    "topic_distill_teacher_steps": 360, "topic_distill_teacher_lr": 1e-4, "topic_distill_cache": True,
+    "topic_distill_lr": SHARED_RATE, "topic_train": 160, "topic_dev": 40, "topic_test": 70,
+}  # fmt: skip
+CONFIGS = {
+    "cpu": {**regime.CONFIGS["cpu"], **TASK_KEYS, "seeds": 8, "regime_seeds": 5},
+    "smoke": {**regime.CONFIGS["smoke"], **TASK_KEYS, "topic_distill_steps": 2, "topic_distill_checkpoints": (2,),
+              "topic_distill_teacher_steps": 2, "topic_distill_cache": False, "topic_train": 3, "topic_dev": 1,
+              "topic_test": 2, "seeds": 2, "regime_seeds": 2},
+}  # fmt: skip
+
+
+def holds(contrasts: list[dict]) -> bool:
+    """Whether the shipped default is not significantly worse than uniform LoRA (Holm p < ALPHA, improvement
+    below zero) in ``contrasts`` (``confirm.summarise``'s)."""
+    shipped = next(c for c in contrasts if c["method"] == tuned_lr.SHIPPED and c["baseline"] == confirm.UNIFORM)
+    return not (shipped["improvement"] < 0 and shipped["p_holm"] < confirm.ALPHA)
+
+
+def main(argv=None) -> int:
+    args = parse(__doc__, argv)
+    name = "smoke" if args.smoke else "cpu"
+    config, device = CONFIGS[name], torch.device("cpu")
+    started = time.perf_counter()
+    setup = topic_distill_setup(config, device)
+    context = regime.task_context(TASK, setup, config)
+    context.allocations = confirm.candidate_allocations(context, setup.calibration)
+    arms = confirm.build(setup, context, context.allocations)
+
+    def build(method: str, _context, seed: int):
+        if method in regime.METHODS:  # uniform LoRA (rsLoRA) at a rank, alpha for the task's average rank
+            return regime.uniform_rslora(setup, regime.METHODS[method], context.avg_rank), None
+        return arms(method, _context, seed)
+
+    log = RunLog(None if args.smoke else args.results / f"holdout_{name}.runs.jsonl")
+    common = (setup.epoch, config[f"{TASK}_lr"], setup.evaluators["test"], config[f"{TASK}_checkpoints"], LABEL, log)
+    uniform = confirm.baseline(context.avg_rank)
+    main_runs = run_methods(context, [uniform, *CANDIDATES], config["seeds"], *common, build=build)
+    regime_runs = run_methods(context, list(REGIME_ARMS), config["regime_seeds"], *common, build=build)
+    by_rank = {arm: [r.metrics[setup.primary] for r in sorted(regime_runs, key=lambda r: r.seed) if r.method == arm]
+               for arm in REGIME_ARMS}  # fmt: skip
+    verdict = regime.verdict(LABEL, *(np.array(by_rank[arm]) for arm in REGIME_ARMS), setup.primary)
+    rows, contrasts = confirm.summarise(main_runs, uniform, setup.primary, family=FAMILY, diagnostics=[])
+    for item in (*rows, *contrasts):
+        item["task"] = LABEL
+    for contrast in contrasts:
+        contrast["metric"] = setup.primary
+    decision = {"shipped_default": tuned_lr.SHIPPED, "shipped_default_holds": holds(contrasts)}
+    trained = sum(r.curve[max(r.curve)]["seconds"] for r in (*main_runs, *regime_runs))
+    env = {**environment(device), "config": name, "settings": config, "regime": verdict, "contrasts": contrasts,
+           "decision": decision, "setup": setup.record,
+           "cost": {"seconds_this_invocation": round(time.perf_counter() - started, 1),
+                    "training_seconds_logged": round(trained, 1)}}  # fmt: skip
+    write_results(f"holdout_{name}", env, rows, args.results)
+    confirm.plot(contrasts, {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
+    print(f"{LABEL}: {verdict['contrast']} = {verdict['gain']:+.4f}, ratio {verdict['ratio']:.1f} -> "
+          f"{'PASS' if verdict['passes'] else 'fail'}")  # fmt: skip
+    confirm.print_contrasts(contrasts)
+    print(f"shipped default ({tuned_lr.SHIPPED}) holds: {decision['shipped_default_holds']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
