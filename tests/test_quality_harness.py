@@ -367,6 +367,10 @@ def test_holdout_smoke(tmp_path):
     assert {c["method"] for c in env["contrasts"]} == set(holdout.CANDIDATES)
     assert env["regime"]["seeds"] == holdout.CONFIGS["smoke"]["regime_seeds"]
     assert env["decision"]["shipped_default_holds"] == holdout.holds(env["contrasts"])
+    long = env["long"]  # the diagnostic trained longer: uniform LoRA and the default, a curve each
+    assert {r["method"] for r in long["rows"]} == {uniform, "rank"}
+    assert all(r["seeds"] == holdout.CONFIGS["smoke"]["long_seeds"] and len(r["curve"]) == 2 for r in long["rows"])
+    assert [c["contrast"] for c in long["contrasts"]] == [f"rank vs {uniform}"] and long["contrasts"][0]["diagnostic"]
     assert (tmp_path / "holdout_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 

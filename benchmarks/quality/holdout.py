@@ -19,6 +19,11 @@ Every rule of the suite so far was chosen on the same four tasks (``confirm``, `
 - What it decides: the default holds out of sample unless it is significantly worse than uniform LoRA here
   (improvement < 0, Holm p < 0.05). If it is, the result says so (``shipped_default_holds: false``) and the
   default must change; a gain here would not change it (one task, outside the rule that chose it).
+- Trained 4x longer (a diagnostic, added on 2026-12-07 after the runs above, before any of its own): at 240
+  steps most runs sit on a plateau near the untrained student's distance and some escape it, at seeds and
+  times that differ by arm, so the contrast above may measure how soon a run escapes rather than what it
+  can reach. Uniform LoRA and the shipped default over LONG_SEEDS seeds for LONG_STEPS steps (the same rate
+  and schedule, stretched), the same paired contrast, outside the decision.
 Every run is logged as it ends (``holdout_<config>.runs.jsonl``): a later invocation resumes.
 """
 
@@ -47,11 +52,13 @@ TASK_KEYS = {
     "topic_distill_teacher_steps": 360, "topic_distill_teacher_lr": 1e-4, "topic_distill_cache": True,
     "topic_distill_lr": SHARED_RATE, "topic_train": 160, "topic_dev": 40, "topic_test": 70,
 }  # fmt: skip
+LONG = {"long_steps": 960, "long_checkpoints": (240, 480, 720, 960), "long_seeds": 3}
 CONFIGS = {
-    "cpu": {**regime.CONFIGS["cpu"], **TASK_KEYS, "seeds": 8, "regime_seeds": 5},
+    "cpu": {**regime.CONFIGS["cpu"], **TASK_KEYS, **LONG, "seeds": 8, "regime_seeds": 5},
     "smoke": {**regime.CONFIGS["smoke"], **TASK_KEYS, "topic_distill_steps": 2, "topic_distill_checkpoints": (2,),
               "topic_distill_teacher_steps": 2, "topic_distill_cache": False, "topic_train": 3, "topic_dev": 1,
-              "topic_test": 2, "seeds": 2, "regime_seeds": 2},
+              "topic_test": 2, "seeds": 2, "regime_seeds": 2, "long_steps": 4, "long_checkpoints": (2, 4),
+              "long_seeds": 2},
 }  # fmt: skip
 
 
@@ -91,16 +98,32 @@ def main(argv=None) -> int:
     for contrast in contrasts:
         contrast["metric"] = setup.primary
     decision = {"shipped_default": tuned_lr.SHIPPED, "shipped_default_holds": holds(contrasts)}
-    trained = sum(r.curve[max(r.curve)]["seconds"] for r in (*main_runs, *regime_runs))
+    long_config = {**config, f"{TASK}_steps": config["long_steps"], f"{TASK}_checkpoints": config["long_checkpoints"]}
+    long_context = regime.task_context(TASK, setup, long_config)
+    long_context.allocations = context.allocations
+    long_label = f"{LABEL}, {config['long_steps']} steps"
+    long_runs = run_methods(long_context, [uniform, tuned_lr.SHIPPED], config["long_seeds"], setup.epoch,
+                            config[f"{TASK}_lr"], setup.evaluators["test"], config["long_checkpoints"], long_label,
+                            log, build=build)  # fmt: skip
+    long_rows, long_contrasts = confirm.summarise(long_runs, uniform, setup.primary, family=[],
+                                                  diagnostics=[(tuned_lr.SHIPPED, confirm.UNIFORM)])  # fmt: skip
+    for item in (*long_rows, *long_contrasts):
+        item["task"] = long_label
+    for row in long_rows:  # the metric at every checkpoint, mean over the seeds: where each arm is going
+        row["curve"] = {
+            step: float(np.mean([r.curve[step][setup.primary] for r in long_runs if r.method == row["method"]]))
+            for step in config["long_checkpoints"]
+        }
+    trained = sum(r.curve[max(r.curve)]["seconds"] for r in (*main_runs, *regime_runs, *long_runs))
     env = {**environment(device), "config": name, "settings": config, "regime": verdict, "contrasts": contrasts,
-           "decision": decision, "setup": setup.record,
+           "decision": decision, "setup": setup.record, "long": {"rows": long_rows, "contrasts": long_contrasts},
            "cost": {"seconds_this_invocation": round(time.perf_counter() - started, 1),
                     "training_seconds_logged": round(trained, 1)}}  # fmt: skip
     write_results(f"holdout_{name}", env, rows, args.results)
     confirm.plot(contrasts, {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
     print(f"{LABEL}: {verdict['contrast']} = {verdict['gain']:+.4f}, ratio {verdict['ratio']:.1f} -> "
           f"{'PASS' if verdict['passes'] else 'fail'}")  # fmt: skip
-    confirm.print_contrasts(contrasts)
+    confirm.print_contrasts([*contrasts, *long_contrasts])
     print(f"shipped default ({tuned_lr.SHIPPED}) holds: {decision['shipped_default_holds']}")
     return 0
 
