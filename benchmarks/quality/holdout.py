@@ -109,6 +109,8 @@ def main(argv=None) -> int:
                                                   diagnostics=[(tuned_lr.SHIPPED, confirm.UNIFORM)])  # fmt: skip
     for item in (*long_rows, *long_contrasts):
         item["task"] = long_label
+    for contrast in long_contrasts:
+        contrast["metric"] = setup.primary
     for row in long_rows:  # the metric at every checkpoint, mean over the seeds: where each arm is going
         row["curve"] = {
             step: float(np.mean([r.curve[step][setup.primary] for r in long_runs if r.method == row["method"]]))
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
            "cost": {"seconds_this_invocation": round(time.perf_counter() - started, 1),
                     "training_seconds_logged": round(trained, 1)}}  # fmt: skip
     write_results(f"holdout_{name}", env, rows, args.results)
-    confirm.plot(contrasts, {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
+    confirm.plot([*contrasts, *long_contrasts], {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
     print(f"{LABEL}: {verdict['contrast']} = {verdict['gain']:+.4f}, ratio {verdict['ratio']:.1f} -> "
           f"{'PASS' if verdict['passes'] else 'fail'}")  # fmt: skip
     confirm.print_contrasts([*contrasts, *long_contrasts])
