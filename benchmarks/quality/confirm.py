@@ -165,6 +165,15 @@ def summarise(
     return rows, contrasts
 
 
+def tag(rows: list[dict], contrasts: list[dict], task: str, metric: str) -> None:
+    """Mark every row and contrast with its ``task`` and every contrast with its ``metric`` (tables and plots
+    hold several tasks)."""
+    for item in (*rows, *contrasts):
+        item["task"] = task
+    for contrast in contrasts:
+        contrast["metric"] = metric
+
+
 def decide(contrasts: list[dict]) -> dict:
     """The default by the rule named before the run. Per candidate in DEFAULTS and task, its paired
     contrast with uniform LoRA (Holm within the task); over the tasks, Stouffer's combination of the
@@ -248,10 +257,7 @@ def confirm_task(key: str, config: dict, device: torch.device, results_dir, smok
     results = run_methods(context, [baseline(avg)], *common, baseline_log, build=make)
     results += run_methods(context, arms, *common, log, build=make)
     rows, contrasts = summarise(results, baseline(avg), setup.primary)
-    for item in (*rows, *contrasts):
-        item["task"] = label
-    for contrast in contrasts:
-        contrast["metric"] = setup.primary
+    tag(rows, contrasts, label, setup.primary)
     eva = dataclasses.replace(allocations["paper"], ranks=M.eva_ranks(context))
     shown = {**allocations, EVA: eva}  # each arm's mean rank per module type: where its budget went
     record = {"baseline": baseline(avg), "seconds": round(time.perf_counter() - started, 1), "metric": setup.primary,

@@ -85,32 +85,30 @@ def main(argv=None) -> int:
         return arms(method, _context, seed)
 
     log = RunLog(None if args.smoke else args.results / f"holdout_{name}.runs.jsonl")
-    common = (setup.epoch, config[f"{TASK}_lr"], setup.evaluators["test"], config[f"{TASK}_checkpoints"], LABEL, log)
+
+    def runs(task_context, methods: list[str], seeds: int, checkpoints: tuple[int, ...], label: str):
+        return run_methods(task_context, methods, seeds, setup.epoch, config[f"{TASK}_lr"], setup.evaluators["test"],
+                           checkpoints, label, log, build=build)  # fmt: skip
+
     uniform = confirm.baseline(context.avg_rank)
-    main_runs = run_methods(context, [uniform, *CANDIDATES], config["seeds"], *common, build=build)
-    regime_runs = run_methods(context, list(REGIME_ARMS), config["regime_seeds"], *common, build=build)
+    checkpoints = config[f"{TASK}_checkpoints"]
+    main_runs = runs(context, [uniform, *CANDIDATES], config["seeds"], checkpoints, LABEL)
+    regime_runs = runs(context, list(REGIME_ARMS), config["regime_seeds"], checkpoints, LABEL)
     by_rank = {arm: [r.metrics[setup.primary] for r in sorted(regime_runs, key=lambda r: r.seed) if r.method == arm]
                for arm in REGIME_ARMS}  # fmt: skip
     verdict = regime.verdict(LABEL, *(np.array(by_rank[arm]) for arm in REGIME_ARMS), setup.primary)
     rows, contrasts = confirm.summarise(main_runs, uniform, setup.primary, family=FAMILY, diagnostics=[])
-    for item in (*rows, *contrasts):
-        item["task"] = LABEL
-    for contrast in contrasts:
-        contrast["metric"] = setup.primary
+    confirm.tag(rows, contrasts, LABEL, setup.primary)
     decision = {"shipped_default": tuned_lr.SHIPPED, "shipped_default_holds": holds(contrasts)}
     long_config = {**config, f"{TASK}_steps": config["long_steps"], f"{TASK}_checkpoints": config["long_checkpoints"]}
     long_context = regime.task_context(TASK, setup, long_config)
     long_context.allocations = context.allocations
     long_label = f"{LABEL}, {config['long_steps']} steps"
-    long_runs = run_methods(long_context, [uniform, tuned_lr.SHIPPED], config["long_seeds"], setup.epoch,
-                            config[f"{TASK}_lr"], setup.evaluators["test"], config["long_checkpoints"], long_label,
-                            log, build=build)  # fmt: skip
+    long_runs = runs(long_context, [uniform, tuned_lr.SHIPPED], config["long_seeds"], config["long_checkpoints"],
+                     long_label)  # fmt: skip
     long_rows, long_contrasts = confirm.summarise(long_runs, uniform, setup.primary, family=[],
                                                   diagnostics=[(tuned_lr.SHIPPED, confirm.UNIFORM)])  # fmt: skip
-    for item in (*long_rows, *long_contrasts):
-        item["task"] = long_label
-    for contrast in long_contrasts:
-        contrast["metric"] = setup.primary
+    confirm.tag(long_rows, long_contrasts, long_label, setup.primary)
     for row in long_rows:  # the metric at every checkpoint, mean over the seeds: where each arm is going
         row["curve"] = {
             step: float(np.mean([r.curve[step][setup.primary] for r in long_runs if r.method == row["method"]]))

@@ -161,10 +161,7 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
         contrast["baseline"] = SHARED if contrast["baseline"] == confirm.UNIFORM else contrast["baseline"]
         contrast["diagnostic"] = True
     contrasts += shared_contrasts
-    for item in (*rows, *contrasts):
-        item["task"] = label
-    for contrast in contrasts:
-        contrast["metric"] = setup.primary
+    confirm.tag(rows, contrasts, label, setup.primary)
     record = {"baseline": uniform, "seconds": round(time.perf_counter() - started, 1), "metric": setup.primary,
               "dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
               "rates": rates, "shared_rate": shared}  # fmt: skip

@@ -134,10 +134,11 @@ def block_prefix(name: str) -> str:
 def never_ran_message(missing: list[str], ran: list[str], default_targets: bool) -> str:
     """One line for targets that saw no calibration token: where they are and what to do. ``default_targets``:
     whether the targets were the default (then a regex selecting only the blocks that ran is the remedy)."""
-    where = sorted({block_prefix(name) for name in missing})
-    head = f"{len(missing)} target module(s) never ran during calibration, under {where[:3]} (e.g. {missing[0]})"
-    kept = sorted({block_prefix(name) for name in ran} - set(where))
-    if not default_targets or not kept or any(block_prefix(name) in where for name in ran):
+    where, ran_in = {block_prefix(name) for name in missing}, {block_prefix(name) for name in ran}
+    head = f"{len(missing)} target module(s) never ran during calibration, under {sorted(where)[:3]}"
+    head += f" (e.g. {missing[0]})"
+    kept = sorted(ran_in - where)
+    if not default_targets or not kept or ran_in & where:  # blocks that partly ran: no regex leaves them out
         return f"{head}: the calibration batches never reach them; leave them out with target_modules"
     regex = f"({'|'.join(re.escape(prefix) for prefix in kept)})" if len(kept) > 1 else re.escape(kept[0])
     regex += r"\.\d+\..*"
