@@ -356,7 +356,7 @@ def test_confirmation_smoke(tmp_path):
 
 
 def test_holdout_smoke(tmp_path):
-    from benchmarks.quality import confirm, holdout
+    from benchmarks.quality import confirm, holdout, tuned_lr
 
     assert holdout.main(["--smoke", "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "holdout_smoke.json").read_text())
@@ -366,7 +366,18 @@ def test_holdout_smoke(tmp_path):
     env = data["environment"]
     assert {c["method"] for c in env["contrasts"]} == set(holdout.CANDIDATES)
     assert env["regime"]["seeds"] == holdout.CONFIGS["smoke"]["regime_seeds"]
-    assert env["decision"]["shipped_default_holds"] == holdout.holds(env["contrasts"])
+    searched = env["searched"]
+    assert env["decision"]["holds_at_the_shared_rate"] == holdout.holds(env["contrasts"])
+    assert env["decision"]["holds_at_rates_searched_on_dev"] == holdout.holds(searched["contrasts"])
+    assert env["decision"]["shipped_default_holds"] == (
+        env["decision"]["holds_at_the_shared_rate"] and env["decision"]["holds_at_rates_searched_on_dev"]
+    )
+    for arm, scores in searched["dev_scores"].items():  # the search's rule: the chosen rate scored lowest
+        assert set(map(float, scores)) >= set(holdout.SEARCH_RATES)
+        assert searched["rates"][arm] == tuned_lr.chosen_rate({float(r): v for r, v in scores.items()})
+    assert {row["method"]: row["lr"] for row in searched["rows"]} == searched["rates"]
+    assert searched["regime"]["lr"] == searched["rates"][uniform]
+    assert (tmp_path / "holdout_smoke_rates.png").stat().st_size > 0
     long = env["long"]  # the diagnostic trained longer: uniform LoRA and the default, a curve each
     assert {r["method"] for r in long["rows"]} == {uniform, "rank"}
     assert all(r["seeds"] == holdout.CONFIGS["smoke"]["long_seeds"] and len(r["curve"]) == 2 for r in long["rows"])

@@ -24,6 +24,18 @@ Every rule of the suite so far was chosen on the same four tasks (``confirm``, `
   times that differ by arm, so the contrast above may measure how soon a run escapes rather than what it
   can reach. Uniform LoRA and the shipped default over LONG_SEEDS seeds for LONG_STEPS steps (the same rate
   and schedule, stretched), the same paired contrast, outside the decision.
+- Rates searched on this task's dev split (added on 2026-12-07, in the session after the runs above, before
+  any run it adds): at the shared rate most runs of uniform LoRA sit on the plateau, so the rate, not the
+  allocation, may decide the contrast. Each arm of the contrast (uniform LoRA, the two candidates) searched
+  on the dev split (200 articles no model trains on), scored by the mean dev distance over SEARCH_SEEDS
+  seeds (not one: an escape from the plateau is a seed's luck), over SEARCH_RATES extended by
+  ``tuned_lr.search``'s rule (a best rate at an edge tries one factor of 2 beyond it, at most
+  ``tuned_lr.MAX_RATES`` rates); the lowest wins, a tie the smaller rate. Then every arm at its chosen rate
+  over SEEDS seeds on test, the same contrasts and Holm family; the regime check again at uniform LoRA's
+  chosen rate; and, if the default's rate differs from uniform LoRA's, uniform LoRA at the default's rate
+  (``tuned_lr.same_rate_contrast``, a diagnostic). The rule is the same at the searched rates: the default
+  holds out of sample only if it is significantly worse than uniform LoRA neither at the shared rate nor at
+  the searched ones.
 Every run is logged as it ends (``holdout_<config>.runs.jsonl``): a later invocation resumes.
 """
 
@@ -47,6 +59,8 @@ CANDIDATES = (tuned_lr.SHIPPED, "paper-rs")
 FAMILY = [(candidate, confirm.UNIFORM) for candidate in CANDIDATES]
 REGIME_ARMS = tuple(f"lora-rs r={rank}" for rank in (regime.LOW, regime.HIGH))
 SHARED_RATE = 4e-3  # tuned_lr's shared rate (tuned_lr_cpu.json: "shared_rate")
+SEARCH_RATES = (2e-3, SHARED_RATE, 8e-3)  # the first rates of the dev search, around the shared one
+SEARCHED = "rates searched on dev"
 TASK_KEYS = {
     "topic_distill_steps": 240, "topic_distill_checkpoints": (80, 160, 240), "topic_distill_avg_rank": 2,
     "topic_distill_teacher_steps": 360, "topic_distill_teacher_lr": 1e-4, "topic_distill_cache": True,
@@ -54,11 +68,11 @@ TASK_KEYS = {
 }  # fmt: skip
 LONG = {"long_steps": 960, "long_checkpoints": (240, 480, 720, 960), "long_seeds": 3}
 CONFIGS = {
-    "cpu": {**regime.CONFIGS["cpu"], **TASK_KEYS, **LONG, "seeds": 8, "regime_seeds": 5},
+    "cpu": {**regime.CONFIGS["cpu"], **TASK_KEYS, **LONG, "seeds": 8, "regime_seeds": 5, "search_seeds": 2},
     "smoke": {**regime.CONFIGS["smoke"], **TASK_KEYS, "topic_distill_steps": 2, "topic_distill_checkpoints": (2,),
               "topic_distill_teacher_steps": 2, "topic_distill_cache": False, "topic_train": 3, "topic_dev": 1,
               "topic_test": 2, "seeds": 2, "regime_seeds": 2, "long_steps": 4, "long_checkpoints": (2, 4),
-              "long_seeds": 2},
+              "long_seeds": 2, "search_seeds": 1},
 }  # fmt: skip
 
 
@@ -85,27 +99,30 @@ def main(argv=None) -> int:
         return arms(method, _context, seed)
 
     log = RunLog(None if args.smoke else args.results / f"holdout_{name}.runs.jsonl")
+    checkpoints = config[f"{TASK}_checkpoints"]
 
-    def runs(task_context, methods: list[str], seeds: int, checkpoints: tuple[int, ...], label: str):
-        return run_methods(task_context, methods, seeds, setup.epoch, config[f"{TASK}_lr"], setup.evaluators["test"],
-                           checkpoints, label, log, build=build)  # fmt: skip
+    def runs(methods: list[str], seeds: int, lr: float = SHARED_RATE, task_context=context, split: str = "test",
+             checkpoints: tuple[int, ...] = checkpoints, label: str = LABEL):  # fmt: skip
+        return run_methods(task_context, methods, seeds, setup.epoch, lr, setup.evaluators[split], checkpoints,
+                           label, log, build=build)  # fmt: skip
+
+    def regime_check(lr: float) -> tuple[dict, list]:
+        regime_runs = runs(list(REGIME_ARMS), config["regime_seeds"], lr)
+        by_rank = [np.array([r.metrics[setup.primary] for r in sorted(regime_runs, key=lambda r: r.seed)
+                             if r.method == arm]) for arm in REGIME_ARMS]  # fmt: skip
+        return {**regime.verdict(LABEL, *by_rank, setup.primary), "lr": lr}, regime_runs
 
     uniform = confirm.baseline(context.avg_rank)
-    checkpoints = config[f"{TASK}_checkpoints"]
-    main_runs = runs(context, [uniform, *CANDIDATES], config["seeds"], checkpoints, LABEL)
-    regime_runs = runs(context, list(REGIME_ARMS), config["regime_seeds"], checkpoints, LABEL)
-    by_rank = {arm: [r.metrics[setup.primary] for r in sorted(regime_runs, key=lambda r: r.seed) if r.method == arm]
-               for arm in REGIME_ARMS}  # fmt: skip
-    verdict = regime.verdict(LABEL, *(np.array(by_rank[arm]) for arm in REGIME_ARMS), setup.primary)
+    main_runs = runs([uniform, *CANDIDATES], config["seeds"])
+    verdict, regime_runs = regime_check(SHARED_RATE)
     rows, contrasts = confirm.summarise(main_runs, uniform, setup.primary, family=FAMILY, diagnostics=[])
     confirm.tag(rows, contrasts, LABEL, setup.primary)
-    decision = {"shipped_default": tuned_lr.SHIPPED, "shipped_default_holds": holds(contrasts)}
     long_config = {**config, f"{TASK}_steps": config["long_steps"], f"{TASK}_checkpoints": config["long_checkpoints"]}
     long_context = regime.task_context(TASK, setup, long_config)
     long_context.allocations = context.allocations
     long_label = f"{LABEL}, {config['long_steps']} steps"
-    long_runs = runs(long_context, [uniform, tuned_lr.SHIPPED], config["long_seeds"], config["long_checkpoints"],
-                     long_label)  # fmt: skip
+    long_runs = runs([uniform, tuned_lr.SHIPPED], config["long_seeds"], task_context=long_context,
+                     checkpoints=config["long_checkpoints"], label=long_label)  # fmt: skip
     long_rows, long_contrasts = confirm.summarise(long_runs, uniform, setup.primary, family=[],
                                                   diagnostics=[(tuned_lr.SHIPPED, confirm.UNIFORM)])  # fmt: skip
     confirm.tag(long_rows, long_contrasts, long_label, setup.primary)
@@ -114,17 +131,56 @@ def main(argv=None) -> int:
             step: float(np.mean([r.curve[step][setup.primary] for r in long_runs if r.method == row["method"]]))
             for step in config["long_checkpoints"]
         }
-    trained = sum(r.curve[max(r.curve)]["seconds"] for r in (*main_runs, *regime_runs, *long_runs))
+
+    def dev_metric(arm: str, rate: float) -> float:  # the mean over the search's seeds, at the last step only
+        found = runs([arm], config["search_seeds"], rate, split="dev", checkpoints=(context.steps,),
+                     label=f"{LABEL} dev")  # fmt: skip
+        return float(np.mean([r.metrics[setup.primary] for r in found]))
+
+    scores = {arm: tuned_lr.search(lambda rate, arm=arm: dev_metric(arm, rate), SEARCH_RATES)
+              for arm in (uniform, *CANDIDATES)}  # fmt: skip
+    rates = {arm: tuned_lr.chosen_rate(s) for arm, s in scores.items()}
+    searched_runs = [result for arm, rate in rates.items() for result in runs([arm], config["seeds"], rate)]
+    searched_rows, searched_contrasts = confirm.summarise(searched_runs, uniform, setup.primary, family=FAMILY,
+                                                          diagnostics=[])  # fmt: skip
+    if rates[tuned_lr.SHIPPED] != rates[uniform]:
+        shipped = [r for r in searched_runs if r.method == tuned_lr.SHIPPED]
+        searched_contrasts.append(
+            tuned_lr.same_rate_contrast(
+                tuned_lr.SHIPPED, shipped, runs([uniform], config["seeds"], rates[tuned_lr.SHIPPED]), setup.primary
+            )
+        )
+    searched_verdict, searched_regime_runs = regime_check(rates[uniform])
+    for item in (*searched_rows, *searched_contrasts):
+        item["rates"] = SEARCHED
+    for row in searched_rows:
+        row["lr"] = rates[row["method"]]
+    confirm.tag(searched_rows, searched_contrasts, f"{LABEL}, {SEARCHED}", setup.primary)
+    decision = {"shipped_default": tuned_lr.SHIPPED, "holds_at_the_shared_rate": holds(contrasts),
+                "holds_at_rates_searched_on_dev": holds(searched_contrasts)}  # fmt: skip
+    decision["shipped_default_holds"] = (
+        decision["holds_at_the_shared_rate"] and decision["holds_at_rates_searched_on_dev"]
+    )
+    every_run = (*main_runs, *regime_runs, *long_runs, *searched_runs, *searched_regime_runs)
+    trained = sum(r.curve[max(r.curve)]["seconds"] for r in every_run)
+    searched = {"dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
+                "rates": rates, "metric": setup.primary, "regime": searched_verdict,
+                "scored_on": f"mean of seeds 0-{config['search_seeds'] - 1}", "rows": searched_rows,
+                "contrasts": searched_contrasts}  # fmt: skip
     env = {**environment(device), "config": name, "settings": config, "regime": verdict, "contrasts": contrasts,
            "decision": decision, "setup": setup.record, "long": {"rows": long_rows, "contrasts": long_contrasts},
-           "cost": {"seconds_this_invocation": round(time.perf_counter() - started, 1),
-                    "training_seconds_logged": round(trained, 1)}}  # fmt: skip
+           "searched": searched, "cost": {"seconds_this_invocation": round(time.perf_counter() - started, 1),
+                                          "training_seconds_logged": round(trained, 1)}}  # fmt: skip
     write_results(f"holdout_{name}", env, rows, args.results)
-    confirm.plot([*contrasts, *long_contrasts], {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
-    print(f"{LABEL}: {verdict['contrast']} = {verdict['gain']:+.4f}, ratio {verdict['ratio']:.1f} -> "
-          f"{'PASS' if verdict['passes'] else 'fail'}")  # fmt: skip
-    confirm.print_contrasts([*contrasts, *long_contrasts])
-    print(f"shipped default ({tuned_lr.SHIPPED}) holds: {decision['shipped_default_holds']}")
+    every_contrast = [*contrasts, *long_contrasts, *searched_contrasts]
+    confirm.plot(every_contrast, {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
+    tuned_lr.plot({f"{LABEL}: dev search": searched}, args.results / f"holdout_{name}_rates.png")
+    for check in (verdict, searched_verdict):
+        print(f"{LABEL} at {check['lr']:g}: {check['contrast']} = {check['gain']:+.4f}, ratio {check['ratio']:.1f} -> "
+              f"{'PASS' if check['passes'] else 'fail'}")  # fmt: skip
+    print(f"rates chosen on dev: {rates}")
+    confirm.print_contrasts(every_contrast)
+    print(f"shipped default ({tuned_lr.SHIPPED}) holds: {decision}")
     return 0
 
 

@@ -193,7 +193,8 @@ def same_rate_contrast(arm: str, mine: list, uniform: list, primary: str) -> dic
 
 
 def plot(records: dict, path) -> None:
-    """Each arm's dev metric against the learning rate (log scale), the chosen rate marked; a panel a task."""
+    """Each arm's dev metric against the learning rate (log scale), the chosen rate marked; a panel a task
+    (a record's "scored_on": the seeds the dev metric is over, seed 0 unless it says)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -211,7 +212,8 @@ def plot(records: dict, path) -> None:
         axis.set_xticks(tried, [f"{r:g}" for r in tried])
         axis.minorticks_off()
         axis.set_xlabel("learning rate")
-        axis.set_ylabel(f"dev {regime.METRIC_LABELS.get(record['metric'], record['metric'])} (seed 0)")
+        metric = regime.METRIC_LABELS.get(record["metric"], record["metric"])
+        axis.set_ylabel(f"dev {metric} ({record.get('scored_on', 'seed 0')})")
         axis.set_title(task, fontsize=9)
         axis.legend(fontsize=7)
     figure.savefig(path, dpi=120)
