@@ -180,14 +180,15 @@ def shipped_default(at_shared: dict) -> tuple[str, str]:
     return SHIPPED, "none qualifies at the shared rate and it is significantly worse on no task: it stays"
 
 
-def same_rate_contrast(arm: str, mine: list, uniform: list, primary: str) -> dict:
-    """``arm``'s runs (RunResult) against uniform LoRA's at the same rate, paired by seed (a diagnostic)."""
+def same_rate_contrast(arm: str, mine: list, uniform: list, primary: str, name: str | None = None) -> dict:
+    """``arm``'s runs (RunResult) against uniform LoRA's at the same rate, paired by seed (a diagnostic);
+    ``name``: the contrast's, if the rate is not ``arm``'s own."""
     theirs = {r.seed: r.metrics[primary] for r in uniform}
     seeds = sorted(set(theirs) & {r.seed for r in mine})
     ours = {r.seed: r.metrics[primary] for r in mine}
     difference = paired_difference(np.array([ours[s] for s in seeds]), np.array([theirs[s] for s in seeds]),
                                    higher_is_better=False)  # fmt: skip
-    return {"contrast": f"{arm} vs uniform LoRA at {arm}'s rate", "method": arm, "baseline": SAME_RATE,
+    return {"contrast": name or f"{arm} vs uniform LoRA at {arm}'s rate", "method": arm, "baseline": SAME_RATE,
             "n": len(seeds), "diagnostic": True, "uniform_mean": float(np.mean([theirs[s] for s in seeds])),
             **difference, "p_holm": difference["p"]}  # fmt: skip
 
