@@ -377,6 +377,10 @@ def test_holdout_smoke(tmp_path):
         assert searched["rates"][arm] == tuned_lr.chosen_rate({float(r): v for r, v in scores.items()})
     assert {row["method"]: row["lr"] for row in searched["rows"]} == searched["rates"]
     assert searched["regime"]["lr"] == searched["rates"][uniform]
+    same = [c for c in searched["contrasts"] if c["baseline"] == tuned_lr.SAME_RATE]  # each at the other's rate
+    differ = searched["rates"]["rank"] != searched["rates"][uniform]
+    assert sorted(c["lr"] for c in same) == (sorted({searched["rates"]["rank"], searched["rates"][uniform]}) if differ
+                                             else [])  # fmt: skip
     assert (tmp_path / "holdout_smoke_rates.png").stat().st_size > 0
     long = env["long"]  # the diagnostic trained longer: uniform LoRA and the default, a curve each
     assert {r["method"] for r in long["rows"]} == {uniform, "rank"}

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -229,7 +230,7 @@ def plot(contrasts: list[dict], decision: dict, path) -> None:
         axis.barh(names, means, color=colours, xerr=np.nan_to_num([means - low, high - means]), capsize=3)
         axis.axvline(0, color="black", linewidth=0.8)
         axis.invert_yaxis()
-        axis.set_title(f"{task} (n = {mine[0]['n'] if mine else 0} seeds)", fontsize=9)
+        axis.set_title(textwrap.fill(f"{task} (n = {mine[0]['n'] if mine else 0} seeds)", 60), fontsize=9)
         metric = mine[0].get("metric", "nll") if mine else "nll"
         axis.set_xlabel(f"improvement over uniform LoRA ({regime.METRIC_LABELS.get(metric, metric)})")
     figure.savefig(path, dpi=120)
