@@ -382,6 +382,13 @@ def test_holdout_smoke(tmp_path):
     assert sorted(c["lr"] for c in same) == (sorted({searched["rates"]["rank"], searched["rates"][uniform]}) if differ
                                              else [])  # fmt: skip
     assert (tmp_path / "holdout_smoke_rates.png").stat().st_size > 0
+    standing = env["standing"]  # the arms every table keeps, at uniform LoRA's searched rate
+    assert standing["lr"] == searched["rates"][uniform]
+    assert {r["method"] for r in standing["rows"]} == {uniform, "paper-rs", *holdout.STANDING}
+    assert {(c["method"], c["baseline"]) for c in standing["contrasts"]} == {
+        *((arm, confirm.UNIFORM) for arm in holdout.STANDING),
+        ("paper-rs", "shuffled-rs"),
+    }
     long = env["long"]  # the diagnostic trained longer: uniform LoRA and the default, a curve each
     assert {r["method"] for r in long["rows"]} == {uniform, "rank"}
     assert all(r["seeds"] == holdout.CONFIGS["smoke"]["long_seeds"] and len(r["curve"]) == 2 for r in long["rows"])

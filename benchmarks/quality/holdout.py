@@ -41,6 +41,11 @@ Every rule of the suite so far was chosen on the same four tasks (``confirm``, `
   and uniform LoRA's chose 2e-3. If the two rates differ, the default trained at uniform LoRA's chosen rate
   over SEEDS seeds against uniform LoRA there, paired by seed: a user who tuned uniform LoRA's rate and
   switches to the default keeps that rate. Outside the decision.
+- The standing arms (a diagnostic, added on 2026-12-07 after every run above, before any of its own): the
+  arms the suite keeps in every table, STANDING (the paper's allocation shuffled among matrices of the same
+  shape with rsLoRA, EVA's ranks with rsLoRA, the paper's exact method with alpha / r), at uniform LoRA's
+  searched rate over SEEDS seeds; each against uniform LoRA there, and the paper's allocation (rsLoRA)
+  against its shuffled control, paired by seed, each on its own. Outside the decision.
 Every run is logged as it ends (``holdout_<config>.runs.jsonl``): a later invocation resumes.
 """
 
@@ -66,6 +71,7 @@ REGIME_ARMS = tuple(f"lora-rs r={rank}" for rank in (regime.LOW, regime.HIGH))
 SHARED_RATE = 4e-3  # tuned_lr's shared rate (tuned_lr_cpu.json: "shared_rate")
 SEARCH_RATES = (2e-3, SHARED_RATE, 8e-3)  # the first rates of the dev search, around the shared one
 SEARCHED = "rates searched on dev"
+STANDING = ("shuffled-rs", confirm.EVA, "paper")  # the shuffled control, EVA's ranks, the paper's exact method
 TASK_KEYS = {
     "topic_distill_steps": 240, "topic_distill_checkpoints": (80, 160, 240), "topic_distill_avg_rank": 2,
     "topic_distill_teacher_steps": 360, "topic_distill_teacher_lr": 1e-4, "topic_distill_cache": True,
@@ -171,6 +177,11 @@ def main(argv=None) -> int:
     for row in searched_rows:
         row["lr"] = rates[row["method"]]
     confirm.tag(searched_rows, searched_contrasts, f"{LABEL}, {SEARCHED}", setup.primary)
+    standing_label = f"{LABEL}, every arm at {rates[uniform]:g}"
+    standing_rows, standing_contrasts = confirm.summarise(
+        runs([uniform, "paper-rs", *STANDING], config["seeds"], rates[uniform]), uniform, setup.primary, family=[],
+        diagnostics=[*((arm, confirm.UNIFORM) for arm in STANDING), ("paper-rs", "shuffled-rs")])  # fmt: skip
+    confirm.tag(standing_rows, standing_contrasts, standing_label, setup.primary)
     decision = {"shipped_default": tuned_lr.SHIPPED, "holds_at_the_shared_rate": holds(contrasts),
                 "holds_at_rates_searched_on_dev": holds(searched_contrasts)}  # fmt: skip
     decision["shipped_default_holds"] = (
@@ -181,12 +192,16 @@ def main(argv=None) -> int:
                 "rates": rates, "metric": setup.primary, "regime": searched_verdict,
                 "scored_on": f"mean of seeds 0-{config['search_seeds'] - 1}", "rows": searched_rows,
                 "contrasts": searched_contrasts}  # fmt: skip
+    standing = {"lr": rates[uniform], "rows": standing_rows, "contrasts": standing_contrasts}
+    cost = {
+        "seconds_this_invocation": round(time.perf_counter() - started, 1),
+        "training_seconds_logged": round(trained, 1),
+    }
     env = {**environment(device), "config": name, "settings": config, "regime": verdict, "contrasts": contrasts,
            "decision": decision, "setup": setup.record, "long": {"rows": long_rows, "contrasts": long_contrasts},
-           "searched": searched, "cost": {"seconds_this_invocation": round(time.perf_counter() - started, 1),
-                                          "training_seconds_logged": round(trained, 1)}}  # fmt: skip
+           "searched": searched, "standing": standing, "cost": cost}  # fmt: skip
     write_results(f"holdout_{name}", env, rows, args.results)
-    every_contrast = [*contrasts, *long_contrasts, *searched_contrasts]
+    every_contrast = [*contrasts, *long_contrasts, *searched_contrasts, *standing_contrasts]
     both_at = [
         {**c, "baseline": confirm.UNIFORM, "method": f"{c['method']}, both at {c['lr']:g}"}
         for c in searched_contrasts
