@@ -202,12 +202,10 @@ def main(argv=None) -> int:
            "searched": searched, "standing": standing, "cost": cost}  # fmt: skip
     write_results(f"holdout_{name}", env, rows, args.results)
     every_contrast = [*contrasts, *long_contrasts, *searched_contrasts, *standing_contrasts]
-    both_at = [
-        {**c, "baseline": confirm.UNIFORM, "method": f"{c['method']}, both at {c['lr']:g}"}
-        for c in searched_contrasts
-        if "lr" in c
-    ]  # the same-rate diagnostics, drawn beside the others
-    plotted = [c for c in every_contrast if "lr" not in c] + both_at
+    same_rate = [c for c in every_contrast if c["baseline"] == tuned_lr.SAME_RATE]  # drawn beside the others
+    plotted = [c for c in every_contrast if c not in same_rate] + [
+        {**c, "baseline": confirm.UNIFORM, "method": f"{c['method']}, both at {c['lr']:g}"} for c in same_rate
+    ]
     confirm.plot(plotted, {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
     tuned_lr.plot({f"{LABEL}: dev search": searched}, args.results / f"holdout_{name}_rates.png")
     for check in (verdict, searched_verdict):
