@@ -389,6 +389,13 @@ def test_holdout_smoke(tmp_path):
         *((arm, confirm.UNIFORM) for arm in holdout.STANDING),
         ("paper-rs", "shuffled-rs"),
     }
+    equal = env["equal_params"]  # EVA's rule at uniform LoRA's parameters and the structural prior, same rate
+    assert equal["lr"] == searched["rates"][uniform]
+    assert {r["method"] for r in equal["rows"]} == {uniform, *holdout.EQUAL_PARAMS, confirm.EVA, tuned_lr.SHIPPED}
+    assert {(c["method"], c["baseline"]) for c in equal["contrasts"]} == set(holdout.EQUAL_PARAMS_CONTRASTS)
+    params = {r["method"]: r["trainable_params"] for r in equal["rows"]}
+    assert params[holdout.EVA_PARAMS] <= params[uniform] and params["structural-rs"] <= params[uniform]
+    assert set(equal["ranks"]) == set(holdout.EQUAL_PARAMS)
     long = env["long"]  # the diagnostic trained longer: uniform LoRA and the default, a curve each
     assert {r["method"] for r in long["rows"]} == {uniform, "rank"}
     assert all(r["seeds"] == holdout.CONFIGS["smoke"]["long_seeds"] and len(r["curve"]) == 2 for r in long["rows"])

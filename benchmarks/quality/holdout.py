@@ -46,21 +46,34 @@ Every rule of the suite so far was chosen on the same four tasks (``confirm``, `
   shape with rsLoRA, EVA's ranks with rsLoRA, the paper's exact method with alpha / r), at uniform LoRA's
   searched rate over SEEDS seeds; each against uniform LoRA there, and the paper's allocation (rsLoRA)
   against its shuffled control, paired by seed, each on its own. Outside the decision.
+- Equal parameters (a diagnostic, added on 2026-12-07 in the session after the standing arms, before any run
+  of its own): EVA's ranks beat uniform LoRA at 2e-3 with 8 % more parameters. EQUAL_PARAMS: EVA's rule at
+  uniform LoRA's parameters (``eva_params``: the same explained-variance order, units taken only while the
+  parameters fit; LoRA's initialisation, rsLoRA) and sensilora's data-free structural prior
+  (``rule="structural"``: theta = depth + 1, rsLoRA; its ranks rise with depth, as EVA's do here), at uniform
+  LoRA's searched rate over SEEDS seeds. Contrasts, each on its own, paired by seed: each against uniform
+  LoRA (does EVA's lead survive at equal parameters; does depth alone carry it), EVA's ranks against EVA's
+  rule at equal parameters (what the extra parameters buy), and the shipped default against EVA's rule at
+  equal parameters (the product's claim against EVA). Outside the decision.
 Every run is logged as it ends (``holdout_<config>.runs.jsonl``): a later invocation resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
 import numpy as np
+import sensilora
 import torch
 
 from benchmarks.common import environment, write_results
-from benchmarks.quality import confirm, regime, tuned_lr
+from benchmarks.quality import confirm, eva_params, regime, tuned_lr
+from benchmarks.quality import methods as M
 from benchmarks.quality.options import parse
 from benchmarks.quality.run_quality import RunLog, run_methods
+from benchmarks.quality.screen import hessian_stats
 from benchmarks.quality.setups import topic_distill_setup
 
 TASK = "topic_distill"
@@ -72,6 +85,11 @@ SHARED_RATE = 4e-3  # tuned_lr's shared rate (tuned_lr_cpu.json: "shared_rate")
 SEARCH_RATES = (2e-3, SHARED_RATE, 8e-3)  # the first rates of the dev search, around the shared one
 SEARCHED = "rates searched on dev"
 STANDING = ("shuffled-rs", confirm.EVA, "paper")  # the shuffled control, EVA's ranks, the paper's exact method
+STANDING_CONTRASTS = [*((arm, confirm.UNIFORM) for arm in STANDING), ("paper-rs", "shuffled-rs")]
+EVA_PARAMS = "eva-params-rs"
+EQUAL_PARAMS = (EVA_PARAMS, "structural-rs")  # EVA's rule at uniform LoRA's parameters, the structural prior
+EQUAL_PARAMS_CONTRASTS = [*((arm, confirm.UNIFORM) for arm in EQUAL_PARAMS), (confirm.EVA, EVA_PARAMS),
+                          (tuned_lr.SHIPPED, EVA_PARAMS)]  # fmt: skip
 TASK_KEYS = {
     "topic_distill_steps": 240, "topic_distill_checkpoints": (80, 160, 240), "topic_distill_avg_rank": 2,
     "topic_distill_teacher_steps": 360, "topic_distill_teacher_lr": 1e-4, "topic_distill_cache": True,
@@ -94,6 +112,124 @@ def holds(contrasts: list[dict]) -> bool:
     return not (shipped["improvement"] < 0 and shipped["p_holm"] < confirm.ALPHA)
 
 
+class Runner:
+    """The held-out task's runs, each read back from the run log or trained and logged: every part below
+    asks it for (arms, seeds, rate) and gets the RunResults; it remembers every run it handed out, for the
+    invocation's cost."""
+
+    def __init__(self, setup, context, config: dict, log: RunLog):
+        self.setup, self.context, self.config, self.log = setup, context, config, log
+        self.arms = confirm.build(setup, context, context.allocations)
+        self.every_run = {}  # id -> RunResult (a run read back twice is one object)
+
+    def build(self, method: str, context, seed: int):
+        if method in regime.METHODS:  # uniform LoRA (rsLoRA) at a rank, alpha for the task's average rank
+            return regime.uniform_rslora(self.setup, regime.METHODS[method], self.context.avg_rank), None
+        if method == EVA_PARAMS:  # per-module ranks (some may be 0), LoRA's initialisation, like EVA's ranks
+            ranks = self.context.allocations[EVA_PARAMS].ranks
+            return regime.uniform_rslora(self.setup, self.context.avg_rank, self.context.avg_rank, ranks), None
+        return self.arms(method, context, seed)
+
+    def __call__(self, methods: list[str], seeds: int, lr: float = SHARED_RATE, context=None, split: str = "test",
+                 checkpoints: tuple[int, ...] | None = None, label: str = LABEL) -> list:  # fmt: skip
+        found = run_methods(context or self.context, methods, seeds, self.setup.epoch, lr,
+                            self.setup.evaluators[split], checkpoints or self.config[f"{TASK}_checkpoints"], label,
+                            self.log, build=self.build)  # fmt: skip
+        self.every_run.update((id(result), result) for result in found)
+        return found
+
+    def regime_check(self, lr: float) -> dict:
+        """The regime check's verdict (``regime.verdict``) at ``lr``: uniform LoRA at r = 1 against r = 8."""
+        found = sorted(self(list(REGIME_ARMS), self.config["regime_seeds"], lr), key=lambda r: r.seed)
+        by_rank = [np.array([r.metrics[self.setup.primary] for r in found if r.method == arm]) for arm in REGIME_ARMS]
+        return {**regime.verdict(LABEL, *by_rank, self.setup.primary), "lr": lr}
+
+    def dev_metric(self, arm: str, rate: float) -> float:
+        """``arm``'s dev metric at ``rate``: the mean over the search's seeds, at the last step only."""
+        found = self([arm], self.config["search_seeds"], rate, split="dev", checkpoints=(self.context.steps,),
+                     label=f"{LABEL} dev")  # fmt: skip
+        return float(np.mean([r.metrics[self.setup.primary] for r in found]))
+
+
+def at_the_shared_rate(run: Runner, uniform: str) -> tuple[list[dict], list[dict]]:
+    """Rows and the Holm family's contrasts, every arm at SHARED_RATE."""
+    rows, contrasts = confirm.summarise(run([uniform, *CANDIDATES], run.config["seeds"]), uniform, run.setup.primary,
+                                        family=FAMILY, diagnostics=[])  # fmt: skip
+    confirm.tag(rows, contrasts, LABEL, run.setup.primary)
+    return rows, contrasts
+
+
+def trained_longer(run: Runner, uniform: str) -> dict:
+    """Uniform LoRA and the default trained ``long_steps`` steps: rows (with each arm's mean curve) and the
+    paired contrast."""
+    config, primary = run.config, run.setup.primary
+    long_config = {**config, f"{TASK}_steps": config["long_steps"], f"{TASK}_checkpoints": config["long_checkpoints"]}
+    context = regime.task_context(TASK, run.setup, long_config)
+    context.allocations = run.context.allocations
+    label = f"{LABEL}, {config['long_steps']} steps"
+    found = run([uniform, tuned_lr.SHIPPED], config["long_seeds"], context=context,
+                checkpoints=config["long_checkpoints"], label=label)  # fmt: skip
+    rows, contrasts = confirm.summarise(found, uniform, primary, family=[],
+                                        diagnostics=[(tuned_lr.SHIPPED, confirm.UNIFORM)])  # fmt: skip
+    confirm.tag(rows, contrasts, label, primary)
+    for row in rows:  # the metric at every checkpoint, mean over the seeds: where each arm is going
+        row["curve"] = {step: float(np.mean([r.curve[step][primary] for r in found if r.method == row["method"]]))
+                        for step in config["long_checkpoints"]}  # fmt: skip
+    return {"rows": rows, "contrasts": contrasts}
+
+
+def at_rates_searched_on_dev(run: Runner, uniform: str) -> dict:
+    """Each arm's rate searched on dev, its test runs there, the Holm family, the same-rate diagnostics and
+    the regime check at uniform LoRA's rate."""
+    seeds, primary = run.config["seeds"], run.setup.primary
+    scores = {arm: tuned_lr.search(lambda rate, arm=arm: run.dev_metric(arm, rate), SEARCH_RATES)
+              for arm in (uniform, *CANDIDATES)}  # fmt: skip
+    rates = {arm: tuned_lr.chosen_rate(s) for arm, s in scores.items()}
+    found = [result for arm, rate in rates.items() for result in run([arm], seeds, rate)]
+    rows, contrasts = confirm.summarise(found, uniform, primary, family=FAMILY, diagnostics=[])
+    if rates[tuned_lr.SHIPPED] != rates[uniform]:  # each at the other's rate, paired with it there
+        shipped, uniform_runs = ([r for r in found if r.method == arm] for arm in (tuned_lr.SHIPPED, uniform))
+        at_shipped_rate = tuned_lr.same_rate_contrast(
+            tuned_lr.SHIPPED, shipped, run([uniform], seeds, rates[tuned_lr.SHIPPED]), primary
+        )
+        at_uniform_rate = tuned_lr.same_rate_contrast(
+            tuned_lr.SHIPPED, run([tuned_lr.SHIPPED], seeds, rates[uniform]), uniform_runs, primary,
+            f"{tuned_lr.SHIPPED} at uniform LoRA's rate vs uniform LoRA",
+        )  # fmt: skip
+        contrasts += [{**at_shipped_rate, "lr": rates[tuned_lr.SHIPPED]}, {**at_uniform_rate, "lr": rates[uniform]}]
+    verdict = run.regime_check(rates[uniform])
+    for item in (*rows, *contrasts):
+        item["rates"] = SEARCHED
+    for row in rows:
+        row["lr"] = rates[row["method"]]
+    confirm.tag(rows, contrasts, f"{LABEL}, {SEARCHED}", primary)
+    return {"dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
+            "rates": rates, "metric": primary, "regime": verdict,
+            "scored_on": f"mean of seeds 0-{run.config['search_seeds'] - 1}", "rows": rows,
+            "contrasts": contrasts}  # fmt: skip
+
+
+def diagnostic_arms(run: Runner, uniform: str, arms: tuple[str, ...], pairs: list, rate: float) -> dict:
+    """``arms`` beside uniform LoRA at ``rate`` over SEEDS seeds: rows and the ``pairs`` (method, baseline;
+    UNIFORM for uniform LoRA) among them, each contrast on its own."""
+    found = run([uniform, *arms], run.config["seeds"], rate)
+    rows, contrasts = confirm.summarise(found, uniform, run.setup.primary, family=[], diagnostics=pairs)
+    confirm.tag(rows, contrasts, f"{LABEL}, every arm at {rate:g}", run.setup.primary)
+    return {"lr": rate, "rows": rows, "contrasts": contrasts}
+
+
+def add_equal_params_arms(context, calibration) -> None:
+    """EQUAL_PARAMS' allocations into ``context.allocations`` (their ranks key their runs in the log)."""
+    template = context.allocations["paper-rs"]
+    shapes, avg = template.shapes, context.avg_rank
+    ratios = eva_params.explained_variance_ratios(context.base, list(shapes), calibration, round(M.EVA_RHO * avg))
+    ranks = eva_params.ranks_within(ratios, {n: sum(s) for n, s in shapes.items()}, template.uniform_parameters)
+    context.allocations[EVA_PARAMS] = dataclasses.replace(template, ranks=ranks)
+    structural = sensilora.AllocationConfig(avg_rank=avg, budget="params", rule="structural", use_rslora=True)
+    context.allocations["structural-rs"] = sensilora.allocate(hessian_stats(context), structural,
+                                                              model=context.base)  # fmt: skip
+
+
 def main(argv=None) -> int:
     args = parse(__doc__, argv)
     name = "smoke" if args.smoke else "cpu"
@@ -102,119 +238,51 @@ def main(argv=None) -> int:
     setup = topic_distill_setup(config, device)
     context = regime.task_context(TASK, setup, config)
     context.allocations = confirm.candidate_allocations(context, setup.calibration)
-    arms = confirm.build(setup, context, context.allocations)
-
-    def build(method: str, _context, seed: int):
-        if method in regime.METHODS:  # uniform LoRA (rsLoRA) at a rank, alpha for the task's average rank
-            return regime.uniform_rslora(setup, regime.METHODS[method], context.avg_rank), None
-        return arms(method, _context, seed)
-
-    log = RunLog(None if args.smoke else args.results / f"holdout_{name}.runs.jsonl")
-    every_run = {}  # id -> RunResult: every run this invocation used, for its cost
-    checkpoints = config[f"{TASK}_checkpoints"]
-
-    def runs(methods: list[str], seeds: int, lr: float = SHARED_RATE, task_context=context, split: str = "test",
-             checkpoints: tuple[int, ...] = checkpoints, label: str = LABEL):  # fmt: skip
-        found = run_methods(task_context, methods, seeds, setup.epoch, lr, setup.evaluators[split], checkpoints,
-                            label, log, build=build)  # fmt: skip
-        every_run.update((id(result), result) for result in found)  # a run read back twice is one object
-        return found
-
-    def regime_check(lr: float) -> dict:
-        regime_runs = runs(list(REGIME_ARMS), config["regime_seeds"], lr)
-        by_rank = [np.array([r.metrics[setup.primary] for r in sorted(regime_runs, key=lambda r: r.seed)
-                             if r.method == arm]) for arm in REGIME_ARMS]  # fmt: skip
-        return {**regime.verdict(LABEL, *by_rank, setup.primary), "lr": lr}
-
+    add_equal_params_arms(context, setup.calibration)
+    run = Runner(setup, context, config, RunLog(None if args.smoke else args.results / f"holdout_{name}.runs.jsonl"))
     uniform = confirm.baseline(context.avg_rank)
-    main_runs = runs([uniform, *CANDIDATES], config["seeds"])
-    verdict = regime_check(SHARED_RATE)
-    rows, contrasts = confirm.summarise(main_runs, uniform, setup.primary, family=FAMILY, diagnostics=[])
-    confirm.tag(rows, contrasts, LABEL, setup.primary)
-    long_config = {**config, f"{TASK}_steps": config["long_steps"], f"{TASK}_checkpoints": config["long_checkpoints"]}
-    long_context = regime.task_context(TASK, setup, long_config)
-    long_context.allocations = context.allocations
-    long_label = f"{LABEL}, {config['long_steps']} steps"
-    long_runs = runs([uniform, tuned_lr.SHIPPED], config["long_seeds"], task_context=long_context,
-                     checkpoints=config["long_checkpoints"], label=long_label)  # fmt: skip
-    long_rows, long_contrasts = confirm.summarise(long_runs, uniform, setup.primary, family=[],
-                                                  diagnostics=[(tuned_lr.SHIPPED, confirm.UNIFORM)])  # fmt: skip
-    confirm.tag(long_rows, long_contrasts, long_label, setup.primary)
-    for row in long_rows:  # the metric at every checkpoint, mean over the seeds: where each arm is going
-        row["curve"] = {
-            step: float(np.mean([r.curve[step][setup.primary] for r in long_runs if r.method == row["method"]]))
-            for step in config["long_checkpoints"]
-        }
-
-    def dev_metric(arm: str, rate: float) -> float:  # the mean over the search's seeds, at the last step only
-        found = runs([arm], config["search_seeds"], rate, split="dev", checkpoints=(context.steps,),
-                     label=f"{LABEL} dev")  # fmt: skip
-        return float(np.mean([r.metrics[setup.primary] for r in found]))
-
-    scores = {arm: tuned_lr.search(lambda rate, arm=arm: dev_metric(arm, rate), SEARCH_RATES)
-              for arm in (uniform, *CANDIDATES)}  # fmt: skip
-    rates = {arm: tuned_lr.chosen_rate(s) for arm, s in scores.items()}
-    searched_runs = [result for arm, rate in rates.items() for result in runs([arm], config["seeds"], rate)]
-    searched_rows, searched_contrasts = confirm.summarise(searched_runs, uniform, setup.primary, family=FAMILY,
-                                                          diagnostics=[])  # fmt: skip
-    if rates[tuned_lr.SHIPPED] != rates[uniform]:  # each at the other's rate, paired with it there
-        shipped, uniform_runs = ([r for r in searched_runs if r.method == arm] for arm in (tuned_lr.SHIPPED, uniform))
-        at_shipped_rate = tuned_lr.same_rate_contrast(
-            tuned_lr.SHIPPED, shipped, runs([uniform], config["seeds"], rates[tuned_lr.SHIPPED]), setup.primary
-        )
-        at_uniform_rate = tuned_lr.same_rate_contrast(
-            tuned_lr.SHIPPED,
-            runs([tuned_lr.SHIPPED], config["seeds"], rates[uniform]),
-            uniform_runs,
-            setup.primary,
-            f"{tuned_lr.SHIPPED} at uniform LoRA's rate vs uniform LoRA",
-        )
-        searched_contrasts += [{**at_shipped_rate, "lr": rates[tuned_lr.SHIPPED]},
-                               {**at_uniform_rate, "lr": rates[uniform]}]  # fmt: skip
-    searched_verdict = regime_check(rates[uniform])
-    for item in (*searched_rows, *searched_contrasts):
-        item["rates"] = SEARCHED
-    for row in searched_rows:
-        row["lr"] = rates[row["method"]]
-    confirm.tag(searched_rows, searched_contrasts, f"{LABEL}, {SEARCHED}", setup.primary)
-    standing_label = f"{LABEL}, every arm at {rates[uniform]:g}"
-    standing_rows, standing_contrasts = confirm.summarise(
-        runs([uniform, "paper-rs", *STANDING], config["seeds"], rates[uniform]), uniform, setup.primary, family=[],
-        diagnostics=[*((arm, confirm.UNIFORM) for arm in STANDING), ("paper-rs", "shuffled-rs")])  # fmt: skip
-    confirm.tag(standing_rows, standing_contrasts, standing_label, setup.primary)
+    rows, contrasts = at_the_shared_rate(run, uniform)
+    verdict = run.regime_check(SHARED_RATE)
+    long = trained_longer(run, uniform)
+    searched = at_rates_searched_on_dev(run, uniform)
+    rate = searched["rates"][uniform]
+    standing = diagnostic_arms(run, uniform, ("paper-rs", *STANDING), STANDING_CONTRASTS, rate)
+    equal_params = diagnostic_arms(run, uniform, (*EQUAL_PARAMS, confirm.EVA, tuned_lr.SHIPPED), EQUAL_PARAMS_CONTRASTS,
+                                   rate)  # fmt: skip
+    equal_params["ranks"] = {arm: context.allocations[arm].ranks for arm in EQUAL_PARAMS}
     decision = {"shipped_default": tuned_lr.SHIPPED, "holds_at_the_shared_rate": holds(contrasts),
-                "holds_at_rates_searched_on_dev": holds(searched_contrasts)}  # fmt: skip
+                "holds_at_rates_searched_on_dev": holds(searched["contrasts"])}  # fmt: skip
     decision["shipped_default_holds"] = (
         decision["holds_at_the_shared_rate"] and decision["holds_at_rates_searched_on_dev"]
     )
-    trained = sum(r.curve[max(r.curve)]["seconds"] for r in every_run.values())
-    searched = {"dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
-                "rates": rates, "metric": setup.primary, "regime": searched_verdict,
-                "scored_on": f"mean of seeds 0-{config['search_seeds'] - 1}", "rows": searched_rows,
-                "contrasts": searched_contrasts}  # fmt: skip
-    standing = {"lr": rates[uniform], "rows": standing_rows, "contrasts": standing_contrasts}
-    cost = {
-        "seconds_this_invocation": round(time.perf_counter() - started, 1),
-        "training_seconds_logged": round(trained, 1),
-    }
+    trained = sum(r.curve[max(r.curve)]["seconds"] for r in run.every_run.values())
+    cost = {"seconds_this_invocation": round(time.perf_counter() - started, 1),
+            "training_seconds_logged": round(trained, 1)}  # fmt: skip
     env = {**environment(device), "config": name, "settings": config, "regime": verdict, "contrasts": contrasts,
-           "decision": decision, "setup": setup.record, "long": {"rows": long_rows, "contrasts": long_contrasts},
-           "searched": searched, "standing": standing, "cost": cost}  # fmt: skip
+           "decision": decision, "setup": setup.record, "long": long, "searched": searched, "standing": standing,
+           "equal_params": equal_params, "cost": cost}  # fmt: skip
     write_results(f"holdout_{name}", env, rows, args.results)
-    every_contrast = [*contrasts, *long_contrasts, *searched_contrasts, *standing_contrasts]
-    same_rate = [c for c in every_contrast if c["baseline"] == tuned_lr.SAME_RATE]  # drawn beside the others
-    plotted = [c for c in every_contrast if c not in same_rate] + [
-        {**c, "baseline": confirm.UNIFORM, "method": f"{c['method']}, both at {c['lr']:g}"} for c in same_rate
-    ]
-    confirm.plot(plotted, {"default": tuned_lr.SHIPPED}, args.results / f"holdout_{name}.png")
-    tuned_lr.plot({f"{LABEL}: dev search": searched}, args.results / f"holdout_{name}_rates.png")
-    for check in (verdict, searched_verdict):
+    every_contrast = [*contrasts, *long["contrasts"], *searched["contrasts"], *standing["contrasts"],
+                      *equal_params["contrasts"]]  # fmt: skip
+    plot(every_contrast, searched, args.results, name)
+    for check in (verdict, searched["regime"]):
         print(f"{LABEL} at {check['lr']:g}: {check['contrast']} = {check['gain']:+.4f}, ratio {check['ratio']:.1f} -> "
               f"{'PASS' if check['passes'] else 'fail'}")  # fmt: skip
-    print(f"rates chosen on dev: {rates}")
+    print(f"rates chosen on dev: {searched['rates']}")
     confirm.print_contrasts(every_contrast)
     print(f"shipped default ({tuned_lr.SHIPPED}) holds: {decision}")
     return 0
+
+
+def plot(every_contrast: list[dict], searched: dict, results, name: str) -> None:
+    """The contrasts (the same-rate diagnostics drawn beside the others, labelled with their rate) and the
+    dev search."""
+    same_rate = [c for c in every_contrast if c["baseline"] == tuned_lr.SAME_RATE]
+    plotted = [c for c in every_contrast if c not in same_rate] + [
+        {**c, "baseline": confirm.UNIFORM, "method": f"{c['method']}, both at {c['lr']:g}"} for c in same_rate
+    ]
+    confirm.plot(plotted, {"default": tuned_lr.SHIPPED}, results / f"holdout_{name}.png")
+    tuned_lr.plot({f"{LABEL}: dev search": searched}, results / f"holdout_{name}_rates.png")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ SENSILORA_VARIANTS = {
     "fisher": ({"statistic": "fisher"}, PAPER),
     "robust": ({"statistic": "hessian-robust"}, PAPER),
 }
+EVA_RHO = 2.0  # EVA's rho: a matrix gets at most rho x the average rank
 ALL_METHODS = ("lora", *SENSILORA_VARIANTS, "shuffled", "eva", "eva-ranks", "adalora", "hyperadalora")
 # A method name with this suffix is that method trained at its own learning rate, chosen on dev like LoRA's
 # (NLU only): the SVD form starts with Λ = 0 and may want another step size than LoRA.
@@ -112,7 +113,7 @@ def eva_config(context: TaskContext, init):
         target_modules=context.targets,
         task_type=context.task_type,
         init_lora_weights=init,
-        eva_config=peft.EvaConfig(rho=2.0, use_label_mask=use_label_mask),
+        eva_config=peft.EvaConfig(rho=EVA_RHO, use_label_mask=use_label_mask),
     )
 
 
