@@ -552,7 +552,7 @@ def test_same_rate_contrast_pairs_by_seed():
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["bbc_distill", "enc_distill"])  # a decoder's dev windows, the encoder's verses
 def test_tuned_lr_smoke(tmp_path, task):
-    from benchmarks.quality import tuned_lr
+    from benchmarks.quality import confirm, tuned_lr
 
     more = ["--seeds", str(tuned_lr.CONFIGS["smoke"][f"{task}_seeds"] + 1)] if task == "enc_distill" else []
     assert tuned_lr.main(["--smoke", "--tasks", task, "--results", str(tmp_path), *more]) == 0
@@ -565,13 +565,19 @@ def test_tuned_lr_smoke(tmp_path, task):
     assert shared == tuned_lr.shared_rate(record["rates"], "lora-rs r=2")
     seeds = int(more[1]) if more else tuned_lr.CONFIGS["smoke"][f"{task}_seeds"]  # every arm's at the shared rate
     shared_rows = {r["method"]: r["seeds"] for r in data["rows"] if r["rate_from"] == "shared"}
-    assert shared_rows == {arm: seeds for arm in record["rates"]}
+    assert shared_rows == {arm: seeds for arm in (*record["rates"], confirm.STRUCTURAL)}
     contrasts = data["environment"]["contrasts"]
     family = {c["method"] for c in contrasts if not c["diagnostic"]}
     assert family == set(tuned_lr.ARMS) and all(c["baseline"] == "uniform" for c in contrasts if not c["diagnostic"])
     at_shared = [c for c in contrasts if c["contrast"].endswith(f"at the shared rate {shared:g}")]
-    assert {c["method"] for c in at_shared if c["baseline"] == tuned_lr.SHARED} == {*tuned_lr.ARMS, "shuffled-rs"}
-    assert all(c["diagnostic"] and c["n"] == seeds for c in at_shared) and len(at_shared) == len(tuned_lr.ARMS) + 2
+    against_uniform = {c["method"] for c in at_shared if c["baseline"] == tuned_lr.SHARED}
+    assert against_uniform == {*tuned_lr.ARMS, "shuffled-rs", confirm.STRUCTURAL}
+    against_default = {(c["method"], c["baseline"]) for c in at_shared if c["baseline"] == tuned_lr.SHIPPED}
+    assert against_default == {(confirm.STRUCTURAL, tuned_lr.SHIPPED)}  # the structural prior against the default
+    assert all(c["diagnostic"] and c["n"] == seeds for c in at_shared)
+    assert len(at_shared) == len(tuned_lr.ARMS) + 2 + len(tuned_lr.PRIOR_CONTRASTS)
+    prior = data["environment"]["structural_prior"]
+    assert prior["tasks"] == [tuned_lr.TASKS[task][0]] and set(prior) >= {"z", "p", "worse_on", "joins_the_candidates"}
     decided = data["environment"]["decision_at_shared_rate"]
     assert decided["tasks"] == [tuned_lr.TASKS[task][0]]
     default, why = tuned_lr.shipped_default(decided)

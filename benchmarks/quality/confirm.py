@@ -65,6 +65,8 @@ CANDIDATES = ("paper-rs", "shuffled-rs", "rank-rs", "paper", "robust-rs", "rank"
 # may ship; the shuffled control may not, nor EVA's ranks (peft's method, the comparison every table keeps)
 DEFAULTS = ("rank", "rank-rs", "paper", "paper-rs", "robust-rs")
 EVA = "eva-ranks-rs"
+EVA_PARAMS = "eva-params-rs"  # EVA's rule at uniform LoRA's parameters (eva_params.py): a comparison, like EVA
+STRUCTURAL = "structural-rs"  # the data-free structural prior (rule="structural"), rsLoRA
 # diagnostics, not candidates: they read the distillation teacher no user has. The power of diag(h) that
 # weighs the teacher's update: 1/2 its output energy on the calibration inputs (the screen's oracle), 0 its
 # plain Frobenius energy (immune to massive activations, which dominate the whitened energy on SmolLM2)
@@ -112,12 +114,20 @@ def oracle_allocation(context: M.TaskContext, teacher_update: dict[str, torch.Te
     return dataclasses.replace(template, ranks=ranks, config=template.config.replace(use_rslora=True))
 
 
+def structural_allocation(context: M.TaskContext):
+    """The structural prior (``AllocationConfig(rule="structural")``: theta = depth + 1, no data) at uniform
+    LoRA's parameters, rsLoRA: the baseline every data-driven rule must beat (issue 22)."""
+    config = sensilora.AllocationConfig(avg_rank=context.avg_rank, budget="params", rule="structural", use_rslora=True)
+    return sensilora.allocate(hessian_stats(context), config, model=context.base)
+
+
 def build(setup, context, allocations):
     def make(method: str, _context, seed: int):
         if method == baseline(context.avg_rank):
             return regime.uniform_rslora(setup, context.avg_rank, context.avg_rank), None
-        if method == EVA:
-            return regime.uniform_rslora(setup, context.avg_rank, context.avg_rank, M.eva_ranks(context)), None
+        if method in (EVA, EVA_PARAMS):  # per-module ranks (0: no adapter), LoRA's initialisation
+            ranks = M.eva_ranks(context) if method == EVA else allocations[method].ranks
+            return regime.uniform_rslora(setup, context.avg_rank, context.avg_rank, ranks), None
         allocation = allocations[method]
         if method.startswith("shuffled"):
             allocation = M.shuffled_allocation(allocation, seed)

@@ -12,7 +12,11 @@ it is EVA's own count rule (up to peft's incremental PCA, which stops once its c
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from benchmarks.quality import methods as M
 
 
 @torch.no_grad()
@@ -61,3 +65,16 @@ def ranks_within(ratios: dict[str, torch.Tensor], costs: dict[str, int], budget:
             ranks[name] += 1
             spent += costs[name]
     return ranks
+
+
+def allocation(context, calibration):
+    """EVA's rule at uniform LoRA's trainable parameters on a task (``context``: its base model and the
+    paper's allocation, whose shapes and parameter count it takes; ``calibration``: the batches EVA reads):
+    a RankAllocation of those ranks, marked rsLoRA (``confirm.build`` trains it with LoRA's initialisation,
+    as EVA's ranks)."""
+    template = context.allocations["paper"]
+    shapes = template.shapes
+    components = round(M.EVA_RHO * context.avg_rank)
+    ratios = explained_variance_ratios(context.base, list(shapes), calibration, components)
+    ranks = ranks_within(ratios, {n: sum(s) for n, s in shapes.items()}, template.uniform_parameters)
+    return dataclasses.replace(template, ranks=ranks, config=template.config.replace(use_rslora=True))

@@ -60,20 +60,16 @@ Every run is logged as it ends (``holdout_<config>.runs.jsonl``): a later invoca
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
 import numpy as np
-import sensilora
 import torch
 
 from benchmarks.common import environment, write_results
 from benchmarks.quality import confirm, eva_params, regime, tuned_lr
-from benchmarks.quality import methods as M
 from benchmarks.quality.options import parse
 from benchmarks.quality.run_quality import RunLog, run_methods
-from benchmarks.quality.screen import hessian_stats
 from benchmarks.quality.setups import topic_distill_setup
 
 TASK = "topic_distill"
@@ -86,8 +82,8 @@ SEARCH_RATES = (2e-3, SHARED_RATE, 8e-3)  # the first rates of the dev search, a
 SEARCHED = "rates searched on dev"
 STANDING = ("shuffled-rs", confirm.EVA, "paper")  # the shuffled control, EVA's ranks, the paper's exact method
 STANDING_CONTRASTS = [*((arm, confirm.UNIFORM) for arm in STANDING), ("paper-rs", "shuffled-rs")]
-EVA_PARAMS = "eva-params-rs"
-EQUAL_PARAMS = (EVA_PARAMS, "structural-rs")  # EVA's rule at uniform LoRA's parameters, the structural prior
+EVA_PARAMS = confirm.EVA_PARAMS
+EQUAL_PARAMS = (EVA_PARAMS, confirm.STRUCTURAL)  # EVA's rule at uniform LoRA's parameters, the structural prior
 EQUAL_PARAMS_CONTRASTS = [*((arm, confirm.UNIFORM) for arm in EQUAL_PARAMS), (confirm.EVA, EVA_PARAMS),
                           (tuned_lr.SHIPPED, EVA_PARAMS)]  # fmt: skip
 TASK_KEYS = {
@@ -125,9 +121,6 @@ class Runner:
     def build(self, method: str, context, seed: int):
         if method in regime.METHODS:  # uniform LoRA (rsLoRA) at a rank, alpha for the task's average rank
             return regime.uniform_rslora(self.setup, regime.METHODS[method], self.context.avg_rank), None
-        if method == EVA_PARAMS:  # per-module ranks (some may be 0), LoRA's initialisation, like EVA's ranks
-            ranks = self.context.allocations[EVA_PARAMS].ranks
-            return regime.uniform_rslora(self.setup, self.context.avg_rank, self.context.avg_rank, ranks), None
         return self.arms(method, context, seed)
 
     def __call__(self, methods: list[str], seeds: int, lr: float = SHARED_RATE, context=None, split: str = "test",
@@ -220,14 +213,8 @@ def diagnostic_arms(run: Runner, uniform: str, arms: tuple[str, ...], pairs: lis
 
 def add_equal_params_arms(context, calibration) -> None:
     """EQUAL_PARAMS' allocations into ``context.allocations`` (their ranks key their runs in the log)."""
-    template = context.allocations["paper-rs"]
-    shapes, avg = template.shapes, context.avg_rank
-    ratios = eva_params.explained_variance_ratios(context.base, list(shapes), calibration, round(M.EVA_RHO * avg))
-    ranks = eva_params.ranks_within(ratios, {n: sum(s) for n, s in shapes.items()}, template.uniform_parameters)
-    context.allocations[EVA_PARAMS] = dataclasses.replace(template, ranks=ranks)
-    structural = sensilora.AllocationConfig(avg_rank=avg, budget="params", rule="structural", use_rslora=True)
-    context.allocations["structural-rs"] = sensilora.allocate(hessian_stats(context), structural,
-                                                              model=context.base)  # fmt: skip
+    context.allocations[EVA_PARAMS] = eva_params.allocation(context, calibration)
+    context.allocations[confirm.STRUCTURAL] = confirm.structural_allocation(context)
 
 
 def main(argv=None) -> int:

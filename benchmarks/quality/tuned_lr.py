@@ -48,6 +48,15 @@ Named on 2026-12-07 before its runs:
   qualifying one; or, if SHIPPED is significantly worse than uniform LoRA on a task here, to the best-ranked
   safe candidate. Otherwise it stays: among candidates that tie uniform LoRA the order by Z is noise, and
   the four-task confirmation (which has the NLG task these three lack) keeps choosing SHIPPED.
+- The structural prior at the shared rate (a diagnostic, added on 2026-12-07 in the session after the one
+  above, before any run it adds): on the held-out task (``holdout.py``) the data-free structural prior
+  (``AllocationConfig(rule="structural")``: theta = depth + 1, rsLoRA), which issue 22 names as the baseline
+  every data-driven rule must beat and which had never been trained, led uniform LoRA on its first seeds.
+  STRUCTURAL at the shared rate over ``shared_seeds`` seeds on each task; contrasts, each on its own, paired
+  by seed: against uniform LoRA and against the shipped default. Over the tasks, Stouffer's combination of
+  its one-sided p-values against uniform LoRA (``structural_prior``). What it decides: nothing ships on it
+  (it was picked after a look at the held-out task); if the combination is significant (p < ALPHA) and it is
+  significantly worse than uniform LoRA on no task, it joins the candidates of the next confirmation.
 """
 
 from __future__ import annotations
@@ -62,13 +71,14 @@ import torch
 from benchmarks.common import environment, write_results
 from benchmarks.quality import confirm, regime
 from benchmarks.quality.options import parse
-from benchmarks.quality.paired import paired_difference
+from benchmarks.quality.paired import one_sided, paired_difference, stouffer
 from benchmarks.quality.run_quality import RunLog, run_methods
 
 ARMS = ("rank", "rank-rs", "paper-rs")  # and uniform LoRA
 CONTROLS = ("shuffled-rs",)
 FAMILY = [(arm, confirm.UNIFORM) for arm in ARMS]  # Holm-corrected together
 DIAGNOSTICS = [(c, confirm.UNIFORM) for c in CONTROLS] + [("paper-rs", c) for c in CONTROLS]
+PRIOR_CONTRASTS = [(confirm.STRUCTURAL, confirm.UNIFORM), (confirm.STRUCTURAL, "rank")]
 SAME_RATE = "uniform at the same rate"  # the baseline of the same-rate diagnostic
 SHARED = "uniform at the shared rate"  # the baseline of the shared-rate diagnostics
 SHIPPED = "rank"  # the shipped default (AllocationConfig()'s rank aggregation, alpha / r)
@@ -124,6 +134,7 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     context = regime.task_context(key, setup, config)
     allocations = confirm.candidate_allocations(context, setup.calibration)
     context.allocations = allocations  # the run logs' fingerprints: the ranks each candidate trains with
+    allocations[confirm.STRUCTURAL] = confirm.structural_allocation(context)
     make = confirm.build(setup, context, allocations)
     uniform = confirm.baseline(context.avg_rank)
     seeds, steps = config[f"{key}_seeds"], config[f"{key}_steps"]
@@ -131,7 +142,7 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     arms = (uniform, *ARMS, *(CONTROLS if controls else ()))
     test_logs = {arm: RunLog(None if smoke else results_dir / ("regime_cpu.runs.jsonl" if arm == uniform
                                                                 else "confirm_cpu.runs.jsonl"))
-                 for arm in arms}  # fmt: skip
+                 for arm in (*arms, confirm.STRUCTURAL)}  # fmt: skip
 
     def dev_metric(arm: str, rate: float) -> float:
         (result,) = run_methods(context, [arm], 1, setup.epoch, rate, setup.evaluators["dev"], (steps,),
@@ -155,6 +166,11 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     shared = shared_rate(rates, uniform)
     at_shared = [result for arm in arms for result in on_test(arm, shared, shared_seeds or seeds)]
     shared_rows, shared_contrasts = confirm.summarise(at_shared, uniform, setup.primary, FAMILY, DIAGNOSTICS)
+    prior = [r for r in at_shared if r.method in (uniform, SHIPPED)] + on_test(confirm.STRUCTURAL, shared,
+                                                                               shared_seeds or seeds)  # fmt: skip
+    prior_rows, prior_contrasts = confirm.summarise(prior, uniform, setup.primary, [], PRIOR_CONTRASTS)
+    shared_rows += [row for row in prior_rows if row["method"] == confirm.STRUCTURAL]
+    shared_contrasts += prior_contrasts
     rows += [{**row, "lr": shared, "rate_from": "shared"} for row in shared_rows]
     for contrast in shared_contrasts:  # Holm over the candidates at the shared rate, kept apart from the above
         contrast["contrast"] += f" at the shared rate {shared:g}"
@@ -166,6 +182,20 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
               "dev_scores": {arm: {str(r): v for r, v in sorted(s.items())} for arm, s in scores.items()},
               "rates": rates, "shared_rate": shared}  # fmt: skip
     return rows, contrasts, record
+
+
+def structural_prior(contrasts: list[dict]) -> dict:
+    """The structural prior over the tasks at the shared rate (module docstring): Stouffer's combination of
+    its one-sided p-values against uniform LoRA, the tasks where it is significantly worse (its own p, no
+    correction: the stricter reading for safety), and whether it joins the next confirmation's candidates."""
+    mine = [c for c in contrasts if c["method"] == confirm.STRUCTURAL and c["baseline"] == SHARED]
+    if not mine:
+        return {"tasks": []}
+    z, p = stouffer([one_sided(c) for c in mine])
+    worse = [c["task"] for c in mine if c["improvement"] < 0 and c["p"] < confirm.ALPHA]
+    return {"tasks": [c["task"] for c in mine], "z": z, "p": p, "worse_on": worse,
+            "improvement": {c["task"]: c["improvement"] for c in mine},
+            "joins_the_candidates": bool(p < confirm.ALPHA and z > 0 and not worse)}  # fmt: skip
 
 
 def shipped_default(at_shared: dict) -> tuple[str, str]:
@@ -249,7 +279,8 @@ def main(argv=None) -> int:
     env = {**environment(device), "config": name, "settings": config, "arms": list(ARMS),
            "controls": list(CONTROLS), "grid": list(GRID), "contrasts": contrasts, "tasks": records,
            "decision": decision, "decision_at_shared_rate": at_shared,
-           "shipped_default": {"default": shipped, "why": why}}  # fmt: skip
+           "shipped_default": {"default": shipped, "why": why},
+           "structural_prior": structural_prior(contrasts)}  # fmt: skip
     write_results(f"tuned_lr_{name}", env, rows, args.results)
     plot(records, args.results / f"tuned_lr_{name}.png")
     for task, record in records.items():
@@ -260,6 +291,7 @@ def main(argv=None) -> int:
           f"{decision['default']} ({decision['why']})")  # fmt: skip
     print(f"the same rule at the shared rate: {at_shared['default']} ({at_shared['why']})")
     print(f"the shipped default by it: {shipped} ({why})")
+    print(f"the structural prior over the tasks: {env['structural_prior']}")
     return 0
 
 
