@@ -1,6 +1,6 @@
 """Does the shipped default hold on a task that played no part in choosing it?
 
-    python -m benchmarks.quality.holdout            # the CPU configuration (about 3 h on 2 cores)
+    python -m benchmarks.quality.holdout            # the CPU configuration (about 4 h on 2 cores)
     python -m benchmarks.quality.holdout --smoke    # seconds: checks the harness
 
 Every rule of the suite so far was chosen on the same four tasks (``confirm``, ``tuned_lr``). Named on
