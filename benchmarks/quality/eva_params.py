@@ -23,7 +23,8 @@ from benchmarks.quality import methods as M
 def explained_variance_ratios(model, names: list[str], batches, components: int) -> dict[str, torch.Tensor]:
     """{module name: its inputs' ``components`` largest explained-variance ratios, descending} (float64),
     over the tokens of ``batches`` (dicts of model inputs) whose attention mask is set; inputs are the
-    (..., d_in) activations each module of ``names`` receives, centred over the tokens."""
+    (..., d_in) activations each module of ``names`` receives, centred over the tokens. (For a causal LM peft
+    also drops tokens whose label is masked; the batches used here carry no labels.)"""
     sums, products, counts, handles = {}, {}, {}, []
 
     def hook(name):
