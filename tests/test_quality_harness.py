@@ -394,7 +394,7 @@ def test_holdout_smoke(tmp_path):
     assert {r["method"] for r in equal["rows"]} == {uniform, *holdout.EQUAL_PARAMS, confirm.EVA, tuned_lr.SHIPPED}
     assert {(c["method"], c["baseline"]) for c in equal["contrasts"]} == set(holdout.EQUAL_PARAMS_CONTRASTS)
     params = {r["method"]: r["trainable_params"] for r in equal["rows"]}
-    assert params[holdout.EVA_PARAMS] <= params[uniform] and params["structural-rs"] <= params[uniform]
+    assert params[confirm.EVA_PARAMS] <= params[uniform] and params["structural-rs"] <= params[uniform]
     assert set(equal["ranks"]) == set(holdout.EQUAL_PARAMS)
     long = env["long"]  # the diagnostic trained longer: uniform LoRA and the default, a curve each
     assert {r["method"] for r in long["rows"]} == {uniform, "rank"}

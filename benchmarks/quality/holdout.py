@@ -82,10 +82,9 @@ SEARCH_RATES = (2e-3, SHARED_RATE, 8e-3)  # the first rates of the dev search, a
 SEARCHED = "rates searched on dev"
 STANDING = ("shuffled-rs", confirm.EVA, "paper")  # the shuffled control, EVA's ranks, the paper's exact method
 STANDING_CONTRASTS = [*((arm, confirm.UNIFORM) for arm in STANDING), ("paper-rs", "shuffled-rs")]
-EVA_PARAMS = confirm.EVA_PARAMS
-EQUAL_PARAMS = (EVA_PARAMS, confirm.STRUCTURAL)  # EVA's rule at uniform LoRA's parameters, the structural prior
-EQUAL_PARAMS_CONTRASTS = [*((arm, confirm.UNIFORM) for arm in EQUAL_PARAMS), (confirm.EVA, EVA_PARAMS),
-                          (tuned_lr.SHIPPED, EVA_PARAMS)]  # fmt: skip
+EQUAL_PARAMS = (confirm.EVA_PARAMS, confirm.STRUCTURAL)  # EVA's rule at uniform LoRA's parameters, the structural prior
+EQUAL_PARAMS_CONTRASTS = [*((arm, confirm.UNIFORM) for arm in EQUAL_PARAMS), (confirm.EVA, confirm.EVA_PARAMS),
+                          (tuned_lr.SHIPPED, confirm.EVA_PARAMS)]  # fmt: skip
 TASK_KEYS = {
     "topic_distill_steps": 240, "topic_distill_checkpoints": (80, 160, 240), "topic_distill_avg_rank": 2,
     "topic_distill_teacher_steps": 360, "topic_distill_teacher_lr": 1e-4, "topic_distill_cache": True,
@@ -213,7 +212,7 @@ def diagnostic_arms(run: Runner, uniform: str, arms: tuple[str, ...], pairs: lis
 
 def add_equal_params_arms(context, calibration) -> None:
     """EQUAL_PARAMS' allocations into ``context.allocations`` (their ranks key their runs in the log)."""
-    context.allocations[EVA_PARAMS] = eva_params.allocation(context, calibration)
+    context.allocations[confirm.EVA_PARAMS] = eva_params.allocation(context, calibration)
     context.allocations[confirm.STRUCTURAL] = confirm.structural_allocation(context)
 
 
