@@ -558,11 +558,12 @@ def test_tuned_lr_smoke(tmp_path, task):
     assert tuned_lr.main(["--smoke", "--tasks", task, "--results", str(tmp_path), *more]) == 0
     data = json.loads((tmp_path / "tuned_lr_smoke.json").read_text())
     record = data["environment"]["tasks"][tuned_lr.TASKS[task][0]]
-    assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS, *tuned_lr.CONTROLS}
+    assert set(record["rates"]) == {"lora-rs r=2", *tuned_lr.ARMS, *tuned_lr.CONTROLS, confirm.STRUCTURAL}
     assert all(len(scores) >= len(tuned_lr.GRID) for scores in record["dev_scores"].values())
-    assert {r["method"]: r["lr"] for r in data["rows"] if r["rate_from"] == "dev search"} == record["rates"]
+    searched = {r["method"]: r["lr"] for r in data["rows"] if r["rate_from"] == "dev search"}
+    assert searched == {arm: rate for arm, rate in record["rates"].items() if arm != confirm.STRUCTURAL}
     shared = record["shared_rate"]
-    assert shared == tuned_lr.shared_rate(record["rates"], "lora-rs r=2")
+    assert shared == tuned_lr.shared_rate(searched, "lora-rs r=2")  # the structural prior stays out of it
     seeds = int(more[1]) if more else tuned_lr.CONFIGS["smoke"][f"{task}_seeds"]  # every arm's at the shared rate
     shared_rows = {r["method"]: r["seeds"] for r in data["rows"] if r["rate_from"] == "shared"}
     assert shared_rows == {arm: seeds for arm in (*record["rates"], confirm.STRUCTURAL)}
@@ -582,10 +583,19 @@ def test_tuned_lr_smoke(tmp_path, task):
     assert decided["tasks"] == [tuned_lr.TASKS[task][0]]
     default, why = tuned_lr.shipped_default(decided)
     assert data["environment"]["shipped_default"] == {"default": default, "why": why}
-    controls = {c["contrast"] for c in contrasts if c["diagnostic"] and c["baseline"] != tuned_lr.SAME_RATE}
+    parts = (tuned_lr.SAME_RATE, tuned_lr.OWN_RATES)  # diagnostics of their own, checked below
+    controls = {c["contrast"] for c in contrasts if c["diagnostic"] and c["baseline"] not in parts}
     assert controls - {c["contrast"] for c in at_shared} == {"shuffled-rs vs lora-rs r=2", "paper-rs vs shuffled-rs"}
     moved = {m for m in tuned_lr.ARMS if record["rates"][m] != record["rates"]["lora-rs r=2"]}
+    own = record["rates"][confirm.STRUCTURAL]  # the structural prior at its own rate, uniform LoRA at its own
+    moved |= {confirm.STRUCTURAL} if own not in (record["rates"]["lora-rs r=2"], shared) else set()
     assert {c["method"] for c in contrasts if c["baseline"] == tuned_lr.SAME_RATE} == moved
+    own_rows = {r["method"]: (r["lr"], r["seeds"]) for r in data["rows"] if r["rate_from"].startswith("own rate")}
+    assert own_rows == {arm: (record["rates"][arm], seeds) for arm in ("lora-rs r=2", confirm.STRUCTURAL)}
+    (at_own,) = [c for c in contrasts if c["baseline"] == tuned_lr.OWN_RATES]
+    assert at_own["method"] == confirm.STRUCTURAL and at_own["diagnostic"] and at_own["n"] == seeds
+    prior = data["environment"]["structural_prior_at_own_rate"]
+    assert prior["tasks"] == [tuned_lr.TASKS[task][0]] and prior["alpha"] == confirm.ALPHA / 2
     assert (tmp_path / "tuned_lr_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
