@@ -190,8 +190,11 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
         contrast["baseline"] = SHARED if contrast["baseline"] == confirm.UNIFORM else contrast["baseline"]
         contrast["diagnostic"] = True
     contrasts += shared_contrasts
-    own_rows, own_contrasts = prior_at_own_rate(scores, rates, shared, partial(dev_metric, confirm.STRUCTURAL),
-                                                on_test, uniform, setup.primary, shared_seeds or seeds)  # fmt: skip
+    # the structural prior's own search, after the shared rate is set (it stays out of that)
+    scores[confirm.STRUCTURAL] = search(partial(dev_metric, confirm.STRUCTURAL))
+    rates[confirm.STRUCTURAL] = chosen_rate(scores[confirm.STRUCTURAL])
+    own_rows, own_contrasts = prior_at_own_rate(rates, uniform, shared, on_test, setup.primary,
+                                                shared_seeds or seeds)  # fmt: skip
     rows += own_rows
     contrasts += own_contrasts
     confirm.tag(rows, contrasts, label, setup.primary)
@@ -201,13 +204,12 @@ def tune_task(key: str, config: dict, device: torch.device, results_dir, smoke: 
     return rows, contrasts, record
 
 
-def prior_at_own_rate(scores: dict, rates: dict, shared: float, dev, on_test, uniform: str, primary: str,
+def prior_at_own_rate(rates: dict[str, float], uniform: str, shared: float, on_test, primary: str,
                       seeds: int) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """The structural prior at its own rate (module docstring): its dev search (``dev(rate)``: its dev metric)
-    recorded into ``scores`` and ``rates`` (arm -> ...; after the shared rate is set, which it stays out of),
-    then ``on_test(arm, rate, seeds)`` for it and for uniform LoRA at their rates: (rows, contrasts)."""
-    scores[confirm.STRUCTURAL] = search(dev)
-    own = rates[confirm.STRUCTURAL] = chosen_rate(scores[confirm.STRUCTURAL])
+    """The structural prior at its own rate (module docstring): ``on_test(arm, rate, seeds)`` for it and for
+    uniform LoRA (``uniform``), each at its rate chosen on dev (``rates``: arm -> rate), and, where the
+    prior's is neither uniform LoRA's nor ``shared``, uniform LoRA at the prior's: (rows, contrasts)."""
+    own = rates[confirm.STRUCTURAL]
     mine = on_test(confirm.STRUCTURAL, own, seeds)
     rows, contrasts = confirm.summarise(mine + on_test(uniform, rates[uniform], seeds), uniform, primary, [],
                                        [(confirm.STRUCTURAL, confirm.UNIFORM)])  # fmt: skip
